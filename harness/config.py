@@ -1,0 +1,233 @@
+"""Typed schemas of the config groups, and their validation.
+
+Each group (conf/<group>/*.yaml) has one dataclass here. Hydra composes a point, `validate()` turns it into
+these objects once (`OmegaConf.to_object`), and each `__post_init__` checks values, so a bad value fails before
+any model is touched, with a ConfigError that names the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from harness.errors import ConfigError
+
+GROUPS = ("model", "quant", "attention", "engine", "workflow", "bench")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+SOURCES = ("auto", "path", "hub", "gguf", "random")
+CHAT_FORMATS = ("auto", "template", "chatml", "plain")
+QUANT_METHODS = ("none", "bitsandbytes", "gptq")
+ATTENTION_CHOICES = ("auto", "eager", "sdpa", "flash2")
+
+
+def _one_of(field_name: str, value: Any, allowed: tuple[str, ...], fix: str = "") -> None:
+    if value not in allowed:
+        close = difflib.get_close_matches(str(value), allowed, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(
+            f"{field_name}={value!r} is not valid; allowed values: {', '.join(allowed)}.{hint}",
+            fix or f"set {field_name} to one of: {', '.join(allowed)}.",
+        )
+
+
+def _check(condition: bool, field_name: str, value: Any, rule: str) -> None:
+    if not condition:
+        raise ConfigError(
+            f"{field_name}={value!r} is not valid: it must be {rule}.", f"set {field_name} to a value that is {rule}."
+        )
+
+
+def _device_ok(device: str) -> bool:
+    if device in ("auto", "cpu", "cuda", "mps"):
+        return True
+    head, _, index = device.partition(":")
+    return head == "cuda" and index.isdigit()
+
+
+@dataclass
+class ModelConfig:
+    """Where a model's weights come from and how to place them."""
+
+    name: str = MISSING
+    source: str = "auto"  # auto tries: path, hub cache, GGUF package, hub download, random weights
+    path: str | None = None  # a local checkpoint folder or a .gguf file
+    hub_id: str | None = None
+    revision: str | None = None
+    gguf_package: str | None = None  # installed distribution that ships a GGUF file
+    gguf_file: str | None = None  # that file's name inside the distribution
+    random_weights: bool = False  # build `architecture` with random weights (nothing to download)
+    architecture: dict[str, Any] | None = None  # the real config (model_type + fields) for random weights
+    tokenizer: dict[str, Any] | None = None  # locally built tokenizer spec for random weights
+    trust_remote_code: bool = False
+    device: str = "auto"  # auto picks cuda > mps > cpu
+    dtype: str = "auto"  # auto: bf16 on CUDA that has it, else fp16 on CUDA, fp32 on CPU
+    chat_format: str = "auto"  # auto: the tokenizer's chat template if it has one, else a plain transcript
+    fallback_to_cpu: bool = False  # a CUDA out-of-memory during load retries on CPU (recorded)
+
+    def __post_init__(self) -> None:
+        _one_of("model.source", self.source, SOURCES)
+        _one_of("model.dtype", self.dtype, DTYPES)
+        _one_of("model.chat_format", self.chat_format, CHAT_FORMATS)
+        if not _device_ok(self.device):
+            raise ConfigError(
+                f"model.device={self.device!r} is not valid; allowed: auto, cpu, cuda, cuda:N, mps.",
+                "set model.device=auto to let the harness pick, or name a device that exists.",
+            )
+        if self.path is not None:
+            self.path = os.path.expanduser(self.path)
+        if self.random_weights and not self.architecture:
+            raise ConfigError(
+                f"model.random_weights=true but model '{self.name}' has no built-in architecture to build.",
+                "use an entry that has one (gpt2, qwen, smollm2, tiny-*), or give model.architecture.",
+            )
+        if self.source == "path" and not self.path:
+            raise ConfigError("model.source=path but model.path is not set.", "add model.path=<folder or .gguf>.")
+
+
+@dataclass
+class QuantConfig:
+    name: str = "none"
+    method: str = "none"  # none | bitsandbytes | gptq
+    bits: int = 16
+    quant_type: str = "nf4"  # bitsandbytes 4-bit: nf4 | fp4
+    double_quant: bool = False  # bitsandbytes 4-bit nested quantization of the scales
+    compute_dtype: str = "auto"  # bitsandbytes 4-bit matmul dtype; auto = the model's dtype
+    llm_int8_threshold: float = 6.0  # bitsandbytes 8-bit outlier threshold
+    group_size: int = 128  # gptq
+    desc_act: bool = False  # gptq activation-order quantization
+    calibration: str | None = None  # gptq: a text file, one sample per blank-line-separated block
+    calibration_samples: int = 64
+
+    def __post_init__(self) -> None:
+        _one_of("quant.method", self.method, QUANT_METHODS)
+        _one_of("quant.quant_type", self.quant_type, ("nf4", "fp4"))
+        _one_of("quant.compute_dtype", self.compute_dtype, DTYPES)
+        if self.method == "bitsandbytes":
+            _one_of("quant.bits", str(self.bits), ("4", "8"))
+        if self.method == "gptq":
+            _one_of("quant.bits", str(self.bits), ("2", "3", "4", "8"))
+            _check(
+                self.group_size == -1 or self.group_size > 0,
+                "quant.group_size",
+                self.group_size,
+                "-1 or a positive integer",
+            )
+            _check(self.calibration_samples >= 1, "quant.calibration_samples", self.calibration_samples, ">= 1")
+
+
+@dataclass
+class AttentionConfig:
+    name: str = "auto"
+    strict: bool = False  # fail instead of falling back when the choice cannot be honoured
+
+    def __post_init__(self) -> None:
+        _one_of("attention.name", self.name, ATTENTION_CHOICES)
+
+
+@dataclass
+class EngineConfig:
+    name: str = "transformers"
+
+    def __post_init__(self) -> None:
+        _one_of("engine.name", self.name, ("transformers",))
+
+
+@dataclass
+class WorkflowConfig:
+    name: str = "none"
+
+
+@dataclass
+class BenchConfig:
+    name: str = "smoke"
+    system_prompt: str | None = None
+    prompt: str = "In one sentence, what is a large language model?"
+    max_new_tokens: int = 32
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check(self.max_new_tokens >= 1, "bench.max_new_tokens", self.max_new_tokens, "an integer >= 1")
+        _check(self.temperature >= 0, "bench.temperature", self.temperature, ">= 0 (0 means greedy)")
+        _check(0 < self.top_p <= 1, "bench.top_p", self.top_p, "in (0, 1]")
+        _check(self.top_k >= 0, "bench.top_k", self.top_k, ">= 0 (0 disables top-k)")
+        _check(self.repetition_penalty > 0, "bench.repetition_penalty", self.repetition_penalty, "> 0")
+
+
+@dataclass
+class HarnessConfig:
+    model: ModelConfig = MISSING
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    workflow: WorkflowConfig = field(default_factory=WorkflowConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    seed: int = 0
+    cache_dir: str = "~/.cache/harness"  # materialized GGUF and random-weight checkpoints, quantized models
+    print_text: bool = True
+
+    def __post_init__(self) -> None:
+        self.cache_dir = os.path.expanduser(os.environ.get("HARNESS_CACHE_DIR") or self.cache_dir)
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir)
+
+
+def register_schemas() -> None:
+    """Make the schema known to Hydra as `harness_schema` (conf/config.yaml lists it first)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="harness_schema", node=HarnessConfig)
+
+
+def validate(cfg: DictConfig | HarnessConfig) -> HarnessConfig:
+    """Turn a composed config into typed objects, running every check; raises ConfigError."""
+    if isinstance(cfg, HarnessConfig):
+        return cfg
+    if "hydra" in cfg:
+        cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    structured = OmegaConf.merge(OmegaConf.structured(HarnessConfig), cfg)
+    obj = OmegaConf.to_object(structured)
+    assert isinstance(obj, HarnessConfig)
+    return obj
+
+
+def conf_dir() -> Path:
+    """The conf/ folder beside the packages (the project is installed editable, or run from its root)."""
+    return Path(__file__).resolve().parent.parent / "conf"
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+
+
+def check_group_choices(overrides: list[str]) -> None:
+    """Check `group=option[,option…]` overrides against conf/ before Hydra composes anything.
+
+    Hydra's own message lists the options but does not guess; ours names the closest one.
+    """
+    for override in overrides:
+        if override.startswith("-") or "=" not in override:
+            continue
+        key, _, value = override.partition("=")
+        key = key.lstrip("+~")
+        if key not in GROUPS or any(c in value for c in "()[]{}*"):
+            continue
+        options = group_options(key)
+        for choice in value.split(","):
+            choice = choice.strip()
+            if choice and choice not in options:
+                close = difflib.get_close_matches(choice, options, n=1)
+                guess = f" Did you mean '{close[0]}'?" if close else ""
+                raise ConfigError(
+                    f"{key}={choice!r} is not a known {key} option; the options are: {', '.join(options)}.{guess}",
+                    f"pick one of those, or add conf/{key}/{choice}.yaml.",
+                )

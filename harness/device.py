@@ -1,0 +1,79 @@
+"""Choice of device and dtype, with the reason recorded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from harness.errors import ConfigError
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Placement:
+    device: str
+    dtype: str
+    reason: str
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps and mps.is_available())
+
+
+def resolve_device(requested: str) -> str:
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if _mps_available() else "cpu"
+    if requested.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"model.device={requested!r} but this torch build sees no CUDA device "
+                f"(torch {torch.__version__}, CUDA build: {torch.version.cuda is not None}).",
+                "use model.device=auto or cpu, or install a CUDA build of torch on a machine with a GPU.",
+            )
+        index = int(requested.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"model.device={requested!r} but only {torch.cuda.device_count()} CUDA device(s) exist.",
+                "name a device index that exists, or model.device=cuda.",
+            )
+    if requested == "mps" and not _mps_available():
+        raise ConfigError("model.device='mps' but MPS is not available here.", "use model.device=auto or cpu.")
+    return requested
+
+
+def resolve_dtype(requested: str, device: str) -> tuple[str, str]:
+    """The dtype to load in, and why."""
+    if requested != "auto":
+        if device == "cpu" and requested == "float16":
+            return requested, "asked for (float16 matmuls on CPU are slow and some kernels lack them)"
+        return requested, "asked for"
+    if device.startswith("cuda"):
+        if torch.cuda.is_bf16_supported():
+            return "bfloat16", "auto: this CUDA device supports bfloat16"
+        return "float16", "auto: this CUDA device lacks bfloat16"
+    if device == "mps":
+        return "float16", "auto: float16 on MPS"
+    return "float32", "auto: float32 on CPU"
+
+
+def resolve_placement(device: str, dtype: str) -> Placement:
+    dev = resolve_device(device)
+    chosen, reason = resolve_dtype(dtype, dev)
+    return Placement(device=dev, dtype=chosen, reason=reason)
+
+
+def synchronize(device: str) -> None:
+    """Wait for queued device work, so that a host timestamp taken next ends it."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    elif device == "mps":
+        torch.mps.synchronize()

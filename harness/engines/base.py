@@ -1,0 +1,120 @@
+"""The engine contract every backend follows: generate (one prompt), stream (tokens with host timestamps),
+batch (many prompts). Generation parameters are validated before any model runs."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from harness.errors import InferenceError
+
+Message = dict[str, str]
+Prompt = str | Sequence[Message]  # raw text, or chat messages the engine formats for its model
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    max_new_tokens: int = 32
+    min_new_tokens: int = 0  # benches force the output length with min_new_tokens = max_new_tokens
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    repetition_penalty: float = 1.0
+    seed: int | None = 0
+    stop: tuple[str, ...] = ()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def validate(self, context_window: int | None = None, prompt_tokens: int = 0) -> None:
+        """Raise InferenceError naming the parameter, its value and the allowed range."""
+
+        def bad(name: str, rule: str) -> InferenceError:
+            return InferenceError(
+                f"generation parameter {name}={getattr(self, name)!r} is not valid: it must be {rule}.",
+                f"set {name} to a value that is {rule}.",
+            )
+
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise bad("max_new_tokens", "an integer >= 1")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise bad("min_new_tokens", f"between 0 and max_new_tokens ({self.max_new_tokens})")
+        if self.temperature < 0:
+            raise bad("temperature", ">= 0 (0 means greedy)")
+        if not 0 < self.top_p <= 1:
+            raise bad("top_p", "in (0, 1]")
+        if self.top_k < 0:
+            raise bad("top_k", ">= 0 (0 disables top-k)")
+        if self.repetition_penalty <= 0:
+            raise bad("repetition_penalty", "> 0")
+        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
+            raise bad("seed", "a non-negative integer or None")
+        if context_window is not None and prompt_tokens + self.max_new_tokens > context_window:
+            raise InferenceError(
+                f"the prompt ({prompt_tokens} tokens) plus max_new_tokens ({self.max_new_tokens}) exceeds the model's "
+                f"context window of {context_window} tokens.",
+                f"shorten the prompt or lower max_new_tokens to at most {max(context_window - prompt_tokens, 0)}.",
+            )
+
+
+@dataclass
+class Generation:
+    """One finished request. Times are time.perf_counter_ns() values; token_ns only from stream()."""
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str  # length | eos | stop
+    start_ns: int
+    end_ns: int
+    tokenize_ns: int = 0
+    token_ns: list[int] = field(default_factory=list)
+
+    @property
+    def output_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def e2e_s(self) -> float:
+        return (self.end_ns - self.start_ns) / 1e9
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    token_id: int
+    t_ns: int  # the moment the token id was on the host
+
+
+class TokenStream(ABC, Iterator[TokenEvent]):
+    """Iterates tokens as they are produced; `generation` is set once the stream is exhausted."""
+
+    prompt_tokens: int
+    start_ns: int
+    tokenize_ns: int
+    generation: Generation | None = None
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stop generating early and release the worker."""
+
+
+class Engine(ABC):
+    """An inference backend bound to one loaded model."""
+
+    name: str
+
+    @abstractmethod
+    def generate(self, prompt: Prompt, params: GenerationParams) -> Generation: ...
+
+    @abstractmethod
+    def stream(self, prompt: Prompt, params: GenerationParams) -> TokenStream: ...
+
+    @abstractmethod
+    def batch(self, prompts: Sequence[Prompt], params: GenerationParams) -> list[Generation]: ...
+
+    @abstractmethod
+    def describe(self) -> dict[str, Any]:
+        """What the result records about how this engine serves requests."""

@@ -1,0 +1,310 @@
+"""The in-process transformers engine.
+
+Timing follows DESIGN.md: the prompt is tokenized first (timed apart), the request starts just before
+`generate`, and each streamed token is stamped with time.perf_counter_ns() once its id is on the host
+(copying the id to the host waits for the device, so no extra synchronization is needed there).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from harness.chat import format_chat
+from harness.device import synchronize
+from harness.engines.base import Engine, Generation, GenerationParams, Prompt, TokenEvent, TokenStream
+from harness.errors import InferenceError, OutOfMemoryError
+from harness.models.loader import LoadedModel
+
+# bitsandbytes 8-bit logs a warning on every matmul that casts float32 inputs to float16: once per token.
+logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+
+_END = object()
+
+
+def _oom(exc: BaseException, what: str) -> OutOfMemoryError:
+    return OutOfMemoryError(
+        f"{what} ran out of memory ({str(exc).splitlines()[0] if str(exc) else 'no detail'}).",
+        "lower max_new_tokens or the batch size, use a quantized model (quant=8bit/4bit), "
+        "or free memory held by other processes.",
+    )
+
+
+class _QueueStreamer:
+    """transformers streamer: the first put() is the prompt, later ones are new token ids."""
+
+    def __init__(self, sink: queue.SimpleQueue) -> None:
+        self._sink = sink
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        ids = value.reshape(-1).tolist()  # device -> host copy: waits for the token to exist
+        t_ns = time.perf_counter_ns()
+        for token_id in ids:
+            self._sink.put(TokenEvent(int(token_id), t_ns))
+
+    def end(self) -> None:
+        pass
+
+
+class _Cancel:
+    """A stopping criterion that ends generation when the consumer closes the stream."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class _Encoded:
+    def __init__(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, stop: tuple[str, ...], tokenize_ns: int
+    ) -> None:
+        self.input_ids = input_ids
+        self.attention_mask = attention_mask
+        self.stop = stop
+        self.tokenize_ns = tokenize_ns
+
+
+class _Stream(TokenStream):
+    def __init__(self, engine: TransformersEngine, encoded: _Encoded, params: GenerationParams) -> None:
+        self._engine = engine
+        self._params = params
+        self._stop = encoded.stop
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._cancel = _Cancel()
+        self._tokens: list[TokenEvent] = []
+        self._error: BaseException | None = None
+        self._done = False
+        self.prompt_tokens = int(encoded.input_ids.shape[1])
+        self.tokenize_ns = encoded.tokenize_ns
+        kwargs = engine._generate_kwargs(encoded, params)
+        kwargs["streamer"] = _QueueStreamer(self._queue)
+        kwargs["stopping_criteria"] = [self._cancel]
+        self._thread = threading.Thread(target=self._work, args=(kwargs,), name="harness-stream", daemon=True)
+        self.start_ns = time.perf_counter_ns()
+        self._thread.start()
+
+    def _work(self, kwargs: dict[str, Any]) -> None:
+        try:
+            self._engine._run_generate(kwargs)
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            self._error = exc
+        finally:
+            self._queue.put(_END)
+
+    def __next__(self) -> TokenEvent:
+        if self._done:
+            raise StopIteration
+        item = self._queue.get()
+        if item is _END:
+            self._finish()
+            raise StopIteration
+        self._tokens.append(item)
+        return item
+
+    def _finish(self) -> None:
+        self._done = True
+        self._thread.join()
+        if self._error is not None:
+            raise self._engine._wrap_error(self._error, "streaming generation")
+        ids = [t.token_id for t in self._tokens]
+        token_ns = [t.t_ns for t in self._tokens]
+        text, reason = self._engine._decode(ids, self._stop, self._params)
+        self.generation = Generation(
+            text=text,
+            token_ids=ids,
+            prompt_tokens=self.prompt_tokens,
+            finish_reason=reason,
+            start_ns=self.start_ns,
+            end_ns=token_ns[-1] if token_ns else time.perf_counter_ns(),
+            tokenize_ns=self.tokenize_ns,
+            token_ns=token_ns,
+        )
+
+    def close(self) -> None:
+        if not self._done:
+            self._cancel.event.set()
+            for _ in self:  # drain until the worker ends
+                pass
+
+
+class TransformersEngine(Engine):
+    name = "transformers"
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.device = loaded.placement.device
+        config_eos = self.model.generation_config.eos_token_id
+        eos = config_eos if config_eos is not None else self.tokenizer.eos_token_id
+        self.eos_ids = {int(e) for e in (eos if isinstance(eos, list | tuple) else [eos]) if e is not None}
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = int(pad) if pad is not None else (min(self.eos_ids) if self.eos_ids else 0)
+
+    def describe(self) -> dict[str, Any]:
+        import transformers
+
+        return {
+            "name": self.name,
+            "version": transformers.__version__,
+            "concurrency": "one request at a time (generate holds the model)",
+            "timing": "host perf_counter_ns; a token is stamped when its id reaches the host",
+        }
+
+    # -- preparing requests -------------------------------------------------------------------------------
+    def _prompt_text(self, prompt: Prompt) -> tuple[str, tuple[str, ...], bool]:
+        """Text, stop sequences, and whether the tokenizer should add its special tokens."""
+        if isinstance(prompt, str):
+            return prompt, (), True
+        text, stop = format_chat(prompt, self.loaded.chat_format, self.tokenizer)
+        return text, stop, self.loaded.chat_format != "template"  # a template writes its own BOS
+
+    def _encode(self, prompt: Prompt, params: GenerationParams) -> _Encoded:
+        t0 = time.perf_counter_ns()
+        text, stop, add_special = self._prompt_text(prompt)
+        enc = self.tokenizer(text, return_tensors="pt", add_special_tokens=add_special)
+        tokenize_ns = time.perf_counter_ns() - t0
+        params.validate(self.loaded.context_window, int(enc["input_ids"].shape[1]))
+        return _Encoded(
+            enc["input_ids"].to(self.device),
+            enc["attention_mask"].to(self.device),
+            tuple(stop) + tuple(params.stop),
+            tokenize_ns,
+        )
+
+    def _generation_config(self, params: GenerationParams, stop: tuple[str, ...]):
+        from transformers import GenerationConfig
+
+        # A fresh config, so a checkpoint's own sampling defaults never apply silently: the harness's
+        # parameters are exactly what runs.
+        fields: dict[str, Any] = {
+            "max_new_tokens": params.max_new_tokens,
+            "min_new_tokens": params.min_new_tokens or None,
+            "do_sample": not params.greedy,
+            "eos_token_id": sorted(self.eos_ids) or None,
+            "pad_token_id": self.pad_id,
+            "bos_token_id": self.model.generation_config.bos_token_id,
+            "use_cache": True,
+        }
+        if not params.greedy:
+            fields.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
+        if params.repetition_penalty != 1.0:
+            fields["repetition_penalty"] = params.repetition_penalty
+        if stop:
+            fields["stop_strings"] = list(stop)
+        return GenerationConfig(**fields)
+
+    def _generate_kwargs(self, encoded: _Encoded, params: GenerationParams) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            "input_ids": encoded.input_ids,
+            "attention_mask": encoded.attention_mask,
+            "generation_config": self._generation_config(params, encoded.stop),
+        }
+        if encoded.stop:
+            kwargs["tokenizer"] = self.tokenizer
+        if not params.greedy and params.seed is not None:
+            torch.manual_seed(params.seed)
+        return kwargs
+
+    def _run_generate(self, kwargs: dict[str, Any]) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.model.generate(**kwargs)
+
+    def _wrap_error(self, exc: BaseException, what: str) -> BaseException:
+        if isinstance(exc, torch.OutOfMemoryError):
+            return _oom(exc, what)
+        if isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc):
+            return _oom(exc, what)
+        if isinstance(exc, InferenceError | OutOfMemoryError):
+            return exc
+        return InferenceError(
+            f"{what} failed in transformers: {type(exc).__name__}: {exc}",
+            "check the generation parameters and the model; rerun with HYDRA_FULL_ERROR=1 "
+            "and see error.log for the traceback.",
+        )
+
+    def _decode(self, ids: list[int], stop: tuple[str, ...], params: GenerationParams) -> tuple[str, str]:
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        raw = self.tokenizer.decode(ids, skip_special_tokens=False) if stop else ""
+        for s in stop:
+            if s in raw:
+                cut = text.find(s)
+                return (text[:cut] if cut >= 0 else text), "stop"
+        if ids and ids[-1] in self.eos_ids:
+            return text, "eos"
+        return text, "length"
+
+    # -- the three entry points ---------------------------------------------------------------------------
+    def generate(self, prompt: Prompt, params: GenerationParams) -> Generation:
+        encoded = self._encode(prompt, params)
+        kwargs = self._generate_kwargs(encoded, params)
+        start = time.perf_counter_ns()
+        try:
+            out = self._run_generate(kwargs)
+            synchronize(self.device)
+        except Exception as exc:
+            raise self._wrap_error(exc, "generation") from exc
+        end = time.perf_counter_ns()
+        n_prompt = int(encoded.input_ids.shape[1])
+        ids = out[0, n_prompt:].tolist()
+        text, reason = self._decode(ids, encoded.stop, params)
+        return Generation(text, ids, n_prompt, reason, start, end, encoded.tokenize_ns)
+
+    def stream(self, prompt: Prompt, params: GenerationParams) -> TokenStream:
+        return _Stream(self, self._encode(prompt, params), params)
+
+    def batch(self, prompts: Sequence[Prompt], params: GenerationParams) -> list[Generation]:
+        if not prompts:
+            raise InferenceError("batch() was given no prompts.", "pass at least one prompt.")
+        t0 = time.perf_counter_ns()
+        texts, stops, specials = zip(*(self._prompt_text(p) for p in prompts), strict=True)
+        if len(set(specials)) != 1:
+            raise InferenceError("a batch mixes raw-text prompts and chat prompts.", "batch one kind at a time.")
+        stop = tuple(dict.fromkeys(s for group in stops for s in group)) + tuple(params.stop)
+        previous_side = self.tokenizer.padding_side
+        self.tokenizer.padding_side = "left"  # decoder-only models continue from the right edge
+        try:
+            enc = self.tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=specials[0])
+        finally:
+            self.tokenizer.padding_side = previous_side
+        tokenize_ns = time.perf_counter_ns() - t0
+        lengths = enc["attention_mask"].sum(dim=1).tolist()
+        params.validate(self.loaded.context_window, int(enc["input_ids"].shape[1]))
+        encoded = _Encoded(enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device), stop, tokenize_ns)
+        kwargs = self._generate_kwargs(encoded, params)
+        start = time.perf_counter_ns()
+        try:
+            out = self._run_generate(kwargs)
+            synchronize(self.device)
+        except Exception as exc:
+            raise self._wrap_error(exc, f"batch generation of {len(prompts)} prompts") from exc
+        end = time.perf_counter_ns()
+        width = int(encoded.input_ids.shape[1])
+        results = []
+        for row, n_prompt in zip(out[:, width:].tolist(), lengths, strict=True):
+            ids = self._trim(row)
+            text, reason = self._decode(ids, stop, params)
+            results.append(Generation(text, ids, int(n_prompt), reason, start, end, tokenize_ns))
+        return results
+
+    def _trim(self, row: list[int]) -> list[int]:
+        """A finished sequence is padded to the batch's length: keep up to its first EOS."""
+        for i, token in enumerate(row):
+            if token in self.eos_ids:
+                return row[: i + 1]
+        if self.pad_id not in self.eos_ids:
+            while row and row[-1] == self.pad_id:
+                row = row[:-1]
+        return row

