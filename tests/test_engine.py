@@ -141,3 +141,44 @@ def test_plain_format_stops_before_the_next_user_turn(smollm2):
 def test_engine_describes_itself(load):
     info = create_engine("transformers", load("tiny-gpt2")).describe()
     assert info["name"] == "transformers" and "one request at a time" in info["concurrency"]
+
+
+def test_stream_is_consumed_by_one_thread(load):
+    import threading
+
+    engine = create_engine("transformers", load("tiny-llama"))
+    stream = engine.stream(QUESTION, GenerationParams(max_new_tokens=8, min_new_tokens=8))
+    next(stream)
+    errors = []
+
+    def other_thread():
+        try:
+            next(stream)
+        except InferenceError as exc:
+            errors.append(exc)
+
+    worker = threading.Thread(target=other_thread)
+    worker.start()
+    worker.join()
+    assert "single thread" in str(errors[0])
+    assert len([stream_event for stream_event in stream]) == 7
+
+
+def test_closing_a_stream_that_never_started(load):
+    engine = create_engine("transformers", load("tiny-llama"))
+    stream = engine.stream(QUESTION, GenerationParams(max_new_tokens=8))
+    stream.close()
+    assert list(stream) == [] and stream.generation is None
+
+
+def test_an_error_inside_streaming_generation_is_wrapped(load, monkeypatch):
+    engine = create_engine("transformers", load("tiny-llama"))
+
+    def broken(kwargs):
+        raise RuntimeError("kernel failed")
+
+    monkeypatch.setattr(engine, "_run_generate", broken)
+    with pytest.raises(InferenceError, match="kernel failed"):
+        list(engine.stream(QUESTION, GenerationParams(max_new_tokens=4)))
+    with pytest.raises(InferenceError, match="kernel failed"):
+        engine.generate(QUESTION, GenerationParams(max_new_tokens=4))

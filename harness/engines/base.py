@@ -89,7 +89,10 @@ class TokenEvent:
 
 
 class TokenStream(ABC, Iterator[TokenEvent]):
-    """Iterates tokens as they are produced; `generation` is set once the stream is exhausted."""
+    """Iterates tokens as they are produced; `generation` is set once the stream is exhausted (or closed).
+
+    The request starts at the first next(): `start_ns` is stamped then, after tokenization (`tokenize_ns`).
+    """
 
     prompt_tokens: int
     start_ns: int

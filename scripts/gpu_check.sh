@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# A prepared check of the CUDA paths, a few minutes on one GPU:
+#   dtype auto, bitsandbytes 8/4-bit on CUDA, eager/sdpa/flash2 attention, random-weight Qwen2.5-0.5B,
+#   CUDA memory figures, and the gpu-marked tests.
+# Needs torch with CUDA, transformers, accelerate, hydra-core, bitsandbytes, psutil (pytest for the tests).
+# Results land in ${GPU_CHECK_OUT:-outputs/gpu_check}; a table of what each point resolved to is printed last.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${GPU_CHECK_OUT:-outputs/gpu_check}"
+mkdir -p "$out"
+export HARNESS_CACHE_DIR="${HARNESS_CACHE_DIR:-$out/cache}" PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+status=0
+
+python - <<'PY' || status=1
+import torch, transformers
+print("torch", torch.__version__, "cuda", torch.version.cuda, "| transformers", transformers.__version__)
+print("device", torch.cuda.get_device_name(0), "| bf16", torch.cuda.is_bf16_supported())
+PY
+
+run() {  # run NAME ARGS...: one sweep under $out/NAME
+  local name=$1; shift
+  echo "== $name: $*"
+  python -m harness -m "$@" hydra.sweep.dir="$out/$name" hydra.sweep.subdir='${hydra.job.num}' print_text=false \
+    2>&1 | grep -E '^\[|points ok|Error' || true
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+}
+
+run dtype_auto model=tiny-llama,tiny-qwen2,tiny-gpt2
+run bnb model=tiny-llama quant=8bit,4bit quant.compute_dtype=auto
+run attention model=tiny-llama attention=eager,sdpa,flash2
+run qwen05b model=qwen model.random_weights=true quant=none,8bit,4bit bench.max_new_tokens=64 \
+    bench.prompt="Write a long story about a lighthouse keeper."
+
+echo "== pytest -m gpu"
+python -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tail -5
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+python - "$out" <<'PY'
+import sys
+from analysis import load_results
+rows = load_results(sys.argv[1])
+print(f"\n{'point':46s} {'status':7s} {'device':6s} {'dtype':9s} {'attention':18s} {'quant':6s} {'load s':>7s} "
+      f"{'TTFT ms':>8s} {'dec tok/s':>9s} {'CUDA peak MiB':>13s}")
+for r in rows:
+    p, res, m = r["point"], r.get("resolved") or {}, r.get("metrics") or {}
+    label = f"{p['model']} quant={p['quant']} attn={p['attention']}"
+    mem = ((r.get("memory") or {}).get("run") or {}).get("cuda_max_allocated_bytes")
+    print(f"{label:46s} {r['status']:7s} {res.get('device', '-'):6s} {res.get('dtype', '-'):9s} "
+          f"{(res.get('attention') or {}).get('used', '-'):18s} {(res.get('quantization') or {}).get('name', '-'):6s} "
+          f"{(r.get('timings') or {}).get('load_s', float('nan')):7.2f} "
+          f"{(m.get('ttft_ms') or {}).get('mean', float('nan')):8.1f} "
+          f"{(m.get('decode_tok_s') or {}).get('mean', float('nan')):9.1f} "
+          f"{(mem or 0) / 2**20:13.1f}")
+    if r["status"] != "ok":
+        print("   ", (r.get("error") or {}).get("message"))
+PY
+exit $status

