@@ -5,7 +5,7 @@
 2. Streaming fidelity: the harness's `stream` against a bare `model.generate` on the same prompt and output
    length, interleaved in one process: identical greedy tokens, and the ratio of their speeds.
 
-    python benchmarks/load_and_stream.py [--runs 7] [--tokens 64] [--model smollm2]
+    python benchmarks/load_and_stream.py [--runs 7] [--tokens 64] [--model smollm2] [--skip-load] [overrides…]
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def load_times(runs: int) -> dict:
     }
 
 
-def stream_vs_generate(model_name: str, runs: int, tokens: int) -> dict:
+def stream_vs_generate(model_name: str, runs: int, tokens: int, overrides: list[str]) -> dict:
     import torch
     from hydra import compose, initialize_config_dir
 
@@ -57,7 +57,7 @@ def stream_vs_generate(model_name: str, runs: int, tokens: int) -> dict:
 
     register_schemas()
     with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-        cfg = validate(compose("config", [f"model={model_name}"]))
+        cfg = validate(compose("config", [f"model={model_name}", *overrides]))
     loaded = load_model(cfg.model, cfg.quant, cfg.attention, cfg.cache_path, cfg.seed)
     engine = create_engine("transformers", loaded)
     prompt = [{"role": "user", "content": "Explain in detail how a CPU cache works."}]
@@ -102,6 +102,9 @@ def stream_vs_generate(model_name: str, runs: int, tokens: int) -> dict:
     paired = [b / h for b, h in zip(bare_total, harness_total, strict=True)]
     return {
         "model": model_name,
+        "overrides": overrides,
+        "device": loaded.placement.device,
+        "dtype": loaded.placement.dtype,
         "tokens": tokens,
         "runs": runs,
         "identical_greedy_tokens": same,
@@ -120,11 +123,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--skip-load", action="store_true")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model.random_weights=true")
     args = parser.parse_args()
     report = {}
     if not args.skip_load:
         report["load"] = load_times(max(args.runs // 2, 3))
-    report["stream"] = stream_vs_generate(args.model, args.runs, args.tokens)
+    report["stream"] = stream_vs_generate(args.model, args.runs, args.tokens, args.overrides)
     print(json.dumps(report, indent=2))
 
 

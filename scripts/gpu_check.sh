@@ -15,7 +15,10 @@ status=0
 python - <<'PY' || status=1
 import torch, transformers
 print("torch", torch.__version__, "cuda", torch.version.cuda, "| transformers", transformers.__version__)
-print("device", torch.cuda.get_device_name(0), "| bf16", torch.cuda.is_bf16_supported())
+if torch.cuda.is_available():
+    print("device", torch.cuda.get_device_name(0), "| bf16", torch.cuda.is_bf16_supported())
+else:
+    print("no CUDA device: the points below run on the CPU and the gpu tests skip")
 PY
 
 run() {  # run NAME ARGS...: one sweep under $out/NAME
