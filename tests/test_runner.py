@@ -32,6 +32,7 @@ def test_run_point_ok_writes_a_complete_result(compose, tmp_path):
     assert data["metrics"]["ttft_ms"]["unit"] == "ms" and data["metrics"]["decode_tok_s"]["mean"] > 0
     assert data["timings"]["load_s"] > 0 and data["environment"]["packages"]["torch"]
     assert data["memory"]["load"]["rss_peak_bytes"] > 0
+    assert data["metrics"]["cold_start_ttft_ms"]["n"] == 1 and data["metrics"]["output_tokens"]["mean"] >= 1
     assert "tiny-qwen2" in summary_line(result, tmp_path)
 
 
