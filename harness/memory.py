@@ -116,6 +116,7 @@ class MemoryMonitor:
         self._thread: threading.Thread | None = None
         self._t0 = 0.0
         self._levels_seen: set[str] = set()
+        self._process = psutil.Process()  # reused: building one per sample costs more than the sample
         self.start_snapshot: dict[str, Any] = {}
         self.end_snapshot: dict[str, Any] = {}
 
@@ -150,7 +151,7 @@ class MemoryMonitor:
 
     def _sample(self) -> None:
         t = time.perf_counter() - self._t0
-        rss = psutil.Process().memory_info().rss
+        rss = self._process.memory_info().rss
         vm = psutil.virtual_memory()
         self.samples.append((t, rss))
         self.peak_rss_bytes = max(self.peak_rss_bytes, rss)

@@ -148,3 +148,27 @@ def test_entry_point_in_process(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["harness", "quant=3bit"])
     assert entry.main() == 2
     assert "Did you mean '8bit'" in capsys.readouterr().err
+
+
+def test_hub_id_is_served_offline_from_the_hub_cache(tmp_path, load):
+    import shutil
+
+    # Lay a checkpoint out as the hub cache does (models--org--name/snapshots/<rev>, refs/main).
+    built = Path(load("tiny-qwen2").checkpoint)
+    repo = tmp_path / "hub" / "models--acme--tiny-chat"
+    shutil.copytree(built, repo / "snapshots" / "0123abcd", ignore=shutil.ignore_patterns(".complete"))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    proc = harness(
+        tmp_path,
+        "model=tiny-qwen2",
+        "model.random_weights=false",
+        "model.source=auto",
+        "model.hub_id=acme/tiny-chat",
+        "bench.max_new_tokens=3",
+        env={"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (result,) = results_under(tmp_path / "outputs")
+    assert result["resolved"]["source"]["kind"] == "hub"
+    assert result["resolved"]["checkpoint"] == "acme/tiny-chat"
