@@ -1,8 +1,8 @@
-"""`python -m harness [-m] group=option …`: a thin Hydra entry point around runners.run_point."""
+"""`python -m harness [-m] group=option …`: a thin Hydra entry point around runners.execute_point."""
 
 from __future__ import annotations
 
-import logging
+import os
 import sys
 from pathlib import Path
 
@@ -13,14 +13,7 @@ from omegaconf import DictConfig
 from harness.config import GROUPS, check_group_choices, conf_dir, register_schemas, validate
 from harness.errors import ConfigError, format_error
 
-log = logging.getLogger("harness")
-_statuses: list[str] = []  # one per point run in this process
-
-
-def _quiet_libraries() -> None:
-    import transformers
-
-    transformers.logging.set_verbosity_error()
+_outcomes: list[tuple[str, str]] = []  # (status, summary line) of each point run in this process
 
 
 @hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
@@ -30,30 +23,53 @@ def _point(cfg: DictConfig) -> None:
     except ConfigError as exc:  # a user mistake: stop the whole run before any model is touched
         print(format_error(exc), file=sys.stderr)
         raise SystemExit(2) from None
-    from runners import run_point, summary_line
+    from runners import execute_point, summary_line
 
-    _quiet_libraries()
     hc = HydraConfig.get()
     out_dir = Path(hc.runtime.output_dir)
     point = {g: str(hc.runtime.choices.get(g, getattr(validated, g).name)) for g in GROUPS}
-    result = run_point(validated, out_dir, point)
-    _statuses.append(result.status)
-    if result.status == "ok" and validated.print_text and result.outputs:
+    result, skipped = execute_point(validated, out_dir, point)
+    line = summary_line(result, out_dir)
+    if skipped:
+        line = "[skipped: already ok] " + line.split("] ", 1)[1]
+    elif result.status == "ok" and validated.print_text and result.outputs:
         print(f"\n{point['model']}> {result.outputs[0]['text'].strip()}")
-    print(summary_line(result, out_dir), flush=True)
+    _outcomes.append((result.status, line))
+    print(line, flush=True)
 
 
 def main() -> int:
+    args = sys.argv[1:]
     try:
-        check_group_choices(sys.argv[1:])
+        check_group_choices(args)
     except ConfigError as exc:
         print(format_error(exc), file=sys.stderr)
         return 2
+    from runners.sweep import sweep_id
+
+    if any(a.startswith("hydra/launcher=joblib") for a in args):
+        print(
+            "warning: hydra/launcher=joblib runs points in parallel; they share the cores and memory bandwidth, "
+            "so their timings disturb each other. Use it for quality or smoke sweeps, not for latency figures.",
+            file=sys.stderr,
+        )
+
+    # The same sweep command writes to the same folder, so running it again resumes it.
+    os.environ["HARNESS_SWEEP_ID"] = sweep_id(args)
     register_schemas()
     _point()
-    failed = sum(s != "ok" for s in _statuses)
-    if len(_statuses) > 1:
-        print(f"{len(_statuses) - failed} of {len(_statuses)} points ok" + (f", {failed} failed" if failed else ""))
+    from runners.sweep import last_sweep_dir, results_in
+
+    if not _outcomes and last_sweep_dir:  # a launcher ran the points in other processes: read what they left
+        for r in results_in(last_sweep_dir[0]):
+            point = " ".join(f"{k}={v}" for k, v in r["point"].items() if k in ("model", "quant", "attention", "bench"))
+            _outcomes.append((r["status"], f"[{r['status']}] {point}"))
+    failed = sum(status != "ok" for status, _ in _outcomes)
+    if len(_outcomes) > 1:
+        print(f"\nsweep summary ({len(_outcomes)} points):")
+        for _, line in _outcomes:
+            print("  " + line.splitlines()[0])
+        print(f"{len(_outcomes) - failed} of {len(_outcomes)} points ok" + (f", {failed} failed" if failed else ""))
     return 1 if failed else 0
 
 

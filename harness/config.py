@@ -144,14 +144,26 @@ class WorkflowConfig:
 
 @dataclass
 class BenchConfig:
+    """One schema for every bench; each bench reads the fields it needs (see conf/bench/*.yaml)."""
+
     name: str = "smoke"
     system_prompt: str | None = None
     prompt: str = "In one sentence, what is a large language model?"
-    max_new_tokens: int = 32
+    max_new_tokens: int = 32  # the output length; latency/memory/throughput force it (min_new_tokens = max)
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0
     repetition_penalty: float = 1.0
+    prompt_lengths: list[int] = field(default_factory=lambda: [128])  # prompt tokens, exact
+    batch_sizes: list[int] = field(default_factory=lambda: [1])
+    concurrency: list[int] = field(default_factory=lambda: [1])  # closed-loop clients
+    requests_per_client: int = 4
+    warmup_runs: int = 1
+    min_runs: int = 3
+    max_runs: int = 30
+    min_seconds: float = 1.0
+    target_rel_ci: float = 0.02  # stop when the 95% CI half-width of the primary metric is within 2% of its mean
+    primary_metric: str = "e2e_ms"
 
     def __post_init__(self) -> None:
         _check(self.max_new_tokens >= 1, "bench.max_new_tokens", self.max_new_tokens, "an integer >= 1")
@@ -159,6 +171,21 @@ class BenchConfig:
         _check(0 < self.top_p <= 1, "bench.top_p", self.top_p, "in (0, 1]")
         _check(self.top_k >= 0, "bench.top_k", self.top_k, ">= 0 (0 disables top-k)")
         _check(self.repetition_penalty > 0, "bench.repetition_penalty", self.repetition_penalty, "> 0")
+        for name in ("prompt_lengths", "batch_sizes", "concurrency"):
+            values = list(getattr(self, name))
+            _check(
+                bool(values) and all(isinstance(v, int) and v >= 1 for v in values),
+                f"bench.{name}",
+                values,
+                "a non-empty list of integers >= 1",
+            )
+        _check(self.requests_per_client >= 1, "bench.requests_per_client", self.requests_per_client, ">= 1")
+        _check(self.warmup_runs >= 0, "bench.warmup_runs", self.warmup_runs, ">= 0")
+        _check(self.min_runs >= 1, "bench.min_runs", self.min_runs, ">= 1")
+        _check(self.max_runs >= self.min_runs, "bench.max_runs", self.max_runs, f">= bench.min_runs ({self.min_runs})")
+        _check(self.min_seconds >= 0, "bench.min_seconds", self.min_seconds, ">= 0")
+        _check(0 < self.target_rel_ci < 1, "bench.target_rel_ci", self.target_rel_ci, "in (0, 1)")
+        _one_of("bench.primary_metric", self.primary_metric, ("e2e_ms", "ttft_ms", "tpot_ms"))
 
 
 @dataclass
@@ -172,9 +199,15 @@ class HarnessConfig:
     seed: int = 0
     cache_dir: str = "~/.cache/harness"  # materialized GGUF and random-weight checkpoints, quantized models
     print_text: bool = True
+    isolation: str = "process"  # process: each point in a fresh process (clean memory, crash isolation); inline
+    force: bool = False  # redo points whose result.json already says ok
+    point_memory_limit_mb: int | None = None  # address space a point's process may add after start-up (MiB)
 
     def __post_init__(self) -> None:
         self.cache_dir = os.path.expanduser(os.environ.get("HARNESS_CACHE_DIR") or self.cache_dir)
+        _one_of("isolation", self.isolation, ("process", "inline"))
+        if self.point_memory_limit_mb is not None:
+            _check(self.point_memory_limit_mb >= 64, "point_memory_limit_mb", self.point_memory_limit_mb, ">= 64")
 
     @property
     def cache_path(self) -> Path:
@@ -219,7 +252,7 @@ def check_group_choices(overrides: list[str]) -> None:
             continue
         key, _, value = override.partition("=")
         key = key.lstrip("+~")
-        if key not in GROUPS or any(c in value for c in "()[]{}*"):
+        if key not in (*GROUPS, "experiment") or any(c in value for c in "()[]{}*"):
             continue
         options = group_options(key)
         for choice in value.split(","):

@@ -24,7 +24,10 @@ class Result:
     timings: dict[str, float] = field(default_factory=dict)
     outputs: list[dict[str, Any]] = field(default_factory=list)  # generated texts, for a person to read
     memory: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)  # how the bench ran: stop reasons, cases, bandwidth
     error: dict[str, str] | None = None
+    config_digest: str = ""  # hash of the measured config: a rerun skips an ok point only when it matches
+    attempt: str = ""  # id of the run that wrote this file (tells a stale file from this attempt's)
     schema: str = SCHEMA
 
     def __post_init__(self) -> None:

@@ -7,8 +7,11 @@ traceback; it never escapes as an exception, so a sweep goes on to its next poin
 
 from __future__ import annotations
 
+import importlib
+import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -22,9 +25,51 @@ from harness.errors import ConfigError, HarnessError, OutOfMemoryError, format_e
 from harness.memory import MemoryMonitor
 from harness.models import load_model
 from harness.result import Result, write_result
+from runners.latency import run_latency
+from runners.measure import BenchContext, BenchOutput, write_samples
+from runners.memory import run_memory
 from runners.smoke import run_smoke
+from runners.throughput import run_throughput
 
-BENCHES = {"smoke": run_smoke}
+BENCHES = {"smoke": run_smoke, "latency": run_latency, "memory": run_memory, "throughput": run_throughput}
+
+
+class _Progress:
+    """One status line on stderr, rewritten in place, where stderr is a terminal."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.t0 = time.perf_counter()
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, message: str) -> None:
+        if self.tty:
+            sys.stderr.write(f"\r\033[K[{self.label} {time.perf_counter() - self.t0:5.0f} s] {message}")
+            sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.tty:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+
+def resolve_bench(name: str) -> Callable[[BenchContext], BenchOutput]:
+    """A built-in bench, or a user's own as `package.module:function` taking a BenchContext."""
+    if name in BENCHES:
+        return BENCHES[name]
+    if ":" in name:
+        module_name, _, attribute = name.partition(":")
+        try:
+            return getattr(importlib.import_module(module_name), attribute)
+        except (ImportError, AttributeError) as exc:
+            raise ConfigError(
+                f"bench.name={name!r} names no importable function ({exc}).",
+                "give `package.module:function` of a function that takes a BenchContext.",
+            ) from exc
+    raise ConfigError(
+        f"bench={name!r} has no runner; the benches are: {', '.join(BENCHES)}.",
+        "pick one of those, or give your own as bench.name=package.module:function.",
+    )
 
 
 def _as_error(exc: BaseException) -> HarnessError | None:
@@ -32,25 +77,29 @@ def _as_error(exc: BaseException) -> HarnessError | None:
         return exc
     if isinstance(exc, torch.OutOfMemoryError | MemoryError):
         return OutOfMemoryError(
-            f"the point ran out of memory ({type(exc).__name__}: {exc}).",
+            f"the point ran out of memory ({type(exc).__name__}: {exc or 'an allocation was refused'}).",
             "use a smaller model, a quantized one (quant=8bit or 4bit), or free memory.",
         )
     return None
 
 
-def run_point(cfg: HarnessConfig, out_dir: Path, point: dict[str, str] | None = None) -> Result:
+def run_point(
+    cfg: HarnessConfig, out_dir: Path, point: dict[str, str] | None = None, attempt: str = "", digest: str = ""
+) -> Result:
     out_dir.mkdir(parents=True, exist_ok=True)
     point = point or {g: getattr(cfg, g).name for g in GROUPS}
-    result = Result(status="ok", point=point, config=asdict(cfg), environment=capture_environment())
+    result = Result(
+        status="ok",
+        point=point,
+        config=asdict(cfg),
+        environment=capture_environment(),
+        attempt=attempt,
+        config_digest=digest,
+    )
     t_start = time.perf_counter()
     loaded = None
     try:
-        bench = BENCHES.get(cfg.bench.name)
-        if bench is None:
-            raise ConfigError(
-                f"bench={cfg.bench.name!r} has no runner yet; runners exist for: {', '.join(BENCHES)}.",
-                "pick one of those.",
-            )
+        bench = resolve_bench(cfg.bench.name)
         with MemoryMonitor() as load_memory:
             loaded = load_model(cfg.model, cfg.quant, cfg.attention, cfg.cache_path, cfg.seed)
         result.timings["load_s"] = loaded.load_seconds
@@ -58,10 +107,16 @@ def run_point(cfg: HarnessConfig, out_dir: Path, point: dict[str, str] | None = 
         engine = create_engine(cfg.engine.name, loaded)
         result.resolved["engine"] = engine.describe()
         t_measure = time.perf_counter()
-        with MemoryMonitor() as run_memory:
-            result.metrics, result.outputs = bench(engine, cfg)
+        progress = _Progress(f"{point.get('model')} {point.get('quant')} {cfg.bench.name}")
+        ctx = BenchContext(cfg, engine, loaded, load_memory.summary(), progress)
+        with MemoryMonitor(interval_s=0.02) as run_memory:
+            output = bench(ctx)
+        progress.done()
         result.timings["measure_s"] = time.perf_counter() - t_measure
-        result.memory = {"load": load_memory.summary(), "run": run_memory.summary()}
+        result.metrics, result.outputs, result.details = output.metrics, output.outputs, output.details
+        result.memory = {"load": ctx.load_memory, "run": run_memory.summary()}
+        if output.samples:
+            write_samples(out_dir / "samples.csv", output.samples)
     except Exception as exc:
         error = _as_error(exc)
         result.status = "failed"
@@ -75,6 +130,14 @@ def run_point(cfg: HarnessConfig, out_dir: Path, point: dict[str, str] | None = 
                 "please report it with that file.",
             }
         (out_dir / "error.log").write_text(format_error(error or exc) + "\n\n" + traceback.format_exc())
+    except KeyboardInterrupt:
+        result.status = "failed"
+        result.error = {
+            "type": "Interrupted",
+            "message": "the point was interrupted (Ctrl-C) before it finished.",
+            "hint": "rerun the same command: finished points are skipped and this one is redone.",
+        }
+        raise
     finally:
         if loaded is not None:
             loaded.release()
@@ -85,7 +148,10 @@ def run_point(cfg: HarnessConfig, out_dir: Path, point: dict[str, str] | None = 
 
 def summary_line(result: Result, out_dir: Path) -> str:
     p = result.point
-    head = f"[{result.status}] model={p.get('model')} quant={p.get('quant')} attention={p.get('attention')}"
+    bench = result.config.get("bench", {}).get("name", p.get("bench"))
+    head = (
+        f"[{result.status}] model={p.get('model')} quant={p.get('quant')} attention={p.get('attention')} bench={bench}"
+    )
     if result.status != "ok":
         err = result.error or {}
         return f"{head}\n  {err.get('type')}: {err.get('message')} Fix: {err.get('hint')}\n  see {out_dir}"
@@ -97,9 +163,28 @@ def summary_line(result: Result, out_dir: Path) -> str:
         f"quant {r['quantization']['name']}",
         f"load {result.timings['load_s']:.2f} s",
     ]
-    if "decode_tok_s" in m:
-        parts.append(
-            f"{m['output_tokens']['mean']:.0f} tokens, TTFT {m['ttft_ms']['mean']:.0f} ms, "
-            f"decode {m['decode_tok_s']['mean']:.1f} tok/s"
-        )
+    parts.append(headline(bench, m))
     return f"{head}: " + " | ".join(parts) + f"\n  result: {out_dir / 'result.json'}"
+
+
+def _first(metrics: dict[str, Any], prefix: str) -> dict[str, Any] | None:
+    for key, stat in metrics.items():
+        if key == prefix or key.startswith(prefix + "["):
+            return stat
+    return None
+
+
+def headline(bench: str, m: dict[str, Any]) -> str:
+    """The one or two figures a person looks at first, per bench."""
+    if bench == "memory":
+        peak, weights = _first(m, "load_rss_peak_mib"), _first(m, "weights_mib")
+        return f"weights {weights['mean']:.0f} MiB, load peak RSS {peak['mean']:.0f} MiB" if peak and weights else ""
+    if bench == "throughput":
+        rates = [(k, v["mean"]) for k, v in m.items() if k.startswith("output_tok_s[")]
+        return ", ".join(f"{k.split('[')[1].rstrip(']')}: {v:.1f} tok/s" for k, v in rates)
+    ttft, decode, tokens = _first(m, "ttft_ms"), _first(m, "decode_tok_s"), _first(m, "output_tokens")
+    if not (ttft and decode):
+        return ""
+    lead = f"{tokens['mean']:.0f} tokens, " if tokens else ""
+    ci = f" ±{decode['ci95']:.1f}" if decode.get("ci95") else ""
+    return f"{lead}TTFT {ttft['mean']:.0f} ms, decode {decode['mean']:.1f}{ci} tok/s"

@@ -138,7 +138,7 @@ def test_nine_point_sweep_over_models_and_quantizations(tmp_path):
 def test_entry_point_in_process(tmp_path, monkeypatch, capsys):
     import harness.__main__ as entry
 
-    monkeypatch.setattr(entry, "_statuses", [])
+    monkeypatch.setattr(entry, "_outcomes", [])
     monkeypatch.setattr(
         sys, "argv", ["harness", "model=tiny-gpt2", "bench.max_new_tokens=3", f"hydra.run.dir={tmp_path}"]
     )

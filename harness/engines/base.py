@@ -11,7 +11,16 @@ from typing import Any
 from harness.errors import InferenceError
 
 Message = dict[str, str]
-Prompt = str | Sequence[Message]  # raw text, or chat messages the engine formats for its model
+
+
+@dataclass(frozen=True)
+class TokenPrompt:
+    """A prompt given as token ids, used as they are (benches use it for prompts of an exact length)."""
+
+    ids: tuple[int, ...]
+
+
+Prompt = str | Sequence[Message] | TokenPrompt  # raw text, chat messages the engine formats, or token ids
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,15 @@ import torch
 
 from harness.chat import format_chat
 from harness.device import synchronize
-from harness.engines.base import Engine, Generation, GenerationParams, Prompt, TokenEvent, TokenStream
+from harness.engines.base import (
+    Engine,
+    Generation,
+    GenerationParams,
+    Prompt,
+    TokenEvent,
+    TokenPrompt,
+    TokenStream,
+)
 from harness.errors import InferenceError, OutOfMemoryError
 from harness.models.loader import LoadedModel
 
@@ -65,12 +73,18 @@ class _SwitchingStreamer:
 
 class _Encoded:
     def __init__(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, stop: tuple[str, ...], tokenize_ns: int
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        stop: tuple[str, ...],
+        tokenize_ns: int,
+        lengths: list[int],
     ) -> None:
         self.input_ids = input_ids
         self.attention_mask = attention_mask
         self.stop = stop
         self.tokenize_ns = tokenize_ns
+        self.lengths = lengths  # prompt tokens of each row, without padding
 
 
 class _Stream(TokenStream):
@@ -184,17 +198,36 @@ class TransformersEngine(Engine):
         return text, stop, self.loaded.chat_format != "template"  # a template writes its own BOS
 
     def _encode(self, prompt: Prompt, params: GenerationParams) -> _Encoded:
+        return self._encode_many([prompt], params)
+
+    def _encode_many(self, prompts: Sequence[Prompt], params: GenerationParams) -> _Encoded:
+        """Tokenize (timed), left-pad a batch, and validate the parameters against the context window."""
+        if not prompts:
+            raise InferenceError("no prompts were given.", "pass at least one prompt.")
         t0 = time.perf_counter_ns()
-        text, stop, add_special = self._prompt_text(prompt)
-        enc = self.tokenizer(text, return_tensors="pt", add_special_tokens=add_special)
+        as_ids = [isinstance(p, TokenPrompt) for p in prompts]
+        if any(as_ids) and not all(as_ids):
+            raise InferenceError(
+                "a batch mixes token-id prompts with text or chat prompts.", "batch one kind at a time."
+            )
+        if all(as_ids):
+            rows = [list(p.ids) for p in prompts]  # type: ignore[union-attr]
+            stop = tuple(params.stop)
+        else:
+            texts, stops, specials = zip(*(self._prompt_text(p) for p in prompts), strict=True)
+            if len(set(specials)) != 1:
+                raise InferenceError("a batch mixes raw-text prompts and chat prompts.", "batch one kind at a time.")
+            stop = tuple(dict.fromkeys(s for group in stops for s in group)) + tuple(params.stop)
+            rows = self.tokenizer(list(texts), add_special_tokens=specials[0])["input_ids"]
+        if any(not row for row in rows):
+            raise InferenceError("a prompt encodes to no tokens.", "give each prompt some text.")
+        width = max(len(row) for row in rows)
+        # Left padding: decoder-only models continue from the right edge of every row.
+        ids = torch.tensor([[self.pad_id] * (width - len(r)) + list(r) for r in rows], dtype=torch.long)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
         tokenize_ns = time.perf_counter_ns() - t0
-        params.validate(self.loaded.context_window, int(enc["input_ids"].shape[1]))
-        return _Encoded(
-            enc["input_ids"].to(self.device),
-            enc["attention_mask"].to(self.device),
-            tuple(stop) + tuple(params.stop),
-            tokenize_ns,
-        )
+        params.validate(self.loaded.context_window, width)
+        return _Encoded(ids.to(self.device), mask.to(self.device), stop, tokenize_ns, [len(r) for r in rows])
 
     def _generation_config(self, params: GenerationParams, stop: tuple[str, ...]):
         from transformers import GenerationConfig
@@ -278,23 +311,8 @@ class TransformersEngine(Engine):
         return _Stream(self, self._encode(prompt, params), params)
 
     def batch(self, prompts: Sequence[Prompt], params: GenerationParams) -> list[Generation]:
-        if not prompts:
-            raise InferenceError("batch() was given no prompts.", "pass at least one prompt.")
-        t0 = time.perf_counter_ns()
-        texts, stops, specials = zip(*(self._prompt_text(p) for p in prompts), strict=True)
-        if len(set(specials)) != 1:
-            raise InferenceError("a batch mixes raw-text prompts and chat prompts.", "batch one kind at a time.")
-        stop = tuple(dict.fromkeys(s for group in stops for s in group)) + tuple(params.stop)
-        previous_side = self.tokenizer.padding_side
-        self.tokenizer.padding_side = "left"  # decoder-only models continue from the right edge
-        try:
-            enc = self.tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=specials[0])
-        finally:
-            self.tokenizer.padding_side = previous_side
-        tokenize_ns = time.perf_counter_ns() - t0
-        lengths = enc["attention_mask"].sum(dim=1).tolist()
-        params.validate(self.loaded.context_window, int(enc["input_ids"].shape[1]))
-        encoded = _Encoded(enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device), stop, tokenize_ns)
+        encoded = self._encode_many(prompts, params)
+        stop, tokenize_ns, lengths = encoded.stop, encoded.tokenize_ns, encoded.lengths
         kwargs = self._generate_kwargs(encoded, params)
         start = time.perf_counter_ns()
         try:

@@ -1,0 +1,158 @@
+"""One sweep point as the sweep runs it: resume, a fresh process, and a record even when that process dies.
+
+`execute_point` skips a point whose result.json says ok for the same config (unless force), else runs it in a
+child process (`python -m runners <point dir>`) so that its memory baseline is clean and a segfault or
+a kill by the OOM killer marks only that point failed. The child's result.json is checked to belong to this
+attempt; when the child died before writing it, the parent writes a failed result naming the signal.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+
+from harness.config import HarnessConfig
+from harness.models.cache import spec_digest
+from harness.result import Result, write_json_atomic, write_result
+
+POINT_FILE = "point.json"
+FAULT_LOG = "faulthandler.log"
+# Fields that change how a point is run or shown, not what it measures: they do not invalidate a result.
+_NOT_MEASURED = ("print_text", "isolation", "force")
+
+_SIGNAL_HINTS = {
+    "SIGKILL": "a kill the process could not catch; on Linux most often the OOM killer (see `dmesg`): give the "
+    "point more memory, a smaller model or batch, or a quantized model",
+    "SIGSEGV": "a crash in native code (a kernel, a driver or an extension); the last lines of its output are in "
+    "error.log",
+    "SIGABRT": "an abort in native code; the last lines of its output are in error.log",
+}
+
+
+def config_digest(cfg: HarnessConfig) -> str:
+    data = asdict(cfg)
+    for key in _NOT_MEASURED:
+        data.pop(key, None)
+    return spec_digest(data)
+
+
+def finished_ok(out_dir: Path, digest: str) -> bool:
+    """True when out_dir holds an ok result measured with the same config."""
+    try:
+        data = json.loads((out_dir / "result.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return data.get("status") == "ok" and data.get("config_digest") == digest
+
+
+def _read_result(out_dir: Path, attempt: str) -> Result | None:
+    try:
+        data = json.loads((out_dir / "result.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if data.get("attempt") != attempt:
+        return None  # a result from an earlier attempt: this one never wrote its own
+    data.pop("schema", None)
+    return Result(**data)
+
+
+def set_memory_limit(limit_mb: int | None) -> None:
+    """Let the point's process grow its address space by at most limit_mb beyond what start-up mapped
+    (torch alone maps gigabytes it never touches, so an absolute limit would be a guess)."""
+    if limit_mb is not None:
+        import resource
+
+        import psutil
+
+        limit = psutil.Process().memory_info().vms + limit_mb * 2**20
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def _crash_result(
+    cfg: HarnessConfig,
+    point: dict[str, str],
+    out_dir: Path,
+    returncode: int,
+    tail: list[str],
+    attempt: str,
+    digest: str,
+) -> Result:
+    if returncode < 0:
+        name = signal.Signals(-returncode).name
+        how = f"was killed by {name}"
+        hint = _SIGNAL_HINTS.get(name, "see error.log for the last lines it printed")
+    else:
+        how, hint = f"exited with status {returncode}", "see the last lines it printed in error.log"
+    message = f"the point's process {how} before it finished."
+    native = out_dir / FAULT_LOG
+    trace = native.read_text() if native.is_file() else ""
+    (out_dir / "error.log").write_text(
+        f"PointCrashed: {message} Fix: {hint}.\n\nLast output:\n"
+        + "".join(tail)
+        + (f"\nPython stack at the crash:\n{trace}" if trace else "")
+    )
+    result = Result(
+        status="failed",
+        point=point,
+        config=asdict(cfg),
+        error={"type": "PointCrashed", "message": message, "hint": hint + "."},
+    )
+    result.attempt, result.config_digest = attempt, digest
+    return result
+
+
+def _forward(stream, sink, tail: collections.deque) -> None:
+    for line in iter(stream.readline, ""):
+        sink.write(line)
+        sink.flush()
+        tail.append(line)
+
+
+def execute_point(cfg: HarnessConfig, out_dir: Path, point: dict[str, str]) -> tuple[Result, bool]:
+    """Run (or skip) one point; returns (result, skipped)."""
+    from runners.point import run_point
+
+    digest = config_digest(cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not cfg.force and finished_ok(out_dir, digest):
+        data = json.loads((out_dir / "result.json").read_text())
+        data.pop("schema", None)
+        return Result(**data), True
+    attempt = uuid.uuid4().hex
+    if cfg.isolation == "inline":
+        return run_point(cfg, out_dir, point, attempt=attempt, digest=digest), False
+    write_json_atomic(
+        out_dir / POINT_FILE, {"config": asdict(cfg), "point": point, "attempt": attempt, "config_digest": digest}
+    )
+    tail: collections.deque[str] = collections.deque(maxlen=60)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runners", str(out_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+        env={**os.environ},
+    )
+    reader = threading.Thread(target=_forward, args=(proc.stdout, sys.stdout, tail), daemon=True)
+    reader.start()
+    try:
+        returncode = proc.wait()
+    except KeyboardInterrupt:
+        # The child got the same SIGINT and records itself as interrupted; wait for it to finish writing.
+        proc.wait(timeout=60)
+        raise
+    finally:
+        reader.join(timeout=5)
+    result = _read_result(out_dir, attempt)
+    if result is None:
+        result = _crash_result(cfg, point, out_dir, returncode, list(tail), attempt, digest)
+        write_result(out_dir, result)
+    return result, False

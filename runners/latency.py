@@ -1,0 +1,116 @@
+"""bench=latency: per prompt length, streamed requests with the output length forced.
+
+The very first request of the point is kept apart as cold_start; warm-up requests follow and are excluded;
+then requests repeat until the stop rule holds for the primary metric. Every request's metrics and every
+token's timestamp go to samples.csv.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from harness.bandwidth import kv_bytes_per_position, mbu, peak_bandwidth
+from harness.engines import GenerationParams
+from harness.engines.base import TokenPrompt
+from harness.stats import summarize
+from runners.measure import (
+    BenchContext,
+    BenchOutput,
+    StopRule,
+    case_key,
+    exact_prompt,
+    forced,
+    itl_s,
+    repeat_until_stable,
+    request_metrics,
+    streamed,
+)
+
+# request metric (seconds or tok/s) -> (reported name, unit, scale)
+UNITS = {
+    "ttft_s": ("ttft_ms", "ms", 1e3),
+    "e2e_s": ("e2e_ms", "ms", 1e3),
+    "tpot_s": ("tpot_ms", "ms", 1e3),
+    "decode_tok_s": ("decode_tok_s", "tok/s", 1.0),
+    "prefill_tok_s": ("prefill_tok_s", "tok/s", 1.0),
+}
+
+
+@dataclass
+class _Case:
+    per_request: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in UNITS})
+    itls: list[float] = field(default_factory=list)
+    mismatches: int = 0
+
+
+def _measure_case(
+    ctx: BenchContext, out: BenchOutput, prompt: TokenPrompt, case: str, params: GenerationParams
+) -> tuple[_Case, dict]:
+    """Requests at one prompt length until the stop rule holds; raw values to out.samples."""
+    bench = ctx.cfg.bench
+    data = _Case()
+    primary = {"e2e_ms": "e2e_s", "ttft_ms": "ttft_s", "tpot_ms": "tpot_s"}[bench.primary_metric]
+
+    def one_request() -> float:
+        request = len(data.per_request["e2e_s"])
+        ctx.progress(f"latency {case}: request {request + 1}")
+        g = streamed(ctx.engine, prompt, params)
+        m = request_metrics(g.start_ns, g.token_ns, g.prompt_tokens)
+        if g.output_tokens != params.max_new_tokens:
+            data.mismatches += 1
+        for key, (name, unit, scale) in UNITS.items():
+            if key in m:
+                data.per_request[key].append(m[key])
+                out.samples.append(("latency", case, request, "", name, m[key] * scale, unit))
+        out.samples.append(("latency", case, request, "", "output_tokens", g.output_tokens, "tokens"))
+        for i, t in enumerate(g.token_ns):
+            out.samples.append(("latency", case, request, i, "token_t_ms", (t - g.start_ns) / 1e6, "ms"))
+        data.itls.extend(itl_s(g.token_ns))
+        return m.get(primary, m["e2e_s"])
+
+    _, how = repeat_until_stable(StopRule.of(bench), one_request)
+    return data, how
+
+
+def run_latency(ctx: BenchContext) -> BenchOutput:
+    bench, loaded, engine = ctx.cfg.bench, ctx.loaded, ctx.engine
+    params = forced(bench, ctx.cfg.seed)
+    out = BenchOutput()
+    peak = peak_bandwidth(loaded.placement.device, ctx.cfg.cache_path)
+    kv_pos = kv_bytes_per_position(loaded.model.config, loaded.model.dtype.itemsize)
+    out.details = {"stop_rule": vars(StopRule.of(bench)), "peak_bandwidth": peak, "cases": {}, "length_mismatches": 0}
+    for index, p_len in enumerate(bench.prompt_lengths):
+        prompt = exact_prompt(loaded, p_len)
+        case = f"prompt={p_len}"
+        if index == 0:  # the point's very first request: module loading, allocator growth, kernel choice
+            cold = streamed(engine, prompt, params)
+            cold_m = request_metrics(cold.start_ns, cold.token_ns, cold.prompt_tokens)
+            for key in ("ttft_s", "e2e_s"):
+                out.metrics[f"cold_start_{UNITS[key][0]}"] = summarize([cold_m[key] * 1e3], "ms")
+        for _ in range(bench.warmup_runs):
+            streamed(engine, prompt, params)
+        data, how = _measure_case(ctx, out, prompt, case, params)
+        for key, values in data.per_request.items():
+            if values:
+                name, unit, scale = UNITS[key]
+                out.metrics[case_key(name, prompt=p_len)] = summarize([v * scale for v in values], unit)
+        if data.itls:
+            out.metrics[case_key("itl_ms", prompt=p_len)] = summarize([v * 1e3 for v in data.itls], "ms")
+        decode = out.metrics.get(case_key("decode_tok_s", prompt=p_len))
+        if decode:
+            context = p_len + params.max_new_tokens / 2  # mean KV length read while decoding
+            value = mbu(decode["mean"], loaded.footprint_bytes, kv_pos, context, peak["bytes_per_s"])
+            out.metrics[case_key("mbu", prompt=p_len)] = summarize([value], "fraction")
+        out.details["cases"][case] = {
+            **how,
+            "primary_metric": bench.primary_metric,
+            "prompt_tokens": p_len,
+            "output_tokens": params.max_new_tokens,
+        }
+        out.details["length_mismatches"] += data.mismatches
+    if out.details["length_mismatches"]:
+        out.details["warning"] = (
+            f"{out.details['length_mismatches']} requests did not produce the forced output "
+            f"length of {params.max_new_tokens} tokens"
+        )
+    return out

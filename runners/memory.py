@@ -1,0 +1,69 @@
+"""bench=memory: what loading costs (before, after, peak; RSS and CUDA), what inference adds per prompt length
+and batch size, and the weights' own footprint beside them. Comparing quantizations is a sweep over `quant`;
+each result carries the figures analysis needs for ratios against quant=none."""
+
+from __future__ import annotations
+
+import gc
+
+from harness.engines import GenerationParams
+from harness.memory import MemoryMonitor, snapshot
+from harness.stats import summarize
+from runners.measure import BenchContext, BenchOutput, case_key, exact_prompt, forced
+
+MIB = 2**20
+
+
+def _mib(value: int | None) -> dict | None:
+    return None if value is None else summarize([value / MIB], "MiB")
+
+
+def run_memory(ctx: BenchContext) -> BenchOutput:
+    bench, loaded, engine = ctx.cfg.bench, ctx.loaded, ctx.engine
+    out = BenchOutput()
+    load = ctx.load_memory
+    params = loaded.model.parameters()
+    weights = sum(p.numel() * p.element_size() for p in params)
+    figures = {
+        "weights_mib": weights,
+        "footprint_mib": loaded.footprint_bytes,
+        "load_rss_before_mib": load.get("rss_start_bytes"),
+        "load_rss_after_mib": load.get("rss_end_bytes"),
+        "load_rss_peak_mib": load.get("rss_peak_bytes"),
+        "load_cuda_allocated_mib": load.get("cuda_allocated_bytes"),
+        "load_cuda_peak_mib": load.get("cuda_max_allocated_bytes"),
+        "load_nvml_process_mib": load.get("nvml_process_bytes"),
+    }
+    for name, value in figures.items():
+        stat = _mib(value)
+        if stat is not None:
+            out.metrics[name] = stat
+    # One small request first, so one-off allocations (thread pools, kernels) do not count as growth.
+    engine.generate(exact_prompt(loaded, 8), GenerationParams(max_new_tokens=2, min_new_tokens=2))
+    generation_params = forced(bench, ctx.cfg.seed)
+    cases = {}
+    for p_len in bench.prompt_lengths:
+        for batch in bench.batch_sizes:
+            ctx.progress(f"memory prompt={p_len} batch={batch}")
+            prompts = [exact_prompt(loaded, p_len, offset=i) for i in range(batch)]
+            gc.collect()
+            before = snapshot()
+            with MemoryMonitor(interval_s=0.002) as monitor:
+                engine.batch(prompts, generation_params)
+            s = monitor.summary()
+            growth = {"rss": s["rss_peak_bytes"] - before["rss_bytes"]}
+            if "cuda_max_allocated_bytes" in s:
+                growth["cuda"] = s["cuda_max_allocated_bytes"] - before.get("cuda_allocated_bytes", 0)
+            for kind, value in growth.items():
+                out.metrics[case_key(f"inference_growth_{kind}_mib", prompt=p_len, batch=batch)] = _mib(value)
+                out.samples.append(
+                    ("memory", f"prompt={p_len},batch={batch}", 0, "", f"growth_{kind}_bytes", value, "bytes")
+                )
+            cases[f"prompt={p_len},batch={batch}"] = {"samples": s["samples"], "alerts": s["alerts"]}
+    out.details = {
+        "cases": cases,
+        "weights_bytes": weights,
+        "footprint_bytes": loaded.footprint_bytes,
+        "note": "growth = peak during one forced-length batch minus the figure just before it",
+    }
+    return out

@@ -1,0 +1,112 @@
+"""bench=throughput: one request alone, batches of several sizes, and closed-loop concurrent clients.
+
+Concurrent clients each send their next request as soon as their previous one returns. The engine serves
+one request at a time (see `engine.describe()["concurrency"]`), so a request waits in a queue before it
+starts: that wait is reported apart from the service time and the latency it adds up to.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from harness.stats import summarize
+from runners.measure import (
+    BenchContext,
+    BenchOutput,
+    StopRule,
+    case_key,
+    exact_prompt,
+    forced,
+    repeat_until_stable,
+    streamed,
+)
+
+
+def run_throughput(ctx: BenchContext) -> BenchOutput:
+    bench, loaded, engine = ctx.cfg.bench, ctx.loaded, ctx.engine
+    params = forced(bench, ctx.cfg.seed)
+    rule = StopRule.of(bench)
+    p_len = bench.prompt_lengths[0]
+    out = BenchOutput()
+    n_out = params.max_new_tokens
+    for _ in range(max(bench.warmup_runs, 1)):
+        streamed(engine, exact_prompt(loaded, p_len), params)
+
+    # A single request, streamed.
+    def single() -> float:
+        g = streamed(engine, exact_prompt(loaded, p_len), params)
+        seconds = (g.end_ns - g.start_ns) / 1e9
+        out.samples.append(("throughput", "single", len(out.samples), "", "e2e_ms", seconds * 1e3, "ms"))
+        return g.output_tokens / seconds
+
+    values, how_single = repeat_until_stable(rule, single)
+    out.metrics["single_output_tok_s"] = summarize(values, "tok/s")
+
+    # Batches: one generate() call over `batch` prompts of the same length.
+    cases = {"single": how_single}
+    for batch in bench.batch_sizes:
+        prompts = [exact_prompt(loaded, p_len, offset=i) for i in range(batch)]
+        engine.batch(prompts, params)  # warm-up at this shape
+        latencies: list[float] = []
+
+        def one_batch(prompts=prompts, batch=batch, latencies=latencies) -> float:
+            ctx.progress(f"throughput batch={batch}: run {len(latencies) + 1}")
+            results = engine.batch(prompts, params)
+            seconds = (results[0].end_ns - results[0].start_ns) / 1e9
+            latencies.append(seconds)
+            out.samples.append(
+                ("throughput", f"batch={batch}", len(latencies) - 1, "", "batch_latency_ms", seconds * 1e3, "ms")
+            )
+            return seconds
+
+        _, how = repeat_until_stable(rule, one_batch)
+        tokens = batch * n_out
+        out.metrics[case_key("batch_latency_ms", batch=batch)] = summarize([s * 1e3 for s in latencies], "ms")
+        out.metrics[case_key("output_tok_s", batch=batch)] = summarize([tokens / s for s in latencies], "tok/s")
+        cases[f"batch={batch}"] = how
+
+    # Closed-loop clients sharing the engine, which serves one request at a time.
+    served = threading.Lock()
+    for clients in bench.concurrency:
+        ctx.progress(f"throughput clients={clients}")
+        records: list[tuple[float, float, float, int]] = []  # issue, start, end, tokens
+        record_lock = threading.Lock()
+
+        def client(index: int, records=records, record_lock=record_lock) -> None:
+            for r in range(bench.requests_per_client):
+                prompt = exact_prompt(loaded, p_len, offset=index * 100 + r)
+                issued = time.perf_counter()
+                with served:
+                    started = time.perf_counter()
+                    g = engine.generate(prompt, params)
+                ended = time.perf_counter()
+                with record_lock:
+                    records.append((issued, started, ended, g.output_tokens))
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+        case = {"clients": clients}
+        out.metrics[case_key("requests_s", **case)] = summarize([len(records) / wall], "req/s")
+        out.metrics[case_key("concurrent_output_tok_s", **case)] = summarize(
+            [sum(r[3] for r in records) / wall], "tok/s"
+        )
+        out.metrics[case_key("latency_ms", **case)] = summarize([(e - i) * 1e3 for i, _, e, _ in records], "ms")
+        out.metrics[case_key("queue_wait_ms", **case)] = summarize([(s - i) * 1e3 for i, s, _, _ in records], "ms")
+        out.metrics[case_key("service_ms", **case)] = summarize([(e - s) * 1e3 for _, s, e, _ in records], "ms")
+        for n, (i, s, e, _) in enumerate(records):
+            out.samples.append(("throughput", f"clients={clients}", n, "", "queue_wait_ms", (s - i) * 1e3, "ms"))
+            out.samples.append(("throughput", f"clients={clients}", n, "", "latency_ms", (e - i) * 1e3, "ms"))
+        cases[f"clients={clients}"] = {"requests": len(records), "seconds": wall}
+    out.details = {
+        "cases": cases,
+        "prompt_tokens": p_len,
+        "output_tokens": n_out,
+        "concurrency": engine.describe()["concurrency"],
+    }
+    return out

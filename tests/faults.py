@@ -1,0 +1,24 @@
+"""Benches that fail on purpose, run as `bench.name=faults:<name>` with this folder on PYTHONPATH, to test
+that a sweep survives each way a point's process can die."""
+
+import ctypes
+import os
+import signal
+
+
+def segfault(ctx):
+    ctypes.string_at(0)  # reads address 0: SIGSEGV
+
+
+def exit_now(ctx):
+    os._exit(3)
+
+
+def sigkill(ctx):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def hog(ctx):
+    blocks = []
+    while True:
+        blocks.append(bytearray(64 * 2**20))
