@@ -40,6 +40,14 @@ def results_under(folder: Path) -> list[dict]:
         (["model=tiny-gpt2", "quant=gptq"], 1, "QuantizationError: quant=gptq needs the Python package 'gptqmodel'"),
         (["model=gpt2"], 1, "hf download openai-community/gpt2"),
         (["model=tiny-gpt2", "attention=flash2", "attention.strict=true"], 1, "attention=flash2 cannot be used here"),
+        (["bench=throughput", "bench.batch_sizes=[0]"], 2, "bench.batch_sizes=[0] is not valid"),
+        (["bench=latency", "bench.min_runs=9", "bench.max_runs=3"], 2, "bench.max_runs=3 is not valid"),
+        (["model=tiny-gpt2", "bench=latency", "bench.prompt_lengths=[600]"], 1, "does not fit the context window"),
+        (
+            ["model=tiny-gpt2", "bench=latency", "bench.prompt_lengths=[500]", "bench.max_new_tokens=64"],
+            1,
+            "exceeds the model's context window of 512 tokens",
+        ),
     ],
 )
 def test_bad_input_gets_a_message_and_an_exit_code(tmp_path, args, code, needle):

@@ -4,7 +4,7 @@ import pytest
 
 import runners.point
 from runners import run_point, summary_line
-from runners.smoke import request_metrics
+from runners.measure import request_metrics
 
 
 def test_request_metrics_arithmetic():
@@ -46,7 +46,7 @@ def test_a_failing_point_records_cause_and_fix(compose, tmp_path):
 
 
 def test_an_unexpected_crash_is_recorded_with_its_traceback(compose, tmp_path, monkeypatch):
-    def boom(engine, cfg):
+    def boom(ctx):
         raise RuntimeError("kaboom in the bench")
 
     monkeypatch.setitem(runners.point.BENCHES, "smoke", boom)
@@ -56,7 +56,7 @@ def test_an_unexpected_crash_is_recorded_with_its_traceback(compose, tmp_path, m
 
 
 def test_out_of_memory_in_a_point_becomes_out_of_memory_error(compose, tmp_path, monkeypatch):
-    def oom(engine, cfg):
+    def oom(ctx):
         raise MemoryError("cannot allocate")
 
     monkeypatch.setitem(runners.point.BENCHES, "smoke", oom)
@@ -65,5 +65,8 @@ def test_out_of_memory_in_a_point_becomes_out_of_memory_error(compose, tmp_path,
 
 
 def test_a_bench_without_a_runner(compose, tmp_path):
-    result = run_point(compose("model=tiny-gpt2", "bench.name=latency"), tmp_path)
+    result = run_point(compose("model=tiny-gpt2", "bench.name=nosuch"), tmp_path)
     assert result.status == "failed" and result.error["type"] == "ConfigError"
+    assert "latency, memory, throughput" in result.error["message"]
+    result = run_point(compose("model=tiny-gpt2", "bench.name=json:no_such_function"), tmp_path)
+    assert result.error["type"] == "ConfigError" and "package.module:function" in result.error["hint"]
