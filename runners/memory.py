@@ -38,8 +38,15 @@ def run_memory(ctx: BenchContext) -> BenchOutput:
         stat = _mib(value)
         if stat is not None:
             out.metrics[name] = stat
-    # One small request first, so one-off allocations (thread pools, kernels) do not count as growth.
+    # One small request first, so one-off allocations (thread pools, kernels) do not count as growth. It also
+    # touches every weight: safetensors weights are mapped lazily, so RSS right after loading can be far below
+    # the weights' size; the figure after this request is what the loaded model really holds.
     engine.generate(exact_prompt(loaded, 8), GenerationParams(max_new_tokens=2, min_new_tokens=2))
+    gc.collect()
+    resident = snapshot()
+    out.metrics["rss_after_first_request_mib"] = _mib(resident["rss_bytes"])
+    if "cuda_allocated_bytes" in resident:
+        out.metrics["cuda_after_first_request_mib"] = _mib(resident["cuda_allocated_bytes"])
     generation_params = forced(bench, ctx.cfg.seed)
     cases = {}
     for p_len in bench.prompt_lengths:

@@ -34,6 +34,8 @@ run bnb model=tiny-llama quant=8bit,4bit quant.compute_dtype=auto
 run attention model=tiny-llama attention=eager,sdpa,flash2
 run qwen05b model=qwen model.random_weights=true quant=none,8bit,4bit bench.max_new_tokens=64 \
     bench.prompt="Write a long story about a lighthouse keeper."
+run measure model=qwen model.random_weights=true quant=none,4bit bench=latency,memory,throughput \
+    bench.min_seconds=1 bench.max_runs=15
 
 echo "== pytest -m gpu"
 python -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tail -5
@@ -42,19 +44,20 @@ python -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tail -5
 python - "$out" <<'PY'
 import sys
 from analysis import load_results
+from runners.point import headline
 rows = load_results(sys.argv[1])
-print(f"\n{'point':46s} {'status':7s} {'device':6s} {'dtype':9s} {'attention':18s} {'quant':6s} {'load s':>7s} "
-      f"{'TTFT ms':>8s} {'dec tok/s':>9s} {'CUDA peak MiB':>13s}")
+print(f"\n{'point':52s} {'status':7s} {'device':6s} {'dtype':9s} {'attention':18s} {'load s':>7s}  headline")
 for r in rows:
     p, res, m = r["point"], r.get("resolved") or {}, r.get("metrics") or {}
-    label = f"{p['model']} quant={p['quant']} attn={p['attention']}"
-    mem = ((r.get("memory") or {}).get("run") or {}).get("cuda_max_allocated_bytes")
-    print(f"{label:46s} {r['status']:7s} {res.get('device', '-'):6s} {res.get('dtype', '-'):9s} "
-          f"{(res.get('attention') or {}).get('used', '-'):18s} {(res.get('quantization') or {}).get('name', '-'):6s} "
-          f"{(r.get('timings') or {}).get('load_s', float('nan')):7.2f} "
-          f"{(m.get('ttft_ms') or {}).get('mean', float('nan')):8.1f} "
-          f"{(m.get('decode_tok_s') or {}).get('mean', float('nan')):9.1f} "
-          f"{(mem or 0) / 2**20:13.1f}")
+    bench = r["config"]["bench"]["name"]
+    label = f"{p['model']} quant={p['quant']} attn={p['attention']} {bench}"
+    print(f"{label:52s} {r['status']:7s} {res.get('device', '-'):6s} {res.get('dtype', '-'):9s} "
+          f"{(res.get('attention') or {}).get('used', '-'):18s} {(r.get('timings') or {}).get('load_s', 0):7.2f}  "
+          f"{headline(bench, m)}")
+    for key in ("mbu[prompt=128]", "load_cuda_peak_mib", "cuda_after_first_request_mib",
+                "inference_growth_cuda_mib[prompt=128,batch=4]", "queue_wait_ms[clients=4]"):
+        if key in m:
+            print(f"{'':60s}{key} = {m[key]['mean']:.3f} {m[key]['unit']}")
     if r["status"] != "ok":
         print("   ", (r.get("error") or {}).get("message"))
 PY

@@ -55,6 +55,7 @@ def test_memory_bench(compose, tmp_path):
     m = result.metrics
     assert m["weights_mib"]["unit"] == "MiB" and m["weights_mib"]["mean"] > 0
     assert m["load_rss_peak_mib"]["mean"] >= m["load_rss_before_mib"]["mean"]
+    assert m["rss_after_first_request_mib"]["mean"] > 0
     for b in (1, 2):
         assert f"inference_growth_rss_mib[prompt=8,batch={b}]" in m
     assert result.details["weights_bytes"] > 0
