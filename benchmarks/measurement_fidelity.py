@@ -34,8 +34,12 @@ def main() -> None:
 
     register_schemas()
     with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-        cfg = validate(compose("config", [f"model={args.model}", "bench=latency",
-                                          f"bench.max_new_tokens={args.tokens}", *args.overrides]))
+        cfg = validate(
+            compose(
+                "config",
+                [f"model={args.model}", "bench=latency", f"bench.max_new_tokens={args.tokens}", *args.overrides],
+            )
+        )
     loaded = load_model(cfg.model, cfg.quant, cfg.attention, cfg.cache_path, cfg.seed)
     engine = create_engine("transformers", loaded)
     params = forced(cfg.bench, cfg.seed)
@@ -51,8 +55,12 @@ def main() -> None:
         gaps.append(abs(m["ttft_s"] + (m["output_tokens"] - 1) * m["tpot_s"] - m["e2e_s"]) / m["e2e_s"])
         return m["e2e_s"]
 
-    report = {"model": args.model, "device": loaded.placement.device, "prompt_tokens": args.prompt,
-              "output_tokens": args.tokens}
+    report = {
+        "model": args.model,
+        "device": loaded.placement.device,
+        "prompt_tokens": args.prompt,
+        "output_tokens": args.tokens,
+    }
     adaptive = StopRule(min_runs=5, max_runs=200, min_seconds=2.0, target_rel_ci=args.target)
     fixed = StopRule(min_runs=10, max_runs=10**6, min_seconds=10.0, target_rel_ci=1e-12)  # never by CI
     for name, rule in (("adaptive", adaptive), ("fixed_10_runs_10_s", fixed)):
@@ -64,8 +72,12 @@ def main() -> None:
             how = {"runs": len(values), "rel_ci95": rule.relative_ci(values)}
         else:
             values, how = repeat_until_stable(rule, request)
-        report[name] = {"wall_s": time.perf_counter() - t0, "runs": how["runs"], "rel_ci95": how["rel_ci95"],
-                        "mean_e2e_ms": 1e3 * sum(values) / len(values)}
+        report[name] = {
+            "wall_s": time.perf_counter() - t0,
+            "runs": how["runs"],
+            "rel_ci95": how["rel_ci95"],
+            "mean_e2e_ms": 1e3 * sum(values) / len(values),
+        }
     report["max_rel_gap_ttft_plus_tpot_vs_e2e"] = max(gaps)
 
     rates = {}

@@ -109,7 +109,7 @@ def run_point(
         t_measure = time.perf_counter()
         progress = _Progress(f"{point.get('model')} {point.get('quant')} {cfg.bench.name}")
         ctx = BenchContext(cfg, engine, loaded, load_memory.summary(), progress)
-        with MemoryMonitor(interval_s=0.02) as run_memory:
+        with MemoryMonitor(interval_s=None) as run_memory:  # no sampling thread while timing
             output = bench(ctx)
         progress.done()
         result.timings["measure_s"] = time.perf_counter() - t_measure

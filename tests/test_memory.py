@@ -48,3 +48,10 @@ def test_bad_monitor_settings(kwargs):
 def test_nvml_absent_or_no_gpu_gives_none_or_a_number():
     value = nvml_process_bytes()
     assert value is None or value >= 0
+
+
+def test_monitor_without_a_thread_still_reports_start_end_and_peaks():
+    with MemoryMonitor(interval_s=None) as mon:
+        time.sleep(0.01)
+    s = mon.summary()
+    assert s["samples"] == 2 and s["rss_start_bytes"] > 0 and s["ru_maxrss_bytes"] > 0
