@@ -22,3 +22,9 @@ def hog(ctx):
     blocks = []
     while True:
         blocks.append(bytearray(64 * 2**20))
+
+
+def sleepy(ctx):
+    import time
+
+    time.sleep(60)

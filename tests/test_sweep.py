@@ -118,3 +118,29 @@ def test_hydra_launchers(tmp_path, launcher):
     found = results(tmp_path)
     assert len(found) == 2 and all(r["status"] == "ok" for r in found.values())
     assert "2 of 2 points ok" in proc.stdout
+
+
+def test_ctrl_c_leaves_a_complete_result_that_says_interrupted(tmp_path):
+    import signal
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(TESTS)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "harness", "-m", "model=tiny-gpt2", "bench.name=faults:sleepy"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.time() + 60
+    while not list((tmp_path / "outputs").rglob("point.json")) and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(4)  # the point's process is inside its bench now
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
+    proc.communicate(timeout=90)
+    assert proc.returncode != 0
+    (result,) = results(tmp_path).values()  # parses: complete JSON
+    assert result["status"] == "failed" and result["error"]["type"] == "Interrupted"
+    assert not [p for p in (tmp_path / "outputs").rglob("*.tmp")]
