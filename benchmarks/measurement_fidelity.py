@@ -14,7 +14,7 @@ import argparse
 import json
 import time
 
-from runners.measure import StopRule, exact_prompt, forced, repeat_until_stable, request_metrics, streamed
+from runners.measure import StopRule, exact_prompt, generation_params, repeat_until_stable, request_metrics, streamed
 
 
 def main() -> None:
@@ -42,7 +42,7 @@ def main() -> None:
         )
     loaded = load_model(cfg.model, cfg.quant, cfg.attention, cfg.cache_path, cfg.seed)
     engine = create_engine("transformers", loaded)
-    params = forced(cfg.bench, cfg.seed)
+    params = generation_params(cfg.bench, cfg.seed)
     prompt = exact_prompt(loaded, args.prompt)
     for _ in range(2):
         streamed(engine, prompt, params)

@@ -19,7 +19,7 @@ from runners.measure import (
     StopRule,
     case_key,
     exact_prompt,
-    forced,
+    generation_params,
     itl_s,
     repeat_until_stable,
     request_metrics,
@@ -74,7 +74,7 @@ def _measure_case(
 
 def run_latency(ctx: BenchContext) -> BenchOutput:
     bench, loaded, engine = ctx.cfg.bench, ctx.loaded, ctx.engine
-    params = forced(bench, ctx.cfg.seed)
+    params = generation_params(bench, ctx.cfg.seed)
     out = BenchOutput()
     peak = peak_bandwidth(loaded.placement.device, ctx.cfg.cache_path)
     kv_pos = kv_bytes_per_position(loaded.model.config, loaded.model.dtype.itemsize)

@@ -124,11 +124,11 @@ def exact_prompt(loaded: LoadedModel, n_tokens: int, offset: int = 0) -> TokenPr
     return TokenPrompt(tuple(chunk))
 
 
-def forced(bench: BenchConfig, seed: int) -> GenerationParams:
-    """Greedy (unless asked otherwise) with the output length forced: min_new_tokens = max_new_tokens."""
+def generation_params(bench: BenchConfig, seed: int, force_length: bool = True) -> GenerationParams:
+    """The bench's sampling settings (greedy by default); force_length sets min_new_tokens = max_new_tokens."""
     return GenerationParams(
         max_new_tokens=bench.max_new_tokens,
-        min_new_tokens=bench.max_new_tokens,
+        min_new_tokens=bench.max_new_tokens if force_length else 0,
         temperature=bench.temperature,
         top_p=bench.top_p,
         top_k=bench.top_k,

@@ -9,7 +9,7 @@ import gc
 from harness.engines import GenerationParams
 from harness.memory import MemoryMonitor, snapshot
 from harness.stats import summarize
-from runners.measure import BenchContext, BenchOutput, case_key, exact_prompt, forced
+from runners.measure import BenchContext, BenchOutput, case_key, exact_prompt, generation_params
 
 MIB = 2**20
 
@@ -22,8 +22,7 @@ def run_memory(ctx: BenchContext) -> BenchOutput:
     bench, loaded, engine = ctx.cfg.bench, ctx.loaded, ctx.engine
     out = BenchOutput()
     load = ctx.load_memory
-    params = loaded.model.parameters()
-    weights = sum(p.numel() * p.element_size() for p in params)
+    weights = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
     figures = {
         "weights_mib": weights,
         "footprint_mib": loaded.footprint_bytes,
@@ -47,7 +46,7 @@ def run_memory(ctx: BenchContext) -> BenchOutput:
     out.metrics["rss_after_first_request_mib"] = _mib(resident["rss_bytes"])
     if "cuda_allocated_bytes" in resident:
         out.metrics["cuda_after_first_request_mib"] = _mib(resident["cuda_allocated_bytes"])
-    generation_params = forced(bench, ctx.cfg.seed)
+    params = generation_params(bench, ctx.cfg.seed)
     cases = {}
     for p_len in bench.prompt_lengths:
         for batch in bench.batch_sizes:
@@ -56,7 +55,7 @@ def run_memory(ctx: BenchContext) -> BenchOutput:
             gc.collect()
             before = snapshot()
             with MemoryMonitor(interval_s=0.002) as monitor:
-                engine.batch(prompts, generation_params)
+                engine.batch(prompts, params)
             s = monitor.summary()
             growth = {"rss": s["rss_peak_bytes"] - before["rss_bytes"]}
             if "cuda_max_allocated_bytes" in s:

@@ -9,23 +9,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from harness.config import HarnessConfig
-from harness.engines import GenerationParams
 from harness.stats import summarize
 from runners.latency import UNITS
-from runners.measure import BenchContext, BenchOutput, request_metrics, streamed
-
-
-def generation_params(cfg: HarnessConfig) -> GenerationParams:
-    b = cfg.bench
-    return GenerationParams(
-        max_new_tokens=b.max_new_tokens,
-        temperature=b.temperature,
-        top_p=b.top_p,
-        top_k=b.top_k,
-        repetition_penalty=b.repetition_penalty,
-        seed=cfg.seed,
-    )
+from runners.measure import BenchContext, BenchOutput, generation_params, request_metrics, streamed
 
 
 def run_smoke(ctx: BenchContext) -> BenchOutput:
@@ -34,7 +20,7 @@ def run_smoke(ctx: BenchContext) -> BenchOutput:
     if cfg.bench.system_prompt:
         messages.append({"role": "system", "content": cfg.bench.system_prompt})
     messages.append({"role": "user", "content": cfg.bench.prompt})
-    params = generation_params(cfg)
+    params = generation_params(cfg.bench, cfg.seed, force_length=False)
     cold = streamed(ctx.engine, messages, replace(params, max_new_tokens=min(2, params.max_new_tokens)))
     g = streamed(ctx.engine, messages, params)
     out = BenchOutput()

@@ -17,7 +17,7 @@ from runners.measure import (
     StopRule,
     case_key,
     exact_prompt,
-    forced,
+    generation_params,
     repeat_until_stable,
     streamed,
 )
@@ -25,7 +25,7 @@ from runners.measure import (
 
 def run_throughput(ctx: BenchContext) -> BenchOutput:
     bench, loaded, engine = ctx.cfg.bench, ctx.loaded, ctx.engine
-    params = forced(bench, ctx.cfg.seed)
+    params = generation_params(bench, ctx.cfg.seed)
     rule = StopRule.of(bench)
     p_len = bench.prompt_lengths[0]
     out = BenchOutput()

@@ -293,19 +293,7 @@ class TransformersEngine(Engine):
 
     # -- the three entry points ---------------------------------------------------------------------------
     def generate(self, prompt: Prompt, params: GenerationParams) -> Generation:
-        encoded = self._encode(prompt, params)
-        kwargs = self._generate_kwargs(encoded, params)
-        start = time.perf_counter_ns()
-        try:
-            out = self._run_generate(kwargs)
-            synchronize(self.device)
-        except Exception as exc:
-            raise self._wrap_error(exc, "generation") from exc
-        end = time.perf_counter_ns()
-        n_prompt = int(encoded.input_ids.shape[1])
-        ids = out[0, n_prompt:].tolist()
-        text, reason = self._decode(ids, encoded.stop, params)
-        return Generation(text, ids, n_prompt, reason, start, end, encoded.tokenize_ns)
+        return self.batch([prompt], params)[0]  # a batch of one has no padding: the same call, the same tokens
 
     def stream(self, prompt: Prompt, params: GenerationParams) -> TokenStream:
         return _Stream(self, self._encode(prompt, params), params)
@@ -319,7 +307,7 @@ class TransformersEngine(Engine):
             out = self._run_generate(kwargs)
             synchronize(self.device)
         except Exception as exc:
-            raise self._wrap_error(exc, f"batch generation of {len(prompts)} prompts") from exc
+            raise self._wrap_error(exc, f"generation of {len(prompts)} prompt(s)") from exc
         end = time.perf_counter_ns()
         width = int(encoded.input_ids.shape[1])
         results = []
