@@ -202,6 +202,7 @@ class HarnessConfig:
     isolation: str = "process"  # process: each point in a fresh process (clean memory, crash isolation); inline
     force: bool = False  # redo points whose result.json already says ok
     point_memory_limit_mb: int | None = None  # address space a point's process may add after start-up (MiB)
+    report: bool = True  # after a sweep, write summary.csv/.md, plots and report.html into its folder
 
     def __post_init__(self) -> None:
         self.cache_dir = os.path.expanduser(os.environ.get("HARNESS_CACHE_DIR") or self.cache_dir)

@@ -26,7 +26,7 @@ from harness.result import Result, write_json_atomic, write_result
 POINT_FILE = "point.json"
 FAULT_LOG = "faulthandler.log"
 # Fields that change how a point is run or shown, not what it measures: they do not invalidate a result.
-_NOT_MEASURED = ("print_text", "isolation", "force")
+_NOT_MEASURED = ("print_text", "isolation", "force", "report")
 
 _SIGNAL_HINTS = {
     "SIGKILL": "a kill the process could not catch; on Linux most often the OOM killer (see `dmesg`): give the "

@@ -11,7 +11,7 @@ from hydra.experimental.callback import Callback
 
 # Overrides that change how a sweep runs, not what it measures: the same sweep with or without them resumes
 # in the same folder.
-_NOT_PART_OF_SWEEP = ("force", "print_text", "isolation", "hydra/launcher", "hydra.launcher")
+_NOT_PART_OF_SWEEP = ("force", "print_text", "isolation", "report", "hydra/launcher", "hydra.launcher")
 
 last_sweep_dir: list[Path] = []
 
@@ -37,6 +37,14 @@ class RememberSweepDir(Callback):
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "command.txt").write_text(" ".join(["python -m harness -m", *config.hydra.overrides.task]) + "\n")
         last_sweep_dir[:] = [folder]
+
+    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        """Write the sweep's tables, plots and report.html beside its points (report=false skips it)."""
+        if not config.get("report", True) or not last_sweep_dir:
+            return
+        from analysis.__main__ import main as analysis_main
+
+        analysis_main([str(last_sweep_dir[0])])
 
 
 def results_in(folder: Path) -> list[dict[str, Any]]:

@@ -1,0 +1,86 @@
+"""`python -m analysis <sweep dir> [<sweep dir> …] [--compare] [--baseline quant=none]`
+
+Reads result files only (never an engine), so reports can be made anywhere the folders are copied to.
+Writes summary.csv, summary.md, plots/*.png and report.html into the first folder (or --out); with --compare,
+compare.md and compare.csv of the per-metric deltas between the first folder and each other one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from analysis.results import SchemaError, load_results
+
+GROUP_KEYS = ("model", "quant", "attention", "engine", "workflow", "bench")
+
+
+def _baseline(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or key not in GROUP_KEYS or not value:
+        raise argparse.ArgumentTypeError(
+            f"--baseline takes group=option with a group among {', '.join(GROUP_KEYS)}"
+            f" (for example quant=none), not {text!r}"
+        )
+    return key, value
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m analysis", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("folders", nargs="+", type=Path, help="sweep (or run) folders holding result.json files")
+    parser.add_argument("--compare", action="store_true", help="deltas of each folder against the first")
+    parser.add_argument("--baseline", type=_baseline, default=("quant", "none"), help="group=option (quant=none)")
+    parser.add_argument("--out", type=Path, help="where to write (default: the first folder)")
+    args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except (SchemaError, FileNotFoundError) as exc:
+        print(f"analysis: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from analysis.compare import compare
+    from analysis.plots import all_plots
+    from analysis.report import write_report
+    from analysis.summary import write_summary
+    from analysis.table import failures, tidy
+
+    for folder in args.folders:
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder} is not a folder of results: give a run or sweep folder under outputs/.")
+    out = args.out or args.folders[0]
+    out.mkdir(parents=True, exist_ok=True)
+    if args.compare:
+        if len(args.folders) < 2:
+            print("analysis: --compare needs at least two folders.", file=sys.stderr)
+            return 2
+        text = compare([load_results(f) for f in args.folders], [str(f) for f in args.folders], out)
+        print(text)
+        return 0
+    results = load_results(*args.folders)
+    if not results:
+        print(
+            f"analysis: no result.json under {', '.join(map(str, args.folders))}: give a folder of a run or a "
+            "sweep under outputs/.",
+            file=sys.stderr,
+        )
+        return 2
+    frame = tidy(results)
+    failed = failures(results)
+    tables = write_summary(frame, failed, out, args.baseline)
+    plots = all_plots(frame, results, out / "plots")
+    commands = [p.read_text().strip() for f in args.folders if (p := f / "command.txt").is_file()]
+    report = write_report(out, results, tables, plots, failed, args.baseline, commands)
+    print(
+        f"{len(results)} points ({len(failed)} not ok), {len(plots)} plots\n"
+        f"  {out / 'summary.csv'}\n  {out / 'summary.md'}\n  {report}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,304 @@
+"""The report's plots (matplotlib, PNG). Each function draws one figure from the tidy table (and, for ITL, the
+points' samples.csv) and returns its path, or None when the sweep has nothing for it."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+from collections.abc import Callable
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from analysis.summary import natural_key
+
+DPI = 110
+
+
+def _case_value(case: str, key: str) -> int | None:
+    for part in case.split(","):
+        k, _, v = part.partition("=")
+        if k == key and v.isdigit():
+            return int(v)
+    return None
+
+
+def _log_if_wide(ax, values) -> None:
+    """Log scale when the values span more than 30x (tiny and real models in one sweep), so both stay readable."""
+    positive = [v for v in values if v is not None and not pd.isna(v) and v > 0]
+    if positive and max(positive) / min(positive) > 30:
+        ax.set_yscale("log")
+
+
+def _colors(labels) -> dict[str, str]:
+    """One color per point, the same in every panel of a figure."""
+    cycle = plt.get_cmap("tab20").colors
+    return {label: cycle[i % len(cycle)] for i, label in enumerate(dict.fromkeys(labels))}
+
+
+def _save(fig, folder: Path, name: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def _rows(frame: pd.DataFrame, bench: str, metric: str) -> pd.DataFrame:
+    return frame[(frame["bench"] == bench) & (frame["metric"] == metric) & (frame["status"] == "ok")]
+
+
+def _grouped_bars(ax, rows: pd.DataFrame, ylabel: str, title: str) -> None:
+    """Bars per point, one bar per case, with 95% CI error bars."""
+    labels = list(dict.fromkeys(rows["label"]))
+    cases = list(dict.fromkeys(rows["case"]))
+    width = 0.8 / max(len(cases), 1)
+    for i, case in enumerate(cases):
+        part = rows[rows["case"] == case].set_index("label").reindex(labels)
+        xs = [x + (i - (len(cases) - 1) / 2) * width for x in range(len(labels))]
+        ax.bar(xs, part["mean"], width, yerr=part["ci95"].fillna(0), capsize=3, label=case or "all")
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    _log_if_wide(ax, rows["mean"])
+    if len(cases) > 1:
+        ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def latency_overview(frame: pd.DataFrame, folder: Path) -> Path | None:
+    ttft, decode = _rows(frame, "latency", "ttft_ms"), _rows(frame, "latency", "decode_tok_s")
+    if ttft.empty:
+        return None
+    n = ttft["label"].nunique()
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.2 * n + 6), 4.5))
+    _grouped_bars(axes[0], ttft, "TTFT (ms)", "Time to first token (mean, 95% CI)")
+    _grouped_bars(axes[1], decode, "decode (tokens/s)", "Decode speed (mean, 95% CI)")
+    return _save(fig, folder, "latency_ttft_decode")
+
+
+def latency_percentiles(frame: pd.DataFrame, folder: Path) -> Path | None:
+    rows = _rows(frame, "latency", "e2e_ms")
+    if rows.empty:
+        return None
+    cases = sorted(dict.fromkeys(rows["case"]), key=natural_key)
+    fig, axes = plt.subplots(
+        1, len(cases), figsize=(max(6, 1.1 * rows["label"].nunique() + 4) * min(len(cases), 2), 4.5), squeeze=False
+    )
+    for ax, case in zip(axes[0], cases, strict=False):
+        part = rows[rows["case"] == case]
+        labels = list(part["label"])
+        for i, q in enumerate(("p50", "p90", "p99")):
+            ax.bar([x + (i - 1) * 0.25 for x in range(len(labels))], part[q], 0.25, label=q)
+        ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+        ax.set_ylabel("end-to-end latency (ms)")
+        ax.set_title(f"Latency percentiles, {case}")
+        _log_if_wide(ax, part["p50"])
+        ax.legend(fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    return _save(fig, folder, "latency_percentiles")
+
+
+def memory_by_quant(frame: pd.DataFrame, folder: Path) -> Path | None:
+    wanted = (
+        "weights_mib",
+        "rss_after_first_request_mib",
+        "load_rss_peak_mib",
+        "load_cuda_peak_mib",
+        "cuda_after_first_request_mib",
+    )
+    rows = frame[(frame["bench"] == "memory") & frame["metric"].isin(wanted) & (frame["status"] == "ok")]
+    if rows.empty:
+        return None
+    labels = list(dict.fromkeys(rows["label"]))
+    metrics = [m for m in wanted if m in set(rows["metric"])]
+    fig, ax = plt.subplots(figsize=(max(7, 1.3 * len(labels) + 4), 4.5))
+    width = 0.8 / len(metrics)
+    for i, metric in enumerate(metrics):
+        part = rows[rows["metric"] == metric].set_index("label").reindex(labels)
+        xs = [x + (i - (len(metrics) - 1) / 2) * width for x in range(len(labels))]
+        ax.bar(xs, part["mean"], width, label=metric.replace("_mib", "").replace("_", " "))
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+    ax.set_ylabel("memory (MiB)")
+    _log_if_wide(ax, rows["mean"])
+    ax.set_title("Memory: weights, load and resident after the first request")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, folder, "memory")
+
+
+def _scaling(frame: pd.DataFrame, metric: str, key: str, ax, ylabel: str, title: str) -> bool:
+    rows = _rows(frame, "throughput", metric)
+    if rows.empty:
+        return False
+    colors = _colors(rows["label"])
+    for label, part in rows.groupby("label", sort=False):
+        xs = [_case_value(c, key) for c in part["case"]]
+        pairs = sorted(
+            (x, m, c) for x, m, c in zip(xs, part["mean"], part["ci95"].fillna(0), strict=True) if x is not None
+        )
+        ax.errorbar(
+            [p[0] for p in pairs],
+            [p[1] for p in pairs],
+            yerr=[p[2] for p in pairs],
+            marker="o",
+            capsize=3,
+            label=label,
+            color=colors[label],
+        )
+    ax.set_xlabel(key.replace("clients", "concurrent clients").replace("batch", "batch size"))
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    _log_if_wide(ax, rows["mean"])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return True
+
+
+def throughput_batch(frame: pd.DataFrame, folder: Path) -> Path | None:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if not _scaling(frame, "output_tok_s", "batch", ax, "output tokens/s", "Throughput against batch size"):
+        plt.close(fig)
+        return None
+    ax.set_xscale("log", base=2)
+    sizes = sorted({v for c in _rows(frame, "throughput", "output_tok_s")["case"] if (v := _case_value(c, "batch"))})
+    ax.set_xticks(sizes, [str(v) for v in sizes])
+    return _save(fig, folder, "throughput_batch")
+
+
+def throughput_concurrency(frame: pd.DataFrame, folder: Path) -> Path | None:
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    if not _scaling(frame, "requests_s", "clients", axes[0], "requests/s", "Requests/s against concurrency"):
+        plt.close(fig)
+        return None
+    rows = _rows(frame, "throughput", "latency_ms")
+    colors = _colors(rows["label"])
+    for label, part in rows.groupby("label", sort=False):
+        pairs = sorted(
+            (_case_value(c, "clients"), p99, p50)
+            for c, p99, p50 in zip(part["case"], part["p99"], part["p50"], strict=True)
+        )
+        xs = [p[0] for p in pairs]
+        axes[1].plot(xs, [p[1] for p in pairs], marker="o", color=colors[label], label=label)
+        axes[1].plot(xs, [p[2] for p in pairs], marker=".", linestyle="--", color=colors[label])
+    _log_if_wide(axes[1], rows["p50"])
+    axes[1].set_xlabel("concurrent clients")
+    axes[1].set_ylabel("request latency incl. queue wait (ms)")
+    axes[1].set_title("Latency against concurrency (solid p99, dashed p50)")
+    axes[1].grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    return _save(fig, folder, "throughput_concurrency")
+
+
+def _itl_samples(result_path: Path) -> dict[str, list[float]]:
+    """ITL in ms per case, from a point's samples.csv token timestamps."""
+    path = result_path.parent / "samples.csv"
+    if not path.is_file():
+        return {}
+    stamps: dict[tuple[str, str], list[tuple[int, float]]] = {}
+    with path.open() as fh:
+        for row in csv.DictReader(fh):
+            if row["metric"] == "token_t_ms" and row["bench"] == "latency":
+                stamps.setdefault((row["case"], row["request"]), []).append((int(row["token"]), float(row["value"])))
+    gaps: dict[str, list[float]] = {}
+    for (case, _), tokens in stamps.items():
+        times = [t for _, t in sorted(tokens)]
+        gaps.setdefault(case, []).extend(b - a for a, b in itertools.pairwise(times))
+    return gaps
+
+
+def itl_distributions(results: list[dict], folder: Path) -> Path | None:
+    from analysis.table import point_label
+
+    data, labels = [], []
+    for r in results:
+        if r["status"] != "ok" or r.get("config", {}).get("bench", {}).get("name") != "latency":
+            continue
+        for case, gaps in sorted(_itl_samples(Path(r["path"])).items()):
+            if gaps:
+                data.append(gaps)
+                labels.append(f"{point_label(r)}\n{case}")
+    if not data:
+        return None
+    fig, ax = plt.subplots(figsize=(max(7, 0.9 * len(data) + 3), 4.8))
+    ax.boxplot(data, showfliers=True, flierprops={"markersize": 2})
+    ax.set_xticks(range(1, len(labels) + 1), labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("inter-token latency (ms)")
+    _log_if_wide(ax, [min(d) for d in data] + [max(d) for d in data])
+    ax.set_title("Inter-token latency distributions (every token of every measured request)")
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, folder, "itl")
+
+
+QUALITY = (("pass_rate", "higher"), ("perplexity", "lower"))
+
+
+def pareto(frame: pd.DataFrame, folder: Path) -> Path | None:
+    """Speed against quality where the sweep has quality metrics, else speed against memory; Pareto front marked."""
+    ok = frame[frame["status"] == "ok"]
+    speed = ok[(ok["metric"] == "decode_tok_s")].groupby(["model", "quant", "attention"])["mean"].max()
+    other, better, xlabel = None, "lower", ""
+    for metric, direction in QUALITY:
+        found = ok[ok["metric"] == metric].groupby(["model", "quant", "attention"])["mean"].mean()
+        if not found.empty:
+            other, better, xlabel = found, direction, metric.replace("_", " ")
+            break
+    if other is None:
+        other = ok[ok["metric"] == "weights_mib"].groupby(["model", "quant", "attention"])["mean"].mean()
+        xlabel = "weights (MiB)"
+    both = pd.concat([speed.rename("speed"), other.rename("x")], axis=1).dropna()
+    if len(both) < 2:
+        return None
+    sign = 1 if better == "lower" else -1
+    front, best = [], float("-inf")
+    for key, row in both.sort_values("x", key=lambda s: sign * s).iterrows():
+        if row["speed"] > best:
+            front.append(key)
+            best = row["speed"]
+    fig, ax = plt.subplots(figsize=(9.5, 5.5))
+    # Points are numbered on the chart and named in the legend: names written beside close points collide.
+    for i, (key, row) in enumerate(both.sort_values("x").iterrows(), start=1):
+        on = key in front
+        ax.scatter(
+            row["x"],
+            row["speed"],
+            s=70 if on else 35,
+            color="C3" if on else "C0",
+            zorder=3,
+            label=f"{i}: {key[0]} q={key[1]}" + (" (front)" if on else ""),
+        )
+        ax.annotate(str(i), (row["x"], row["speed"]), textcoords="offset points", xytext=(5, 5), fontsize=9)
+    fx = [both.loc[k, "x"] for k in front]
+    fy = [both.loc[k, "speed"] for k in front]
+    ax.plot(fx, fy, color="C3", linestyle="--", label="Pareto front")
+    _log_if_wide(ax, both["speed"])
+    positive = both["x"][both["x"] > 0]
+    if len(positive) and positive.max() / positive.min() > 30:
+        ax.set_xscale("log")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.set_xlabel(f"{xlabel} ({better} is better)")
+    ax.set_ylabel("decode speed (tokens/s, higher is better)")
+    ax.set_title("Speed against " + ("quality" if xlabel != "weights (MiB)" else "memory"))
+    ax.grid(alpha=0.3)
+    return _save(fig, folder, "pareto")
+
+
+FRAME_PLOTS: tuple[Callable[[pd.DataFrame, Path], Path | None], ...] = (
+    latency_overview,
+    latency_percentiles,
+    memory_by_quant,
+    throughput_batch,
+    throughput_concurrency,
+    pareto,
+)
+
+
+def all_plots(frame: pd.DataFrame, results: list[dict], folder: Path) -> list[Path]:
+    paths = [plot(frame, folder) for plot in FRAME_PLOTS]
+    paths.append(itl_distributions(results, folder))
+    return [p for p in paths if p is not None]

@@ -1,0 +1,114 @@
+"""summary.csv and summary.md: one table per bench, points as rows, key metrics as columns, and ratios against
+a baseline point (by default quant=none of the same model, attention and bench)."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import pandas as pd
+
+# The metrics a person reads first, per bench; other benches show every metric.
+KEY_METRICS = {
+    "smoke": ("ttft_ms", "decode_tok_s", "e2e_ms", "output_tokens"),
+    "latency": ("ttft_ms", "tpot_ms", "decode_tok_s", "e2e_ms", "mbu"),
+    "memory": (
+        "weights_mib",
+        "load_rss_peak_mib",
+        "rss_after_first_request_mib",
+        "load_cuda_peak_mib",
+        "cuda_after_first_request_mib",
+        "inference_growth_rss_mib",
+        "inference_growth_cuda_mib",
+    ),
+    "throughput": ("single_output_tok_s", "output_tok_s", "requests_s", "latency_ms", "queue_wait_ms"),
+}
+MATCH = ("model", "attention", "engine", "workflow", "bench")
+
+
+def fmt(value: float | None) -> str:
+    """Four significant digits, the same in every table (tests read the numbers back)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:.4g}"
+
+
+def column_name(metric: str, case: str, unit: str) -> str:
+    return f"{metric}[{case}] ({unit})" if case else f"{metric} ({unit})"
+
+
+def natural_key(case: str) -> tuple:
+    """prompt=32 before prompt=128: numbers compare as numbers."""
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", case))
+
+
+def _ordered(rows: pd.DataFrame, bench: str) -> pd.DataFrame:
+    keys = KEY_METRICS.get(bench)
+    if keys:
+        rows = rows[rows["metric"].isin(keys)]
+    order = {m: i for i, m in enumerate(keys or sorted(set(rows["metric"])))}
+    return rows.assign(_order=rows["metric"].map(order), _case=rows["case"].map(natural_key)).sort_values(
+        ["_order", "_case"], kind="stable"
+    )
+
+
+def bench_table(frame: pd.DataFrame, bench: str) -> pd.DataFrame:
+    """Points × metric columns of 'mean ± ci95' (the mean alone when there is no interval)."""
+    rows = _ordered(frame[(frame["bench"] == bench) & (frame["status"] == "ok")], bench)
+    table: dict[str, dict[str, str]] = {}
+    for _, r in rows.iterrows():
+        cell = fmt(r["mean"]) if r["ci95"] is None or pd.isna(r["ci95"]) else f"{fmt(r['mean'])} ± {fmt(r['ci95'])}"
+        table.setdefault(r["label"], {})[column_name(r["metric"], r["case"], r["unit"])] = cell
+    return pd.DataFrame.from_dict(table, orient="index").rename_axis("point")
+
+
+def ratios(frame: pd.DataFrame, bench: str, baseline: tuple[str, str]) -> pd.DataFrame:
+    """mean / baseline mean for each key metric, where the point's baseline (same MATCH groups) exists."""
+    key, value = baseline
+    rows = _ordered(frame[(frame["bench"] == bench) & (frame["status"] == "ok")], bench)
+    base = rows[rows[key] == value]
+    other = [c for c in MATCH if c != key]
+    merged = rows.merge(base, on=[*other, "metric", "case"], suffixes=("", "_base"), sort=False)
+    merged = merged[merged[key] != value]
+    table: dict[str, dict[str, str]] = {}
+    for _, r in merged.iterrows():
+        if r["mean_base"]:
+            table.setdefault(r["label"], {})[column_name(r["metric"], r["case"], "×")] = fmt(r["mean"] / r["mean_base"])
+    return pd.DataFrame.from_dict(table, orient="index").rename_axis("point")
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    if table.empty:
+        return "_none_\n"
+    header = ["point", *table.columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, row in table.iterrows():
+        lines.append("| " + " | ".join([str(label), *[("–" if pd.isna(v) else str(v)) for v in row]]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(
+    frame: pd.DataFrame, failed: list[dict[str, str]], folder: Path, baseline: tuple[str, str]
+) -> dict[str, tuple[pd.DataFrame, pd.DataFrame]]:
+    frame.to_csv(folder / "summary.csv", index=False)
+    tables = {}
+    parts = [
+        "# Sweep summary\n",
+        f"Baseline for ratios: `{baseline[0]}={baseline[1]}` of the same "
+        f"{', '.join(c for c in MATCH if c != baseline[0])}. Cells are mean ± 95% CI half-width.\n",
+    ]
+    for bench in sorted(frame["bench"].dropna().unique()):
+        values, rel = bench_table(frame, bench), ratios(frame, bench, baseline)
+        tables[bench] = (values, rel)
+        parts.append(f"\n## {bench}\n\n{to_markdown(values)}")
+        if not rel.empty:
+            parts.append(f"\nRatio to {baseline[0]}={baseline[1]}:\n\n{to_markdown(rel)}")
+    if failed:
+        parts.append(
+            "\n## Points that did not finish\n\n| point | status | error | message | fix |\n|---|---|---|---|---|\n"
+        )
+        for f in failed:
+            parts.append(f"| {f['label']} | {f['status']} | {f['type']} | {f['message']} | {f['hint']} |\n")
+    (folder / "summary.md").write_text("".join(parts))
+    return tables

@@ -1,0 +1,239 @@
+"""The analysis package on a real (tiny) sweep: files written, numbers equal to the JSON, the page renders."""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from analysis.__main__ import main as analysis_main
+from analysis.compare import significant
+from analysis.summary import fmt
+from runners import run_point
+
+FAST = ["bench.min_runs=2", "bench.max_runs=3", "bench.min_seconds=0", "bench.max_new_tokens=4"]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, compose):
+    """Two models × two quantizations × three benches, and a failed point, as a sweep folder."""
+    folder = tmp_path_factory.mktemp("sweep")
+    for model in ("tiny-gpt2", "tiny-qwen2"):
+        for quant in ("none", "4bit"):
+            for bench, extra in (
+                ("latency", ["bench.prompt_lengths=[8,16]"]),
+                ("memory", ["bench.prompt_lengths=[8]", "bench.batch_sizes=[1,2]"]),
+                (
+                    "throughput",
+                    [
+                        "bench.prompt_lengths=[8]",
+                        "bench.batch_sizes=[1,2]",
+                        "bench.concurrency=[1,2]",
+                        "bench.requests_per_client=2",
+                    ],
+                ),
+            ):
+                cfg = compose(f"model={model}", f"quant={quant}", f"bench={bench}", *FAST, *extra)
+                point = {
+                    "model": model,
+                    "quant": quant,
+                    "attention": "auto",
+                    "engine": "transformers",
+                    "workflow": "none",
+                    "bench": bench,
+                }
+                result = run_point(cfg, folder / f"bench={bench},model={model},quant={quant}", point)
+                assert result.status == "ok", result.error
+    bad = compose("model.path=/does/not/exist")
+    run_point(
+        bad,
+        folder / "model=smollm2,path=missing",
+        {
+            "model": "smollm2",
+            "quant": "none",
+            "attention": "auto",
+            "engine": "transformers",
+            "workflow": "none",
+            "bench": "smoke",
+        },
+    )
+    (folder / "command.txt").write_text("python -m harness -m model=tiny-gpt2,tiny-qwen2 quant=none,4bit\n")
+    assert analysis_main([str(folder)]) == 0
+    return folder
+
+
+def results_by_label(folder: Path) -> dict:
+    found = {}
+    for path in folder.rglob("result.json"):
+        r = json.loads(path.read_text())
+        label = f"{r['point']['model']} q={r['point']['quant']}"
+        found[(label, r["point"]["bench"])] = r
+    return found
+
+
+def test_files_are_written(sweep):
+    for name in ("summary.csv", "summary.md", "report.html"):
+        assert (sweep / name).is_file()
+    plots = {p.stem for p in (sweep / "plots").glob("*.png")}
+    assert plots == {
+        "latency_ttft_decode",
+        "latency_percentiles",
+        "memory",
+        "throughput_batch",
+        "throughput_concurrency",
+        "itl",
+        "pareto",
+    }
+
+
+def test_summary_csv_loads_back_with_the_json_values(sweep):
+    frame = pd.read_csv(sweep / "summary.csv")
+    results = results_by_label(sweep)
+    checked = 0
+    for row in frame.itertuples():
+        r = results[(row.label, row.bench)]
+        key = f"{row.metric}[{row.case}]" if isinstance(row.case, str) and row.case else row.metric
+        stat = r["metrics"][key]
+        assert row.mean == pytest.approx(stat["mean"], rel=1e-12) and row.unit == stat["unit"]
+        assert row.n == stat["n"] and row.p99 == pytest.approx(stat["p99"], rel=1e-12)
+        checked += 1
+    assert checked == sum(len(r["metrics"]) for r in results.values())
+
+
+def test_markdown_tables_show_the_json_numbers(sweep):
+    text = (sweep / "summary.md").read_text()
+    results = results_by_label(sweep)
+    section = None
+    header: list[str] = []
+    checked = 0
+    for line in text.splitlines():
+        if line.startswith("## "):
+            section, header = line[3:].strip(), []
+            continue
+        if not line.startswith("| ") or section not in ("latency", "memory", "throughput"):
+            continue
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[0] == "point":
+            header = cells
+            continue
+        if not header or "×" in "".join(header):
+            continue
+        result = results[(cells[0], section)]
+        for column, cell in zip(header[1:], cells[1:], strict=True):
+            if cell == "–":
+                continue
+            metric = re.sub(r" \([^)]*\)$", "", column)
+            stat = result["metrics"][metric]
+            mean, _, ci = cell.partition(" ± ")
+            assert mean == fmt(stat["mean"]) and (not ci or ci == fmt(stat["ci95"]))
+            checked += 1
+    assert checked > 40
+
+
+def test_ratios_against_quant_none(sweep):
+    text = (sweep / "summary.md").read_text()
+    results = results_by_label(sweep)
+    a = results[("tiny-gpt2 q=4bit", "memory")]["metrics"]["weights_mib"]["mean"]
+    b = results[("tiny-gpt2 q=none", "memory")]["metrics"]["weights_mib"]["mean"]
+    assert f"| tiny-gpt2 q=4bit | {fmt(a / b)} |" in text
+
+
+def test_failed_points_are_listed_with_their_messages(sweep):
+    page = (sweep / "report.html").read_text()
+    assert "ModelLoadError" in page and "does not exist" in page
+    assert "python -m harness -m model=tiny-gpt2" in page and "Environment" in page
+    assert page.count("data:image/png;base64,") == 7
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs headless Chromium (apt-get install chromium)")
+def test_report_renders_in_chromium_with_every_image_loaded(sweep, tmp_path):
+    probe = tmp_path / "probe.html"
+    page = (sweep / "report.html").read_text()
+    script = (
+        "<script>window.addEventListener('load', () => { document.body.setAttribute('data-images', "
+        "[...document.images].map(i => i.complete && i.naturalWidth > 0 ? 'ok' : 'broken').join(',')); });"
+        "</script></body>"
+    )
+    probe.write_text(page.replace("</body>", script))
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'u'}",
+    ]
+    dom = subprocess.run(
+        [CHROMIUM, *flags, "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    states = re.search(r'data-images="([^"]*)"', dom)
+    assert states is not None, dom[:500]
+    assert states.group(1).split(",") == ["ok"] * 7
+    shot = tmp_path / "report.png"
+    subprocess.run(
+        [CHROMIUM, *flags, "--window-size=1400,5000", f"--screenshot={shot}", (sweep / "report.html").as_uri()],
+        capture_output=True,
+        timeout=120,
+    )
+    assert shot.is_file() and shot.stat().st_size > 50_000
+    shutil.copyfile(shot, sweep / "report-screenshot.png")
+
+
+def test_compare_marks_significance_by_interval_overlap(sweep, tmp_path):
+    assert significant(10, 1, 13, 1) and not significant(10, 1, 11.5, 1) and not significant(10, None, 20, 1)
+    other = tmp_path / "other"
+    shutil.copytree(sweep, other, ignore=shutil.ignore_patterns("plots", "*.html", "*.md", "*.csv"))
+    path = next(other.rglob("bench=latency,model=tiny-gpt2,quant=none/result.json"))
+    data = json.loads(path.read_text())
+    key = "decode_tok_s[prompt=8]"
+    a = dict(data["metrics"][key])
+    data["metrics"][key]["mean"] = a["mean"] + 2 * a["ci95"] + 1  # the intervals cannot overlap
+    path.write_text(json.dumps(data))
+    assert analysis_main([str(sweep), str(other), "--compare", "--out", str(tmp_path)]) == 0
+    frame = pd.read_csv(tmp_path / "compare.csv")
+    row = frame[
+        (frame.model == "tiny-gpt2")
+        & (frame.quant == "none")
+        & (frame.metric == "decode_tok_s")
+        & (frame.case == "prompt=8")
+    ].iloc[0]
+    assert row.delta_pct == pytest.approx(100 * (2 * a["ci95"] + 1) / a["mean"]) and bool(row.significant)
+    same = frame[(frame.model == "tiny-qwen2") & (frame.metric == "decode_tok_s")]
+    assert not same.significant.any() and (same.delta_pct == 0).all()
+
+
+def test_bad_input_messages(tmp_path, capsys):
+    assert analysis_main([str(tmp_path / "missing")]) == 2
+    assert "is not a folder of results" in capsys.readouterr().err
+    assert analysis_main([str(tmp_path)]) == 2
+    assert "no result.json" in capsys.readouterr().err
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "result.json").write_text(json.dumps({"schema": "harness.result/0"}))
+    assert analysis_main([str(tmp_path)]) == 2
+    assert "harness.result/0" in capsys.readouterr().err
+    assert analysis_main([str(tmp_path), "--compare"]) == 2
+    with pytest.raises(SystemExit):
+        analysis_main([str(tmp_path), "--baseline", "colour=red"])
+
+
+def test_module_entry_point(sweep, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "analysis", str(sweep), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "report.html").is_file()
