@@ -1,0 +1,194 @@
+"""The `harness` console script: `models`, `info <model>`, `run …` (as python -m harness) and `report <dir>…`.
+
+`models` and `info` work offline: they read the model entries in conf/model/ and what is on this machine (the
+hub cache, installed packages, the harness cache), and count parameters on torch's meta device (no memory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from harness.config import ModelConfig, group_options
+from harness.errors import ConfigError, format_error
+
+BYTES_PER_PARAM = {"float32": 4.0, "bfloat16": 2.0, "8bit": 1.0, "4bit": 0.5}
+
+
+def model_entry(name: str) -> ModelConfig:
+    """The validated entry conf/model/<name>.yaml, or ConfigError with the closest names."""
+    options = group_options("model")
+    if name not in options:
+        close = difflib.get_close_matches(name, options, n=1)
+        raise ConfigError(
+            f"model {name!r} is not a known entry; the entries are: {', '.join(options)}."
+            + (f" Did you mean '{close[0]}'?" if close else ""),
+            "pick one of those, or add conf/model/<name>.yaml.",
+        )
+    from hydra import compose, initialize_config_dir
+
+    from harness.config import conf_dir, register_schemas, validate
+
+    register_schemas()
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        return validate(compose("config", [f"model={name}"])).model
+
+
+@dataclass
+class Availability:
+    offline: bool
+    how: str
+    size_bytes: int | None = None
+
+
+def availability(cfg: ModelConfig) -> Availability:
+    from pathlib import Path
+
+    from harness.models.sources import hub_cached, packaged_gguf
+
+    if cfg.path:
+        p = Path(cfg.path)
+        return Availability(p.exists(), f"local path {p}" + ("" if p.exists() else " (missing)"))
+    if cfg.random_weights:
+        return Availability(True, "random weights of its architecture, built locally")
+    if cfg.hub_id and hub_cached(cfg.hub_id, cfg.revision):
+        return Availability(True, f"hub cache ({cfg.hub_id})")
+    if cfg.gguf_package:
+        found = packaged_gguf(cfg.gguf_package, cfg.gguf_file)
+        if found is not None:
+            return Availability(True, f"GGUF file from the package {cfg.gguf_package}", found.stat().st_size)
+    if cfg.hub_id:
+        how = f"hub download ({cfg.hub_id})"
+        if cfg.architecture:
+            how += "; offline: model.random_weights=true"
+        return Availability(False, how)
+    return Availability(False, "no source")
+
+
+def architecture(cfg: ModelConfig) -> Any | None:
+    """The model's transformers config: from the entry's architecture, else the hub cache, else None."""
+    from transformers import AutoConfig
+
+    if cfg.architecture:
+        fields = dict(cfg.architecture)
+        return AutoConfig.for_model(fields.pop("model_type"), **fields)
+    from harness.models.sources import hub_cached
+
+    if cfg.hub_id and hub_cached(cfg.hub_id, cfg.revision):
+        return AutoConfig.from_pretrained(cfg.hub_id, local_files_only=True, trust_remote_code=cfg.trust_remote_code)
+    return None
+
+
+def parameter_count(config: Any) -> int:
+    """Parameters of the architecture, counted on the meta device (no memory is allocated)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def _size(n_bytes: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.1f} {unit}"
+    return f"{n_bytes / 2**10:.0f} KiB"
+
+
+def cmd_models() -> int:
+    rows = []
+    for name in group_options("model"):
+        cfg = model_entry(name)
+        avail = availability(cfg)
+        config = architecture(cfg)
+        kind = getattr(config, "model_type", None) or "unknown offline (remote code)"
+        size = (
+            _size(avail.size_bytes)
+            if avail.size_bytes
+            else (f"~{_size(parameter_count(config) * 2)} bf16" if config is not None else "–")
+        )
+        rows.append((name, "yes" if avail.offline else "no", kind, size, avail.how))
+    widths = [max(len(r[i]) for r in [("model", "offline", "architecture", "size", "source"), *rows]) for i in range(4)]
+    header = ("model", "offline", "architecture", "size", "source")
+    for row in [header, *rows]:
+        print("  ".join(v.ljust(w) for v, w in zip(row[:4], widths, strict=True)) + "  " + row[4])
+    return 0
+
+
+def cmd_info(name: str) -> int:
+    import torch
+
+    from harness.device import resolve_placement
+    from harness.models.attention import flash_attn_installed, model_class_for
+
+    cfg = model_entry(name)
+    config = architecture(cfg)
+    avail = availability(cfg)
+    placement = resolve_placement(cfg.device, cfg.dtype)
+    print(f"{name}")
+    print(f"  source           {avail.how} (offline: {'yes' if avail.offline else 'no'})")
+    print(f"  trust_remote_code {cfg.trust_remote_code}")
+    print(f"  default here     {placement.device}, {placement.dtype} ({placement.reason})")
+    if config is None:
+        print("  architecture     unknown offline: its config is not in the hub cache (remote code).")
+        return 0
+    from harness.models.loader import context_window_of
+
+    params = parameter_count(config)
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    print(f"  architecture     {config.model_type}")
+    print(f"  parameters       {params / 1e6:.1f} M")
+    print(f"  layers           {layers}")
+    print(f"  context length   {context_window_of(config)} tokens")
+    estimates = ", ".join(f"{q} ~{_size(params * b)}" for q, b in BYTES_PER_PARAM.items())
+    print(f"  weights memory   {estimates} (8bit/4bit quantize the linear layers only: real figures run higher)")
+    cls = model_class_for(config)
+    backends = ["eager"]
+    if cls is not None and getattr(cls, "_supports_sdpa", False):
+        backends.append("sdpa")
+    flash_here = (
+        cls is not None
+        and getattr(cls, "_supports_flash_attn", False)
+        and flash_attn_installed()
+        and torch.cuda.is_available()
+    )
+    backends.append("flash2" if flash_here else "flash2 not here (needs flash-attn, CUDA, fp16/bf16)")
+    print(f"  attention here   {', '.join(backends)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "run":  # everything after `run` is Hydra's
+        from harness.__main__ import main as run_main
+
+        sys.argv = ["harness", *argv[1:]]
+        return run_main()
+    if argv and argv[0] == "report":
+        from analysis.__main__ import main as report_main
+
+        return report_main(argv[1:])
+    parser = argparse.ArgumentParser(prog="harness", description="Benchmark real LLMs: speed, memory, quality.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("models", help="the model entries: source, available offline, architecture, size")
+    info = sub.add_parser("info", help="parameters, layers, context, memory per quantization, attention here")
+    info.add_argument("model")
+    sub.add_parser("run", help="run a point or a sweep: harness run [-m] group=option … (as python -m harness)")
+    sub.add_parser("report", help="tables, plots and report.html of sweep folders (as python -m analysis)")
+    args = parser.parse_args(argv)
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # configs built only to count parameters: no advice wanted
+    try:
+        return cmd_models() if args.command == "models" else cmd_info(args.model)
+    except ConfigError as exc:
+        print(format_error(exc), file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
