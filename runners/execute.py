@@ -44,24 +44,28 @@ def config_digest(cfg: HarnessConfig) -> str:
     return spec_digest(data)
 
 
-def finished_ok(out_dir: Path, digest: str) -> bool:
-    """True when out_dir holds an ok result measured with the same config."""
-    try:
-        data = json.loads((out_dir / "result.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return data.get("status") == "ok" and data.get("config_digest") == digest
-
-
-def _read_result(out_dir: Path, attempt: str) -> Result | None:
+def _load_result(out_dir: Path) -> Result | None:
     try:
         data = json.loads((out_dir / "result.json").read_text())
     except (OSError, ValueError):
         return None
-    if data.get("attempt") != attempt:
-        return None  # a result from an earlier attempt: this one never wrote its own
     data.pop("schema", None)
-    return Result(**data)
+    try:
+        return Result(**data)
+    except (TypeError, ValueError):  # a result of another schema version: treated as not there
+        return None
+
+
+def finished_ok(out_dir: Path, digest: str) -> Result | None:
+    """The ok result in out_dir when it was measured with the same config, else None."""
+    result = _load_result(out_dir)
+    return result if result and result.status == "ok" and result.config_digest == digest else None
+
+
+def _read_result(out_dir: Path, attempt: str) -> Result | None:
+    """This attempt's result; None when the file is from an earlier attempt (this one never wrote its own)."""
+    result = _load_result(out_dir)
+    return result if result and result.attempt == attempt else None
 
 
 def set_memory_limit(limit_mb: int | None) -> None:
@@ -122,10 +126,9 @@ def execute_point(cfg: HarnessConfig, out_dir: Path, point: dict[str, str]) -> t
 
     digest = config_digest(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if not cfg.force and finished_ok(out_dir, digest):
-        data = json.loads((out_dir / "result.json").read_text())
-        data.pop("schema", None)
-        return Result(**data), True
+    previous = None if cfg.force else finished_ok(out_dir, digest)
+    if previous is not None:
+        return previous, True
     attempt = uuid.uuid4().hex
     if cfg.isolation == "inline":
         return run_point(cfg, out_dir, point, attempt=attempt, digest=digest), False

@@ -74,6 +74,4 @@ def materialize_gguf(path: Path, cache_dir: Path) -> tuple[Path, bool]:
         tokenizer.save_pretrained(tmp)
         return {"source": str(path), "sha256": digest, **header}
 
-    if not (target / ".complete").is_file():
-        check_gguf(path)
-    return build_once(target, build)
+    return build_once(target, build)  # build() checks the file first
