@@ -14,7 +14,8 @@ import argparse
 import json
 import time
 
-from runners.measure import StopRule, exact_prompt, generation_params, repeat_until_stable, request_metrics, streamed
+from harness.engines.base import streamed
+from runners.measure import StopRule, exact_prompt, generation_params, repeat_until_stable, request_metrics
 
 
 def main() -> None:

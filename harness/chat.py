@@ -54,3 +54,14 @@ def format_chat(messages: Sequence[dict[str, str]], chat_format: str, tokenizer:
     if chat_format == "plain":
         return plain(messages), PLAIN_STOP
     raise InferenceError(f"chat format {chat_format!r} is unknown.", "use template, chatml or plain.")
+
+
+def adds_special_tokens(chat_format: str) -> bool:
+    """Whether the tokenizer should add its own special tokens to a formatted chat (a template writes its BOS)."""
+    return chat_format != "template"
+
+
+def count_chat_tokens(messages: Sequence[dict[str, str]], chat_format: str, tokenizer: Any) -> int:
+    """Prompt tokens of a chat exactly as the engine will encode it."""
+    text, _ = format_chat(messages, chat_format, tokenizer)
+    return len(tokenizer(text, add_special_tokens=adds_special_tokens(chat_format))["input_ids"])

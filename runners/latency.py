@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from harness.bandwidth import kv_bytes_per_position, mbu, peak_bandwidth
 from harness.engines import GenerationParams
-from harness.engines.base import TokenPrompt
+from harness.engines.base import TokenPrompt, streamed
 from harness.stats import summarize
 from runners.measure import (
     BenchContext,
@@ -23,7 +23,6 @@ from runners.measure import (
     itl_s,
     repeat_until_stable,
     request_metrics,
-    streamed,
 )
 
 # request metric (seconds or tok/s) -> (reported name, unit, scale)

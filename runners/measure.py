@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.config import BenchConfig, HarnessConfig
-from harness.engines import Engine, Generation, GenerationParams
+from harness.engines import Engine, GenerationParams
 from harness.engines.base import TokenPrompt
 from harness.errors import InferenceError
 from harness.models.loader import LoadedModel
@@ -32,6 +32,7 @@ class BenchContext:
     loaded: LoadedModel
     load_memory: dict[str, Any]
     progress: Callable[[str], None] = lambda message: None
+    out_dir: Path | None = None  # the point's folder, for benches that write files of their own (cases.jsonl)
 
 
 @dataclass
@@ -97,12 +98,17 @@ def repeat_until_stable(rule: StopRule, run: Callable[[], float]) -> tuple[list[
             }
 
 
-@lru_cache(maxsize=8)
-def _corpus_ids(tokenizer_key: int, tokenizer: Any) -> tuple[int, ...]:
+def builtin_text() -> str:
+    """Python's documentation topics (shipped with every Python), in a fixed order: real text for prompts and
+    for perplexity, the same on every machine."""
     from pydoc_data.topics import topics
 
-    text = "\n\n".join(topics[k] for k in sorted(topics))
-    return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+@lru_cache(maxsize=8)
+def _corpus_ids(tokenizer_key: int, tokenizer: Any) -> tuple[int, ...]:
+    return tuple(tokenizer(builtin_text(), add_special_tokens=False)["input_ids"])
 
 
 def exact_prompt(loaded: LoadedModel, n_tokens: int, offset: int = 0) -> TokenPrompt:
@@ -155,14 +161,6 @@ def request_metrics(start_ns: int, token_ns: list[int], prompt_tokens: int) -> d
 def itl_s(token_ns: list[int]) -> list[float]:
     """Inter-token latencies of one request: the gap before each token after the first."""
     return [(b - a) / 1e9 for a, b in itertools.pairwise(token_ns)]
-
-
-def streamed(engine: Engine, prompt: Any, params: GenerationParams) -> Generation:
-    stream = engine.stream(prompt, params)
-    for _ in stream:
-        pass
-    assert stream.generation is not None
-    return stream.generation
 
 
 def write_samples(path: Path, rows: list[tuple[Any, ...]]) -> None:

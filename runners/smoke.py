@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from harness.engines.base import streamed
 from harness.stats import summarize
 from runners.latency import UNITS
-from runners.measure import BenchContext, BenchOutput, generation_params, request_metrics, streamed
+from runners.measure import BenchContext, BenchOutput, generation_params, request_metrics
 
 
 def run_smoke(ctx: BenchContext) -> BenchOutput:

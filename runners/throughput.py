@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 
+from harness.engines.base import streamed
 from harness.stats import summarize
 from runners.measure import (
     BenchContext,
@@ -19,7 +20,6 @@ from runners.measure import (
     exact_prompt,
     generation_params,
     repeat_until_stable,
-    streamed,
 )
 
 

@@ -130,3 +130,19 @@ class Engine(ABC):
     @abstractmethod
     def describe(self) -> dict[str, Any]:
         """What the result records about how this engine serves requests."""
+
+    def token_nll(self, ids: Sequence[int], n_scored: int) -> float:
+        """Sum of the negative log-likelihoods (nats) of the last n_scored of ids, each given those before it."""
+        raise InferenceError(
+            f"engine {self.name!r} cannot score text (no access to the model's logits).",
+            "use engine=transformers for bench=quality.",
+        )
+
+
+def streamed(engine: Engine, prompt: Prompt, params: GenerationParams) -> Generation:
+    """One request through the streaming path, run to its end: the Generation with every token's timestamp."""
+    stream = engine.stream(prompt, params)
+    for _ in stream:
+        pass
+    assert stream.generation is not None
+    return stream.generation

@@ -15,7 +15,7 @@ from typing import Any
 import greenlet
 import torch
 
-from harness.chat import format_chat
+from harness.chat import adds_special_tokens, format_chat
 from harness.device import synchronize
 from harness.engines.base import (
     Engine,
@@ -195,7 +195,7 @@ class TransformersEngine(Engine):
         if isinstance(prompt, str):
             return prompt, (), True
         text, stop = format_chat(prompt, self.loaded.chat_format, self.tokenizer)
-        return text, stop, self.loaded.chat_format != "template"  # a template writes its own BOS
+        return text, stop, adds_special_tokens(self.loaded.chat_format)
 
     def _encode(self, prompt: Prompt, params: GenerationParams) -> _Encoded:
         return self._encode_many([prompt], params)
@@ -316,6 +316,30 @@ class TransformersEngine(Engine):
             text, reason = self._decode(ids, stop, params)
             results.append(Generation(text, ids, int(n_prompt), reason, start, end, tokenize_ns))
         return results
+
+    def token_nll(self, ids: Sequence[int], n_scored: int) -> float:
+        if not 0 < n_scored < len(ids):
+            raise InferenceError(
+                f"cannot score the last {n_scored} of {len(ids)} tokens: each needs at least one token before it.",
+                "score fewer tokens than the window holds.",
+            )
+        window = self.loaded.context_window
+        if window is not None and len(ids) > window:
+            raise InferenceError(
+                f"a scoring window of {len(ids)} tokens exceeds the context window of {window}.",
+                f"set bench.ppl_window to at most {window}.",
+            )
+        input_ids = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
+        try:
+            with torch.inference_mode():
+                logits = self.model(input_ids=input_ids, use_cache=False).logits
+            # Position t predicts token t+1: the last n_scored targets are predicted by the positions before them.
+            predicted = logits[0, -n_scored - 1 : -1].float()
+            targets = input_ids[0, -n_scored:]
+            nll = torch.nn.functional.cross_entropy(predicted, targets, reduction="sum")
+            return float(nll.item())
+        except Exception as exc:
+            raise self._wrap_error(exc, f"scoring a window of {len(ids)} tokens") from exc
 
     def _trim(self, row: list[int]) -> list[int]:
         """A finished sequence is padded to the batch's length: keep up to its first EOS."""
