@@ -137,9 +137,65 @@ class EngineConfig:
         _one_of("engine.name", self.name, ("transformers",))
 
 
+WORKFLOW_CHOICES = ("none", "search_qa", "lesson_pack", "chat")
+
+
 @dataclass
 class WorkflowConfig:
+    """What bench=e2e runs: a workflow's cases, and the knobs of each workflow (see conf/workflow/*.yaml)."""
+
     name: str = "none"
+    cases: str | None = None  # a JSON case file; None = the built-in tests/fixtures/<name>_cases.json
+    limit: int | None = None  # run only the first N cases
+    max_new_tokens: int = 128
+    system_prompt: str | None = None  # None = the workflow's own
+    corpus: str = "builtin"  # search_qa: builtin (pydoc_data.topics) or a folder of .md/.txt/.jsonl
+    top_k: int = 3  # search_qa: passages given to the model
+    chunk_words: int = 120  # search_qa: passage length in words
+    chunk_overlap: int = 20
+    min_exercises: int = 3  # lesson_pack, unless a case sets its own
+    min_words: int = 150  # lesson_pack length bounds
+    max_words: int = 1500
+    context_budget: int | None = None  # chat: prompt tokens kept; None = context window - max_new_tokens
+
+    def __post_init__(self) -> None:
+        _one_of("workflow.name", self.name, WORKFLOW_CHOICES)
+        if self.cases is not None:
+            self.cases = os.path.expanduser(self.cases)
+        _check(self.limit is None or self.limit >= 1, "workflow.limit", self.limit, "null or an integer >= 1")
+        _check(self.max_new_tokens >= 1, "workflow.max_new_tokens", self.max_new_tokens, "an integer >= 1")
+        _check(self.top_k >= 1, "workflow.top_k", self.top_k, "an integer >= 1")
+        _check(self.chunk_words >= 10, "workflow.chunk_words", self.chunk_words, "an integer >= 10")
+        _check(
+            0 <= self.chunk_overlap < self.chunk_words,
+            "workflow.chunk_overlap",
+            self.chunk_overlap,
+            f">= 0 and below workflow.chunk_words ({self.chunk_words})",
+        )
+        _check(self.min_exercises >= 1, "workflow.min_exercises", self.min_exercises, "an integer >= 1")
+        _check(self.min_words >= 1, "workflow.min_words", self.min_words, "an integer >= 1")
+        _check(self.max_words >= self.min_words, "workflow.max_words", self.max_words, ">= workflow.min_words")
+        _check(
+            self.context_budget is None or self.context_budget >= 16,
+            "workflow.context_budget",
+            self.context_budget,
+            "null or an integer >= 16",
+        )
+
+
+@dataclass
+class ValidationConfig:
+    """A release gate: the run exits non-zero when a bench=e2e point's pass rate is below min_pass_rate."""
+
+    min_pass_rate: float | None = None
+
+    def __post_init__(self) -> None:
+        _check(
+            self.min_pass_rate is None or 0 <= self.min_pass_rate <= 1,
+            "validation.min_pass_rate",
+            self.min_pass_rate,
+            "null or a fraction in [0, 1]",
+        )
 
 
 @dataclass
@@ -164,6 +220,9 @@ class BenchConfig:
     min_seconds: float = 1.0
     target_rel_ci: float = 0.02  # stop when the 95% CI half-width of the primary metric is within 2% of its mean
     primary_metric: str = "e2e_ms"
+    ppl_chars: int = 16000  # quality: characters of the built-in corpus scored (the same text for every model)
+    ppl_window: int = 512  # quality: tokens per forward pass (capped at the context window)
+    ppl_stride: int = 256  # quality: new tokens scored per window; the rest is context
 
     def __post_init__(self) -> None:
         _check(self.max_new_tokens >= 1, "bench.max_new_tokens", self.max_new_tokens, "an integer >= 1")
@@ -186,6 +245,14 @@ class BenchConfig:
         _check(self.min_seconds >= 0, "bench.min_seconds", self.min_seconds, ">= 0")
         _check(0 < self.target_rel_ci < 1, "bench.target_rel_ci", self.target_rel_ci, "in (0, 1)")
         _one_of("bench.primary_metric", self.primary_metric, ("e2e_ms", "ttft_ms", "tpot_ms"))
+        _check(self.ppl_chars >= 100, "bench.ppl_chars", self.ppl_chars, "an integer >= 100")
+        _check(self.ppl_window >= 2, "bench.ppl_window", self.ppl_window, "an integer >= 2")
+        _check(
+            1 <= self.ppl_stride <= self.ppl_window - 1,
+            "bench.ppl_stride",
+            self.ppl_stride,
+            f"between 1 and bench.ppl_window - 1 ({self.ppl_window - 1})",
+        )
 
 
 @dataclass
@@ -196,6 +263,7 @@ class HarnessConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     workflow: WorkflowConfig = field(default_factory=WorkflowConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     seed: int = 0
     cache_dir: str = "~/.cache/harness"  # materialized GGUF and random-weight checkpoints, quantized models
     print_text: bool = True

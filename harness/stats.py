@@ -86,3 +86,24 @@ def summarize(values: Sequence[float], unit: str) -> dict[str, Any]:
         "max": data[-1],
         "ci95": t95(n - 1) * stdev / math.sqrt(n) if n > 1 else None,
     }
+
+
+def wilson_interval(passed: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion: honest at small n and at 0 or 1, where mean ± t·se claims a
+    width of zero."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = passed / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def summarize_proportion(flags: Sequence[bool]) -> dict[str, Any]:
+    """The statistic of pass/fail outcomes (unit "fraction"): ci95 is the larger side of the Wilson interval,
+    whose bounds are kept as ci95_low and ci95_high."""
+    stat = summarize([float(f) for f in flags], "fraction")
+    low, high = wilson_interval(sum(bool(f) for f in flags), len(flags))
+    stat["ci95"] = max(stat["mean"] - low, high - stat["mean"]) if flags else None
+    stat["ci95_low"], stat["ci95_high"] = low, high
+    return stat

@@ -26,7 +26,7 @@ from harness.result import Result, write_json_atomic, write_result
 POINT_FILE = "point.json"
 FAULT_LOG = "faulthandler.log"
 # Fields that change how a point is run or shown, not what it measures: they do not invalidate a result.
-_NOT_MEASURED = ("print_text", "isolation", "force", "report")
+_NOT_MEASURED = ("print_text", "isolation", "force", "report", "validation")
 
 _SIGNAL_HINTS = {
     "SIGKILL": "a kill the process could not catch; on Linux most often the OOM killer (see `dmesg`): give the "
@@ -44,7 +44,7 @@ def config_digest(cfg: HarnessConfig) -> str:
     return spec_digest(data)
 
 
-def _load_result(out_dir: Path) -> Result | None:
+def load_result(out_dir: Path) -> Result | None:
     try:
         data = json.loads((out_dir / "result.json").read_text())
     except (OSError, ValueError):
@@ -58,13 +58,13 @@ def _load_result(out_dir: Path) -> Result | None:
 
 def finished_ok(out_dir: Path, digest: str) -> Result | None:
     """The ok result in out_dir when it was measured with the same config, else None."""
-    result = _load_result(out_dir)
+    result = load_result(out_dir)
     return result if result and result.status == "ok" and result.config_digest == digest else None
 
 
 def _read_result(out_dir: Path, attempt: str) -> Result | None:
     """This attempt's result; None when the file is from an earlier attempt (this one never wrote its own)."""
-    result = _load_result(out_dir)
+    result = load_result(out_dir)
     return result if result and result.attempt == attempt else None
 
 

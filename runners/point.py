@@ -25,13 +25,22 @@ from harness.errors import ConfigError, HarnessError, OutOfMemoryError, format_e
 from harness.memory import MemoryMonitor
 from harness.models import load_model
 from harness.result import Result, write_result
+from runners.e2e import run_e2e
 from runners.latency import run_latency
 from runners.measure import BenchContext, BenchOutput, write_samples
 from runners.memory import run_memory
+from runners.quality import run_quality
 from runners.smoke import run_smoke
 from runners.throughput import run_throughput
 
-BENCHES = {"smoke": run_smoke, "latency": run_latency, "memory": run_memory, "throughput": run_throughput}
+BENCHES = {
+    "smoke": run_smoke,
+    "latency": run_latency,
+    "memory": run_memory,
+    "throughput": run_throughput,
+    "e2e": run_e2e,
+    "quality": run_quality,
+}
 
 
 class _Progress:
@@ -72,6 +81,16 @@ def resolve_bench(name: str) -> Callable[[BenchContext], BenchOutput]:
     )
 
 
+def preflight(cfg: HarnessConfig) -> None:
+    """What can be checked without a model, checked before one loads: the bench exists, and for bench=e2e the
+    workflow's case file and corpus are valid. Raises ConfigError."""
+    resolve_bench(cfg.bench.name)
+    if cfg.bench.name == "e2e":
+        from harness.workflows import create_workflow
+
+        create_workflow(cfg.workflow)
+
+
 def _as_error(exc: BaseException) -> HarnessError | None:
     if isinstance(exc, HarnessError):
         return exc
@@ -100,6 +119,7 @@ def run_point(
     loaded = None
     try:
         bench = resolve_bench(cfg.bench.name)
+        preflight(cfg)
         with MemoryMonitor() as load_memory:
             loaded = load_model(cfg.model, cfg.quant, cfg.attention, cfg.cache_path, cfg.seed)
         result.timings["load_s"] = loaded.load_seconds
@@ -108,7 +128,7 @@ def run_point(
         result.resolved["engine"] = engine.describe()
         t_measure = time.perf_counter()
         progress = _Progress(f"{point.get('model')} {point.get('quant')} {cfg.bench.name}")
-        ctx = BenchContext(cfg, engine, loaded, load_memory.summary(), progress)
+        ctx = BenchContext(cfg, engine, loaded, load_memory.summary(), progress, out_dir)
         with MemoryMonitor(interval_s=None) as run_memory:  # no sampling thread while timing
             output = bench(ctx)
         progress.done()
@@ -176,6 +196,14 @@ def _first(metrics: dict[str, Any], prefix: str) -> dict[str, Any] | None:
 
 def headline(bench: str, m: dict[str, Any]) -> str:
     """The one or two figures a person looks at first, per bench."""
+    if bench == "e2e" and "pass_rate" in m:
+        rate = m["pass_rate"]
+        return f"pass rate {rate['mean']:.0%} of {rate['n']} cases"
+    if bench == "quality" and "perplexity" in m:
+        return (
+            f"perplexity {m['perplexity']['mean']:.2f} over {m['scored_tokens']['mean']:.0f} tokens, "
+            f"{m['bits_per_byte']['mean']:.3f} bits/byte"
+        )
     if bench == "memory":
         peak, weights = _first(m, "load_rss_peak_mib"), _first(m, "weights_mib")
         return f"weights {weights['mean']:.0f} MiB, load peak RSS {peak['mean']:.0f} MiB" if peak and weights else ""

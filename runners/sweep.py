@@ -9,9 +9,11 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
+from harness.result import Result
+
 # Overrides that change how a sweep runs, not what it measures: the same sweep with or without them resumes
 # in the same folder.
-_NOT_PART_OF_SWEEP = ("force", "print_text", "isolation", "report", "hydra/launcher", "hydra.launcher")
+_NOT_PART_OF_SWEEP = ("force", "print_text", "isolation", "report", "validation", "hydra/launcher", "hydra.launcher")
 
 last_sweep_dir: list[Path] = []
 
@@ -47,11 +49,13 @@ class RememberSweepDir(Callback):
         analysis_main([str(last_sweep_dir[0])])
 
 
-def results_in(folder: Path) -> list[dict[str, Any]]:
+def results_in(folder: Path) -> list[Result]:
+    """The readable results under a sweep folder, in path order."""
+    from runners.execute import load_result
+
     found = []
     for path in sorted(folder.rglob("result.json")):
-        try:
-            found.append(json.loads(path.read_text()))
-        except (OSError, ValueError):
-            continue
+        result = load_result(path.parent)
+        if result is not None:
+            found.append(result)
     return found
