@@ -1,0 +1,214 @@
+"""bench=e2e and bench=quality at a sweep point: per-case records, pass rates, the release gate's exit status,
+and perplexity checked against the model's own loss."""
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from analysis.__main__ import main as analysis_main
+from conftest import needs_smollm2
+from harness.engines import create_engine
+from harness.engines.base import Generation
+from runners import run_point
+from runners.quality import windows
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def point(workflow, bench="e2e", model="tiny-gpt2"):
+    return {"model": model, "quant": "none", "attention": "auto", "engine": "transformers", "workflow": workflow,
+            "bench": bench}  # fmt: skip
+
+
+def records(folder):
+    return [json.loads(line) for line in (folder / "cases.jsonl").read_text().splitlines()]
+
+
+def test_chat_e2e_writes_a_record_per_case_and_pass_rates(compose, tmp_path):
+    cfg = compose("model=tiny-gpt2", "bench=e2e", "workflow=chat", "workflow.limit=2", "workflow.max_new_tokens=8")
+    result = run_point(cfg, tmp_path, point("chat"))
+    assert result.status == "ok", result.error
+    rows = records(tmp_path)
+    assert [r["id"] for r in rows] == ["name-recall", "city-recall"]
+    for r in rows:
+        assert r["workflow"] == "chat" and len(r["output"]) == len(r["requests"]) == 3
+        assert all({"name", "passed", "why", "gates"} <= set(c) for c in r["checks"])
+        assert r["passed"] == all(c["passed"] for c in r["checks"] if c["gates"])
+    m = result.metrics
+    rate = m["pass_rate"]
+    assert rate["n"] == 2 and rate["mean"] == sum(r["passed"] for r in rows) / 2
+    assert 0 <= rate["ci95_low"] <= rate["mean"] <= rate["ci95_high"] <= 1 and rate["ci95"] > 0
+    assert m["check_pass_rate[check=recall_turn2]"]["n"] == 2
+    assert m["ttft_ms"]["n"] == 6 and m["e2e_ms"]["unit"] == "ms"  # one request per turn
+    assert result.details["cases"] == 2 and result.details["records"] == "cases.jsonl"
+    with (tmp_path / "samples.csv").open() as fh:
+        assert sum(1 for r in csv.DictReader(fh) if r["metric"] == "e2e_ms") == 6
+
+
+def test_a_conversation_over_its_budget_is_truncated_and_says_so(compose, tmp_path):
+    cfg = compose(
+        "model=tiny-gpt2", "bench=e2e", "workflow=chat", "workflow.limit=1", "workflow.max_new_tokens=24",
+        "workflow.context_budget=110",
+    )  # fmt: skip
+    result = run_point(cfg, tmp_path, point("chat"))
+    assert result.status == "ok", result.error
+    (row,) = records(tmp_path)
+    assert row["truncated"] and "truncated to the budget of 110 tokens" in row["note"]
+    assert all(t["prompt_tokens"] <= 110 for t in row["truncation"])
+    assert any(t["dropped_messages"] > 0 for t in row["truncation"])
+    assert result.metrics["truncated_conversations"]["mean"] == 1.0
+
+
+def test_a_search_prompt_too_long_for_the_model_fails_its_case_with_the_reason(compose, tmp_path):
+    cfg = compose("model=tiny-gpt2", "bench=e2e", "workflow=search_qa", "workflow.limit=1", "workflow.top_k=5")
+    result = run_point(cfg, tmp_path, point("search_qa"))
+    assert result.status == "ok", result.error
+    (row,) = records(tmp_path)
+    assert not row["passed"] and row["checks"][0]["name"] == "generated"
+    assert "context window of 512 tokens" in row["checks"][0]["why"]
+    assert result.metrics["pass_rate"]["mean"] == 0
+
+
+def test_search_qa_counts_a_good_answer_as_passed(compose, tmp_path, monkeypatch):
+    """The runner's pass counting, with the model's answers replaced by correct cited ones (the checks
+    themselves are tested on hand-written answers in test_workflows)."""
+    import harness.workflows.search_qa as search_qa
+
+    answers = {
+        "Which loop does the break statement terminate?": "It terminates the nearest enclosing loop [1].",
+        "What does the continue statement do in a loop?": "It continues with the next cycle of the loop [1].",
+    }
+
+    def scripted(engine, messages, params):
+        question = messages[-1]["content"].split("Question: ")[1].split("\n")[0]
+        text = answers.get(question, "I do not know.")
+        return Generation(text, [1, 2], 10, "eos", 0, 2_000_000, 0, [1_000_000, 2_000_000])
+
+    monkeypatch.setattr(search_qa, "streamed", scripted)
+    cases = tmp_path / "cases.json"
+    source = json.loads((ROOT / "tests" / "fixtures" / "search_qa_cases.json").read_text())
+    keep = [c for c in source["cases"] if c["id"] in ("break-loop", "continue-next", "pass-null")]
+    cases.write_text(json.dumps({"workflow": "search_qa", "cases": keep}))
+    cfg = compose("model=tiny-gpt2", "bench=e2e", "workflow=search_qa", f"workflow.cases={cases}")
+    result = run_point(cfg, tmp_path / "point", point("search_qa"))
+    assert result.status == "ok", result.error
+    assert result.metrics["pass_rate"]["mean"] == pytest.approx(2 / 3)
+    assert result.details["failed_cases"] == ["pass-null"]
+    assert result.metrics["retrieval_hit_rate[k=3]"]["mean"] == 1.0
+    assert result.metrics["citation_precision"]["mean"] == 1.0
+
+
+def test_lesson_pack_e2e_records_structure_scores(compose, tmp_path):
+    cfg = compose(
+        "model=tiny-qwen2", "bench=e2e", "workflow=lesson_pack", "workflow.limit=1", "workflow.max_new_tokens=16"
+    )
+    result = run_point(cfg, tmp_path, point("lesson_pack", model="tiny-qwen2"))
+    assert result.status == "ok", result.error
+    (row,) = records(tmp_path)
+    assert 0 <= row["structure_score"] <= 1 and not row["passed"]  # 16 tokens of noise is no lesson
+    assert "structure_score" in result.metrics
+
+
+def test_summary_has_a_table_per_workflow(compose, tmp_path):
+    for workflow in ("chat", "lesson_pack"):
+        cfg = compose("model=tiny-gpt2", "bench=e2e", f"workflow={workflow}", "workflow.limit=1",
+                      "workflow.max_new_tokens=4")  # fmt: skip
+        assert run_point(cfg, tmp_path / f"workflow={workflow}", point(workflow)).status == "ok"
+    assert analysis_main([str(tmp_path)]) == 0
+    summary = (tmp_path / "summary.md").read_text()
+    assert "## e2e: chat" in summary and "## e2e: lesson_pack" in summary
+    assert "tiny-gpt2 q=none wf=chat" in summary
+
+
+def harness(cwd, *args):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
+    return subprocess.run(
+        [sys.executable, "-m", "harness", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_release_gate_exit_status(tmp_path):
+    args = ["model=tiny-gpt2", "bench=e2e", "workflow=chat", "workflow.limit=1", "workflow.max_new_tokens=4"]
+    below = harness(tmp_path, *args, "validation.min_pass_rate=0.5", "hydra.run.dir=gate")
+    assert below.returncode == 3, below.stderr
+    assert "release gate: chat passed 0.0% of 1 cases, below validation.min_pass_rate=0.5" in below.stdout
+    # The same point is not measured again for another threshold: the gate reads the result.
+    passing = harness(tmp_path, *args, "validation.min_pass_rate=0", "hydra.run.dir=gate")
+    assert passing.returncode == 0, passing.stderr
+    assert "[skipped: already ok]" in passing.stdout
+
+
+def test_a_malformed_case_file_stops_the_run_before_any_model_loads(tmp_path):
+    (tmp_path / "bad.json").write_text(json.dumps({"cases": [{"id": "x", "topic": 3}]}))
+    proc = harness(tmp_path, "model=tiny-gpt2", "bench=e2e", "workflow=lesson_pack", "workflow.cases=bad.json")
+    assert proc.returncode == 2
+    assert "bad.json, case 0 ('x'): field 'topic' must be non-empty text" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not list(tmp_path.rglob("result.json"))
+
+
+def test_release_gate_experiment_composes(compose):
+    cfg = compose("experiment=release_gate")
+    assert cfg.bench.name == "e2e" and cfg.validation.min_pass_rate == 0.8
+
+
+# -- quality -------------------------------------------------------------------------------------------------
+@given(n=st.integers(2, 3000), window=st.integers(2, 600), data=st.data())
+def test_windows_score_every_token_after_the_first_once(n, window, data):
+    stride = data.draw(st.integers(1, window - 1))
+    spans = windows(n, window, stride)
+    scored = []
+    for begin, end, n_scored in spans:
+        assert 0 <= begin < end <= n and end - begin <= window and 0 < n_scored < end - begin + 1
+        assert n_scored <= end - begin - 1 or begin == 0
+        scored.extend(range(end - n_scored, end))
+    assert scored == list(range(1, n))
+
+
+def test_token_nll_equals_the_models_own_loss(load):
+    loaded = load("tiny-llama")
+    engine = create_engine("transformers", loaded)
+    ids = list(range(5, 45))
+    with torch.inference_mode():
+        labels = torch.tensor([ids])
+        labels[0, :30] = -100  # score the last 10 tokens only
+        loss = loaded.model(input_ids=torch.tensor([ids]), labels=labels).loss.item()
+    assert engine.token_nll(ids, 10) == pytest.approx(loss * 10, rel=1e-4)
+
+
+def test_quality_bench_on_a_random_model_is_near_its_vocabulary_size(compose, tmp_path):
+    cfg = compose("model=tiny-gpt2", "bench=quality", "bench.ppl_chars=3000", "bench.ppl_window=128",
+                  "bench.ppl_stride=64")  # fmt: skip
+    result = run_point(cfg, tmp_path, point("none", "quality"))
+    assert result.status == "ok", result.error
+    m, d = result.metrics, result.details
+    # Random weights predict a nearly uniform distribution over the 1024 tokens.
+    assert 500 < m["perplexity"]["mean"] < 2048
+    assert m["scored_tokens"]["mean"] == d["tokens"] - 1 and d["window"] == 128 and d["stride"] == 64
+    assert m["bits_per_byte"]["mean"] == pytest.approx(
+        math.log(m["perplexity"]["mean"], 2) * m["scored_tokens"]["mean"] / d["text_bytes"], rel=1e-6
+    )
+
+
+def test_quality_window_is_capped_at_the_context_window(compose, tmp_path):
+    cfg = compose("model=tiny-gpt2", "bench=quality", "bench.ppl_chars=4000", "bench.ppl_window=2048")
+    result = run_point(cfg, tmp_path, point("none", "quality"))
+    assert result.status == "ok", result.error and result.details["window"] == 512
+
+
+@needs_smollm2
+@pytest.mark.slow
+def test_smollm2_perplexity_is_that_of_a_trained_model(compose, tmp_path):
+    cfg = compose("model=smollm2", "bench=quality", "bench.ppl_chars=3000")
+    result = run_point(cfg, tmp_path, point("none", "quality", model="smollm2"))
+    assert result.status == "ok", result.error
+    assert 3 < result.metrics["perplexity"]["mean"] < 40  # 13.1 on the default 16000 characters
