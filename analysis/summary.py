@@ -23,6 +23,20 @@ KEY_METRICS = {
         "inference_growth_cuda_mib",
     ),
     "throughput": ("single_output_tok_s", "output_tok_s", "requests_s", "latency_ms", "queue_wait_ms"),
+    "e2e": (
+        "pass_rate",
+        "check_pass_rate",
+        "keyword_recall",
+        "citation_precision",
+        "retrieval_hit_rate",
+        "structure_score",
+        "fact_recall",
+        "truncated_conversations",
+        "ttft_ms",
+        "e2e_ms",
+        "decode_tok_s",
+    ),
+    "quality": ("perplexity", "bits_per_byte", "nll_per_token", "scored_tokens"),
 }
 MATCH = ("model", "attention", "engine", "workflow", "bench")
 
@@ -99,11 +113,17 @@ def write_summary(
         f"{', '.join(c for c in MATCH if c != baseline[0])}. Cells are mean ± 95% CI half-width.\n",
     ]
     for bench in sorted(frame["bench"].dropna().unique()):
-        values, rel = bench_table(frame, bench), ratios(frame, bench, baseline)
-        tables[bench] = (values, rel)
-        parts.append(f"\n## {bench}\n\n{to_markdown(values)}")
-        if not rel.empty:
-            parts.append(f"\nRatio to {baseline[0]}={baseline[1]}:\n\n{to_markdown(rel)}")
+        rows = frame[frame["bench"] == bench]
+        # Workflows judge different things: one table each, so a column never mixes two workflows' checks.
+        workflows = sorted(w for w in rows["workflow"].dropna().unique() if w != "none")
+        for workflow in workflows or [None]:
+            part = rows if workflow is None else rows[rows["workflow"] == workflow]
+            title = bench if workflow is None else f"{bench}: {workflow}"
+            values, rel = bench_table(part, bench), ratios(part, bench, baseline)
+            tables[title] = (values, rel)
+            parts.append(f"\n## {title}\n\n{to_markdown(values)}")
+            if not rel.empty:
+                parts.append(f"\nRatio to {baseline[0]}={baseline[1]}:\n\n{to_markdown(rel)}")
     if failed:
         parts.append(
             "\n## Points that did not finish\n\n| point | status | error | message | fix |\n|---|---|---|---|---|\n"

@@ -25,6 +25,8 @@ def point_label(result: dict[str, Any]) -> str:
     parts = [p.get("model", "?"), f"q={p.get('quant', '?')}"]
     if p.get("attention") not in (None, "auto"):
         parts.append(f"attn={p['attention']}")
+    if p.get("workflow") not in (None, "none"):
+        parts.append(f"wf={p['workflow']}")
     return " ".join(parts)
 
 
