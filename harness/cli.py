@@ -1,4 +1,5 @@
-"""The `harness` console script: `models`, `info <model>`, `run …` (as python -m harness) and `report <dir>…`.
+"""The `harness` console script: `models`, `info <model>`, `run …` (as python -m harness), `report <dir>…` and
+`serve` (the OpenAI-compatible server).
 
 `models` and `info` work offline: they read the model entries in conf/model/ and what is on this machine (the
 hub cache, installed packages, the harness cache), and count parameters on torch's meta device (no memory).
@@ -161,6 +162,38 @@ def cmd_info(name: str) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the OpenAI-compatible server until Ctrl-C."""
+    import uvicorn
+
+    from harness.server import ServerSettings, create_app
+
+    settings = ServerSettings(
+        host=args.host,
+        port=args.port,
+        model_dirs=args.model_dir,
+        capacity=args.capacity,
+        memory_budget_mb=args.memory_budget_mb,
+        max_tokens_limit=args.max_tokens_limit,
+        default_max_tokens=min(256, args.max_tokens_limit),
+        max_body_bytes=args.max_body_bytes,
+        allow_remote_code=args.allow_remote_code,
+        jobs_dir=args.jobs_dir,
+    )
+    warning = settings.exposure_warning()
+    if warning:
+        print(warning, file=sys.stderr)
+    app = create_app(settings)
+    server = app.state.server
+    for name in args.preload:
+        print(f"loading {name} …", file=sys.stderr)
+        server.worker.load(server.registry.spec(name)).result()
+    auth = "bearer token required" if settings.token else "no token (set HARNESS_API_TOKEN to require one)"
+    print(f"serving on http://{settings.host}:{settings.port} ({auth}); API page: /docs", file=sys.stderr)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "run":  # everything after `run` is Hydra's
@@ -179,11 +212,24 @@ def main(argv: list[str] | None = None) -> int:
     info.add_argument("model")
     sub.add_parser("run", help="run a point or a sweep: harness run [-m] group=option … (as python -m harness)")
     sub.add_parser("report", help="tables, plots and report.html of sweep folders (as python -m analysis)")
+    serve = sub.add_parser("serve", help="an OpenAI-compatible server with model management and benchmark jobs")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--model-dir", action="append", default=[], help="a folder of checkpoints to serve by name")
+    serve.add_argument("--preload", action="append", default=[], help="a model to load before serving")
+    serve.add_argument("--capacity", type=int, default=2, help="models kept loaded (LRU)")
+    serve.add_argument("--memory-budget-mb", type=int, default=None, help="summed footprint of loaded models")
+    serve.add_argument("--max-tokens-limit", type=int, default=2048, help="the largest max_tokens a request may ask")
+    serve.add_argument("--max-body-bytes", type=int, default=1_000_000)
+    serve.add_argument("--jobs-dir", default="outputs/api-jobs", help="where benchmark jobs write their points")
+    serve.add_argument("--allow-remote-code", action="store_true", help="let entries needing trust_remote_code load")
     args = parser.parse_args(argv)
     import transformers
 
     transformers.logging.set_verbosity_error()  # configs built only to count parameters: no advice wanted
     try:
+        if args.command == "serve":
+            return cmd_serve(args)
         return cmd_models() if args.command == "models" else cmd_info(args.model)
     except ConfigError as exc:
         print(format_error(exc), file=sys.stderr)

@@ -106,6 +106,7 @@ class TokenStream(ABC, Iterator[TokenEvent]):
     prompt_tokens: int
     start_ns: int
     tokenize_ns: int
+    stop: tuple[str, ...] = ()  # the stop sequences in force (the chat format's and the request's)
     generation: Generation | None = None
 
     @abstractmethod

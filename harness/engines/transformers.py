@@ -96,7 +96,7 @@ class _Stream(TokenStream):
     def __init__(self, engine: TransformersEngine, encoded: _Encoded, params: GenerationParams) -> None:
         self._engine = engine
         self._params = params
-        self._stop = encoded.stop
+        self.stop = encoded.stop
         self._tokens: list[TokenEvent] = []
         self._done = False
         self._runner: greenlet.greenlet | None = None
@@ -144,7 +144,7 @@ class _Stream(TokenStream):
             raise self._engine._wrap_error(error, "streaming generation")
         ids = [t.token_id for t in self._tokens]
         token_ns = [t.t_ns for t in self._tokens]
-        text, reason = self._engine._decode(ids, self._stop, self._params)
+        text, reason = self._engine._decode(ids, self.stop, self._params)
         self.generation = Generation(
             text=text,
             token_ids=ids,

@@ -80,6 +80,19 @@ class LoadedModel:
             import torch
 
             torch.cuda.empty_cache()
+        _return_freed_heap()
+
+
+def _return_freed_heap() -> None:
+    """glibc keeps freed heap pages for reuse; malloc_trim gives them back so an unload shows in the RSS."""
+    import contextlib
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name and "libc" in name:
+        with contextlib.suppress(OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+            ctypes.CDLL(name).malloc_trim(0)
 
 
 def context_window_of(config) -> int | None:

@@ -86,6 +86,11 @@ class ModelManager:
         with self._lock:
             return list(self._models)
 
+    def peek(self, key: str) -> LoadedModel | None:
+        """The loaded model under key, without counting a use (the LRU order stays as it is)."""
+        with self._lock:
+            return self._models.get(key)
+
     def used_bytes(self) -> int:
         with self._lock:
             return sum(m.footprint_bytes for m in self._models.values())

@@ -1,0 +1,399 @@
+"""The FastAPI application: OpenAI-compatible generation, model management, benchmark jobs, health, metrics.
+
+Every model operation runs on the one model worker thread (see worker.py). Errors a client can cause are
+answered 4xx with OpenAI's error body ({"error": {"message", "type", "param", "code"}}), which the official
+clients turn into their own exceptions; the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from harness.engines.base import GenerationParams, Prompt
+from harness.errors import ConfigError, HarnessError, InferenceError
+from harness.models.manager import ModelManager, ModelSpec
+from harness.server.jobs import JobRunner
+from harness.server.metrics import CONTENT_TYPE, ServerMetrics
+from harness.server.registry import ModelRegistry, UnknownModel
+from harness.server.schemas import BenchmarkRequest, ChatRequest, CompletionRequest
+from harness.server.settings import ServerSettings
+from harness.server.worker import Failed, Finished, ModelWorker, QueueFull, TextDelta, asyncio_emitter
+
+OPEN_PATHS = ("/health", "/docs", "/docs/oauth2-redirect", "/openapi.json")
+FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param = status, message, kind, param
+
+
+def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def _harness_error(exc: BaseException) -> APIError:
+    """A failure inside the worker as an HTTP answer: the client's request (400) or this server (503/500)."""
+    if isinstance(exc, InferenceError):
+        return APIError(400, f"{exc.cause} Fix: {exc.fix}")
+    if isinstance(exc, HarnessError):
+        return APIError(503, f"{type(exc).__name__}: {exc.cause} Fix: {exc.fix}", kind="server_error")
+    return APIError(500, f"internal error: {type(exc).__name__}: {exc}", kind="server_error")
+
+
+class _Gate:
+    """Pure ASGI: body size limit (413), bearer token (401), and a count of every answer by route and code."""
+
+    def __init__(self, app: Any, settings: ServerSettings, metrics: ServerMetrics) -> None:
+        self.app, self.settings, self.metrics = app, settings, metrics
+
+    async def _reply(self, send: Any, status: int, body: dict[str, Any], headers: list | None = None) -> None:
+        data = json.dumps(body).encode()
+        start = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+        await send({"type": "http.response.start", "status": status, "headers": start + (headers or [])})
+        await send({"type": "http.response.body", "body": data})
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = {"code": 500, "started": False}
+
+        async def counted_send(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                status["code"], status["started"] = message["status"], True
+            await send(message)
+
+        try:
+            await self._handle(scope, receive, counted_send)
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "unrouted"  # refused before routing, or no such path
+            self.metrics.requests.labels(endpoint, str(status["code"])).inc()
+
+    async def _handle(self, scope: Any, receive: Any, send: Any) -> None:
+        headers = dict(scope.get("headers") or [])
+        token = self.settings.token
+        if token and scope["path"] not in OPEN_PATHS:
+            given = headers.get(b"authorization", b"").decode("latin-1")
+            scheme, _, value = given.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+                why = "no bearer token was sent" if not given else "the bearer token is wrong"
+                await self._reply(
+                    send,
+                    401,
+                    error_body(f"unauthorized: {why}.", "authentication_error", code="invalid_api_key"),
+                    [(b"www-authenticate", b"Bearer")],
+                )
+                return
+        limit = self.settings.max_body_bytes
+        length = headers.get(b"content-length")
+        too_large = error_body(
+            f"the request body is larger than the server's limit of {limit} bytes.", "invalid_request_error"
+        )
+        if length and length.isdigit() and int(length) > limit:
+            await self._reply(send, 413, too_large)
+            return
+        received = 0
+
+        async def limited() -> Any:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise _BodyTooLarge
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _BodyTooLarge:
+            await self._reply(send, 413, too_large)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class Server:
+    """The state behind the routes."""
+
+    def __init__(self, settings: ServerSettings, manager: ModelManager | None = None) -> None:
+        self.settings = settings
+        budget = settings.memory_budget_mb * 2**20 if settings.memory_budget_mb else None
+        self.manager = manager or ModelManager(settings.capacity, budget, cache_dir=settings.cache_dir)
+        self.registry = ModelRegistry(settings.model_dirs, settings.allow_remote_code)
+        self.worker = ModelWorker(self.manager, settings.max_queue)
+        self.jobs = JobRunner(settings.jobs_dir, settings.max_parallel_jobs)
+        self.metrics = ServerMetrics()
+
+    def spec(self, name: str) -> ModelSpec:
+        try:
+            return self.registry.spec(name)
+        except UnknownModel as exc:
+            raise APIError(404, str(exc), param="model") from None
+        except ConfigError as exc:
+            raise APIError(400, f"{exc.cause} Fix: {exc.fix}", param="model") from None
+
+    def params(self, body: ChatRequest | CompletionRequest) -> GenerationParams:
+        requested = getattr(body, "max_completion_tokens", None) or body.max_tokens
+        limit = self.settings.max_tokens_limit
+        if requested is not None and requested > limit:
+            raise APIError(400, f"max_tokens={requested} is above this server's limit of {limit}.", param="max_tokens")
+        return GenerationParams(
+            max_new_tokens=requested or self.settings.default_max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            seed=body.seed,
+            stop=body.stop_sequences(),
+        )
+
+    def model_info(self, name: str, spec: ModelSpec) -> dict[str, Any]:
+        loaded = self.manager.peek(spec.key)
+        q = spec.quant
+        quant = {"name": q.name, "method": q.method, "bits": q.bits}
+        info: dict[str, Any] = {"id": name, "loaded": loaded is not None, "quantization": quant}
+        if loaded is not None:
+            info.update(
+                device=loaded.placement.device,
+                dtype=loaded.placement.dtype,
+                quantization=loaded.quant,
+                attention=loaded.attention_used,
+                memory_bytes=loaded.footprint_bytes,
+                context_window=loaded.context_window,
+                chat_format=loaded.chat_format,
+                source=loaded.source.record(),
+                trust_remote_code=loaded.trust_remote_code,
+            )
+        return info
+
+    async def wait(self, future: Any) -> Any:
+        try:
+            return await asyncio.wrap_future(future)
+        except HarnessError as exc:
+            raise _harness_error(exc) from None
+
+    def submit_stream(self, spec: ModelSpec, prompt: Prompt, params: GenerationParams):
+        loop = asyncio.get_running_loop()
+        sink: asyncio.Queue = asyncio.Queue()
+        cancelled = threading.Event()
+        try:
+            self.worker.stream(spec, prompt, params, asyncio_emitter(loop, sink), cancelled)
+        except QueueFull as exc:
+            raise APIError(503, f"the server is busy: {exc}; retry later.", kind="server_error") from None
+        return sink, cancelled
+
+
+def create_app(settings: ServerSettings | None = None, manager: ModelManager | None = None) -> FastAPI:
+    settings = settings or ServerSettings()
+    server = Server(settings, manager)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        server.jobs.shutdown()
+        await asyncio.to_thread(server.worker.stop)
+
+    app = FastAPI(
+        title="harness",
+        description="OpenAI-compatible generation, model management and benchmark jobs over the harness's engines.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.server = server
+    app.add_middleware(_Gate, settings=settings, metrics=server.metrics)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(error_body(exc.message, exc.kind, exc.param), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems, param = [], None
+        for e in exc.errors():
+            loc = [str(p) for p in e.get("loc", ()) if p != "body"]
+            if e.get("type") == "json_invalid":
+                problems.append("the body is not valid JSON")
+                continue
+            where = ".".join(loc) or "body"
+            param = param or where
+            problems.append(f"{where}: {e.get('msg')}")
+        return JSONResponse(error_body("; ".join(problems) + ".", "invalid_request_error", param), status_code=400)
+
+    # -- OpenAI-compatible ---------------------------------------------------------------------------------
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        loaded = {spec_key for spec_key in server.manager.loaded()}
+        data = []
+        for name in server.registry.names():
+            try:
+                is_loaded = server.registry.spec(name).key in loaded
+            except Exception:  # an entry that does not compose here is still listed
+                is_loaded = False
+            data.append({"id": name, "object": "model", "created": 0, "owned_by": "harness", "loaded": is_loaded})
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest) -> Any:
+        spec = server.spec(body.model)
+        messages = [m.model_dump() for m in body.messages]
+        return await _generate(server, "/v1/chat/completions", body, spec, messages)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest) -> Any:
+        spec = server.spec(body.model)
+        return await _generate(server, "/v1/completions", body, spec, body.prompt)
+
+    # -- model management ----------------------------------------------------------------------------------
+    @app.get("/models/{name}")
+    async def model_state(name: str) -> dict[str, Any]:
+        return server.model_info(name, server.spec(name))
+
+    @app.post("/models/{name}/load")
+    async def load(name: str) -> dict[str, Any]:
+        spec = server.spec(name)
+        try:
+            future = server.worker.load(spec)
+        except QueueFull as exc:
+            raise APIError(503, f"the server is busy: {exc}; retry later.", kind="server_error") from None
+        await server.wait(future)
+        return server.model_info(name, spec)
+
+    @app.post("/models/{name}/unload")
+    async def unload(name: str) -> dict[str, Any]:
+        spec = server.spec(name)
+        try:
+            was_loaded = await server.wait(server.worker.unload(spec))
+        except QueueFull as exc:
+            raise APIError(503, f"the server is busy: {exc}; retry later.", kind="server_error") from None
+        return {**server.model_info(name, spec), "unloaded": was_loaded}
+
+    # -- benchmark jobs ------------------------------------------------------------------------------------
+    @app.post("/benchmarks", status_code=202)
+    async def submit_benchmark(body: BenchmarkRequest) -> dict[str, Any]:
+        try:
+            job = await asyncio.to_thread(server.jobs.submit, body.overrides)
+        except ConfigError as exc:
+            raise APIError(400, f"{exc.cause} Fix: {exc.fix}", param="overrides") from None
+        return job.describe(with_result=False)
+
+    @app.get("/benchmarks")
+    async def list_benchmarks() -> dict[str, Any]:
+        return {"object": "list", "data": [j.describe(with_result=False) for j in server.jobs.all()]}
+
+    @app.get("/benchmarks/{job_id}")
+    async def benchmark(job_id: str) -> dict[str, Any]:
+        job = server.jobs.get(job_id)
+        if job is None:
+            raise APIError(404, f"no benchmark job {job_id!r}.", param="job_id")
+        return job.describe()
+
+    # -- operations ----------------------------------------------------------------------------------------
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "loaded_models": len(server.manager.loaded()), "queue_depth": server.worker.queue_depth}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        body = server.metrics.render(
+            len(server.manager.loaded()), server.manager.used_bytes(), server.worker.queue_depth, server.jobs.counts()
+        )
+        return Response(body, media_type=CONTENT_TYPE)
+
+    return app
+
+
+async def _generate(server: Server, endpoint: str, body: Any, spec: ModelSpec, prompt: Prompt) -> Any:
+    params = server.params(body)
+    chat = endpoint == "/v1/chat/completions"
+    t0 = time.perf_counter()
+    sink, cancelled = server.submit_stream(spec, prompt, params)
+    first = await sink.get()  # before answering: an error here is still a proper 4xx/5xx
+    if isinstance(first, Failed):
+        raise _harness_error(first.error)
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+    created = int(time.time())
+    m = server.metrics
+
+    def record(done: Finished) -> dict[str, int]:
+        g = done.generation
+        m.tokens.labels(body.model, "prompt").inc(g.prompt_tokens)
+        m.tokens.labels(body.model, "completion").inc(g.output_tokens)
+        if done.ttft_s is not None:
+            m.ttft.labels(body.model).observe(done.ttft_s)
+        m.latency.labels(body.model, endpoint).observe(time.perf_counter() - t0)
+        return {
+            "prompt_tokens": g.prompt_tokens,
+            "completion_tokens": g.output_tokens,
+            "total_tokens": g.prompt_tokens + g.output_tokens,
+        }
+
+    if not body.stream:
+        parts, event = [], first
+        while not isinstance(event, Finished):
+            if isinstance(event, Failed):
+                raise _harness_error(event.error)
+            parts.append(event.text)
+            event = await sink.get()
+        usage = record(event)
+        text, reason = "".join(parts), FINISH.get(event.generation.finish_reason, "stop")
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+        kind = "chat.completion" if chat else "text_completion"
+        return {"id": rid, "object": kind, "created": created, "model": body.model, "choices": [choice], "usage": usage}
+
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    kind = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(text: str | None, reason: str | None, role: bool = False) -> str:
+        if chat:
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
+            if text is not None:
+                delta["content"] = text
+            choice = {"index": 0, "delta": delta, "finish_reason": reason}
+        else:
+            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
+        data = {"id": rid, "object": kind, "created": created, "model": body.model, "choices": [choice]}
+        return f"data: {json.dumps(data)}\n\n"
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            if chat:
+                yield chunk(None, None, role=True)
+            event = first
+            while True:
+                if isinstance(event, TextDelta):
+                    yield chunk(event.text, None)
+                elif isinstance(event, Finished):
+                    usage = record(event)
+                    yield chunk(None if chat else "", FINISH.get(event.generation.finish_reason, "stop"))
+                    if include_usage:
+                        data = {"id": rid, "object": kind, "created": created, "model": body.model, "choices": [],
+                                "usage": usage}  # fmt: skip
+                        yield f"data: {json.dumps(data)}\n\n"
+                    yield "data: [DONE]\n\n"
+                    return
+                else:  # Failed mid-stream: the status is already sent, so the error goes in the stream
+                    err = _harness_error(event.error)
+                    yield f"data: {json.dumps(error_body(err.message, err.kind))}\n\n"
+                    return
+                event = await sink.get()
+        finally:
+            cancelled.set()  # a client that went away stops its generation at the next token
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -1,0 +1,57 @@
+"""Request bodies of the OpenAI-compatible endpoints, checked by pydantic (wrong types and out-of-range values
+are answered 400 with the field named), and the harness's own bodies."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
+
+
+class _Body(BaseModel):
+    # OpenAI clients send fields the harness does not use (user, metadata, …): accepted and ignored, unless a
+    # field below says otherwise.
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(_Body):
+    include_usage: StrictBool = False
+
+
+class _Sampling(_Body):
+    model: StrictStr
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0, le=2)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    stop: StrictStr | list[StrictStr] | None = None
+    seed: int | None = Field(default=None, ge=0)
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(default=1, ge=1, le=1, description="only 1: the engine answers one completion per request")
+    presence_penalty: float = Field(default=0.0, ge=0, le=0, description="not supported: only 0")
+    frequency_penalty: float = Field(default=0.0, ge=0, le=0, description="not supported: only 0")
+
+    def stop_sequences(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop
+        return tuple(s for s in stops if s)
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "user", "assistant"]
+    content: StrictStr
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+
+class CompletionRequest(_Sampling):
+    prompt: StrictStr = Field(min_length=1)
+
+
+class BenchmarkRequest(_Body):
+    model_config = ConfigDict(extra="forbid")
+    overrides: list[StrictStr] = Field(default_factory=list, max_length=64)

@@ -1,0 +1,70 @@
+"""What a server is allowed to do, fixed when it starts; no request can change it."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness.errors import ConfigError
+
+TOKEN_ENV = "HARNESS_API_TOKEN"
+
+
+@dataclass
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    token: str | None = None  # bearer token every request (but /health) must carry; default: $HARNESS_API_TOKEN
+    model_dirs: list[str] = field(default_factory=list)  # folders whose sub-folders are servable checkpoints
+    capacity: int = 2  # models kept loaded (least recently used is unloaded first)
+    memory_budget_mb: int | None = None  # and their summed footprint
+    max_tokens_limit: int = 2048  # the largest max_tokens a request may ask
+    default_max_tokens: int = 256
+    max_body_bytes: int = 1_000_000
+    max_queue: int = 64  # generation requests waiting for the engine; more get 503
+    allow_remote_code: bool = False  # entries that need trust_remote_code load only when the operator allows it
+    cache_dir: str = "~/.cache/harness"
+    jobs_dir: str = "outputs/api-jobs"
+    max_parallel_jobs: int = 1  # benchmark jobs run one at a time by default: parallel timings disturb each other
+
+    def __post_init__(self) -> None:
+        if self.token is None:
+            self.token = os.environ.get(TOKEN_ENV) or None
+        self.cache_dir = os.path.expanduser(os.environ.get("HARNESS_CACHE_DIR") or self.cache_dir)
+        checks = [
+            (0 <= self.port <= 65535, "port", "between 0 and 65535"),
+            (self.capacity >= 1, "capacity", ">= 1"),
+            (self.memory_budget_mb is None or self.memory_budget_mb > 0, "memory_budget_mb", "> 0"),
+            (self.max_tokens_limit >= 1, "max_tokens_limit", ">= 1"),
+            (1 <= self.default_max_tokens <= self.max_tokens_limit, "default_max_tokens", "in 1..max_tokens_limit"),
+            (self.max_body_bytes >= 1024, "max_body_bytes", ">= 1024"),
+            (self.max_queue >= 1, "max_queue", ">= 1"),
+            (self.max_parallel_jobs >= 1, "max_parallel_jobs", ">= 1"),
+        ]
+        for ok, name, rule in checks:
+            if not ok:
+                raise ConfigError(f"server setting {name}={getattr(self, name)!r} must be {rule}.", f"fix --{name}.")
+        for folder in self.model_dirs:
+            if not Path(folder).expanduser().is_dir():
+                raise ConfigError(f"--model-dir {folder} is not a folder.", "give a folder of model checkpoints.")
+
+    @property
+    def loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    def exposure_warning(self) -> str | None:
+        """A warning when the server is reachable from other machines without a token."""
+        if self.loopback or self.token:
+            return None
+        return (
+            f"warning: serving on {self.host}, reachable from other machines, with no token: anyone who can reach "
+            f"port {self.port} can run models and benchmark jobs here. Set {TOKEN_ENV} to require a bearer token, "
+            "or bind to 127.0.0.1."
+        )

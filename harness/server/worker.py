@@ -1,0 +1,194 @@
+"""The one thread that touches models: it loads, unloads and generates, one job at a time.
+
+The transformers engine serves one request at a time and a token stream must be consumed by one thread, so
+every model operation goes through this queue; an unload therefore never frees weights under a running
+generation. HTTP handlers wait on the job's future (or, for a stream, on its asyncio queue of events).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from harness.engines import create_engine
+from harness.engines.base import Engine, Generation, GenerationParams, Prompt
+from harness.models.loader import LoadedModel
+from harness.models.manager import ModelManager, ModelSpec
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(RuntimeError):
+    pass
+
+
+@dataclass
+class TextDelta:
+    text: str
+
+
+@dataclass
+class Finished:
+    generation: Generation
+    ttft_s: float | None
+
+
+@dataclass
+class Failed:
+    error: BaseException
+
+
+class DeltaDecoder:
+    """Turns token ids into text deltas: never emits half a UTF-8 character, nor text that may turn out to be
+    the start of a stop sequence (the final text is cut before a stop sequence, so neither may a stream)."""
+
+    def __init__(self, tokenizer: Any, stop: tuple[str, ...]) -> None:
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.ids: list[int] = []
+        self.sent = ""
+
+    def _safe_length(self, text: str) -> int:
+        end = len(text)
+        if text.endswith("\ufffd"):
+            end = len(text.rstrip("\ufffd"))
+        for s in self.stop:
+            found = text.find(s)
+            if found >= 0:
+                end = min(end, found)
+            for k in range(min(len(s) - 1, len(text)), 0, -1):  # a tail that could begin a stop sequence
+                if text.endswith(s[:k]):
+                    end = min(end, len(text) - k)
+                    break
+        return end
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        safe = text[: self._safe_length(text)]
+        if not safe.startswith(self.sent) or len(safe) <= len(self.sent):
+            return ""
+        delta, self.sent = safe[len(self.sent) :], safe
+        return delta
+
+    def finish(self, final_text: str) -> str:
+        """What is left to send of the final (stop-cut) text."""
+        if final_text.startswith(self.sent):
+            return final_text[len(self.sent) :]
+        return ""  # cannot happen with a prefix-stable tokenizer; never resend text
+
+
+@dataclass
+class _Job:
+    run: Callable[[], Any]
+    future: Future = field(default_factory=Future)
+
+
+class ModelWorker:
+    def __init__(self, manager: ModelManager, max_queue: int) -> None:
+        self.manager = manager
+        self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=max_queue)
+        self._engines: dict[str, Engine] = {}
+        self._thread = threading.Thread(target=self._loop, name="harness-model-worker", daemon=True)
+        self._thread.start()
+
+    # -- the thread ------------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            if not job.future.set_running_or_notify_cancel():
+                continue
+            try:
+                job.future.set_result(job.run())
+            except BaseException as exc:  # handed to the waiting request
+                job.future.set_exception(exc)
+
+    def submit(self, run: Callable[[], Any]) -> Future:
+        job = _Job(run)
+        try:
+            self._jobs.put_nowait(job)
+        except queue.Full:
+            raise QueueFull(f"{self._jobs.maxsize} requests are already waiting for the model") from None
+        return job.future
+
+    @property
+    def queue_depth(self) -> int:
+        return self._jobs.qsize()
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout=30)
+        self.manager.unload_all()
+
+    # -- jobs (run on the worker thread) ---------------------------------------------------------------------
+    def _engine(self, spec: ModelSpec) -> tuple[LoadedModel, Engine]:
+        loaded = self.manager.get(spec)
+        for key in list(self._engines):  # engines of models the LRU has unloaded
+            if key not in self.manager:
+                del self._engines[key]
+        if spec.key not in self._engines:
+            self._engines[spec.key] = create_engine("transformers", loaded)
+        return loaded, self._engines[spec.key]
+
+    def load(self, spec: ModelSpec) -> Future:
+        return self.submit(lambda: self._engine(spec)[0])
+
+    def unload(self, spec: ModelSpec) -> Future:
+        def run() -> bool:
+            self._engines.pop(spec.key, None)
+            return self.manager.unload(spec.key)
+
+        return self.submit(run)
+
+    def stream(
+        self,
+        spec: ModelSpec,
+        prompt: Prompt,
+        params: GenerationParams,
+        emit: Callable[[Any], None],
+        cancelled: threading.Event,
+    ) -> Future:
+        """Generate, calling emit(TextDelta) per new text, then emit(Finished) or emit(Failed)."""
+
+        def run() -> None:
+            try:
+                loaded, engine = self._engine(spec)
+                stream = engine.stream(prompt, params)
+                decoder = DeltaDecoder(loaded.tokenizer, stream.stop)
+                first: float | None = None
+                for event in stream:
+                    if first is None:
+                        first = (event.t_ns - stream.start_ns) / 1e9
+                    if cancelled.is_set():
+                        stream.close()
+                        return
+                    delta = decoder.push(event.token_id)
+                    if delta:
+                        emit(TextDelta(delta))
+                generation = stream.generation
+                assert generation is not None
+                rest = decoder.finish(generation.text)
+                if rest:
+                    emit(TextDelta(rest))
+                emit(Finished(generation, first))
+            except BaseException as exc:
+                emit(Failed(exc))
+
+        return self.submit(run)
+
+
+def asyncio_emitter(loop: asyncio.AbstractEventLoop, sink: asyncio.Queue) -> Callable[[Any], None]:
+    """emit() for the worker thread that hands events to an asyncio queue on the server's loop."""
+
+    def emit(event: Any) -> None:
+        loop.call_soon_threadsafe(sink.put_nowait, event)
+
+    return emit
