@@ -235,6 +235,51 @@ def itl_distributions(results: list[dict], folder: Path) -> Path | None:
     return _save(fig, folder, "itl")
 
 
+def pass_rates(frame: pd.DataFrame, folder: Path) -> Path | None:
+    """bench=e2e: the pass rate of each workflow at each point, with the (conservative) 95% interval."""
+    rows = frame[(frame["bench"] == "e2e") & (frame["metric"] == "pass_rate") & (frame["status"] == "ok")]
+    if rows.empty:
+        return None
+    rows = rows.assign(point_label=rows["model"] + " q=" + rows["quant"].astype(str))
+    labels = list(dict.fromkeys(rows["point_label"]))
+    workflows = list(dict.fromkeys(rows["workflow"]))
+    fig, ax = plt.subplots(figsize=(max(7, 1.4 * len(labels) + 4), 4.5))
+    width = 0.8 / len(workflows)
+    for i, workflow in enumerate(workflows):
+        part = rows[rows["workflow"] == workflow].set_index("point_label").reindex(labels)
+        xs = [x + (i - (len(workflows) - 1) / 2) * width for x in range(len(labels))]
+        low = (part["mean"] - (part["mean"] - part["ci95"]).clip(lower=0)).fillna(0)
+        high = ((part["mean"] + part["ci95"]).clip(upper=1) - part["mean"]).fillna(0)
+        ax.bar(xs, part["mean"], width, yerr=[low, high], capsize=3, label=workflow)
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("cases passed (fraction)")
+    ax.set_title("Workflow pass rates (bars: 95% interval)")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, folder, "pass_rates")
+
+
+def perplexity(frame: pd.DataFrame, folder: Path) -> Path | None:
+    """bench=quality: perplexity per point, bits per byte written on each bar (comparable across tokenizers)."""
+    rows = _rows(frame, "quality", "perplexity")
+    if rows.empty:
+        return None
+    bpb = _rows(frame, "quality", "bits_per_byte").set_index("label")["mean"]
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows) + 3), 4.5))
+    bars = ax.bar(range(len(rows)), rows["mean"], color="C2")
+    for bar, label in zip(bars, rows["label"], strict=True):
+        if label in bpb:
+            ax.annotate(f"{bpb[label]:.3f} bits/B", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize=8)  # fmt: skip
+    ax.set_xticks(range(len(rows)), rows["label"], rotation=30, ha="right")
+    ax.set_ylabel("perplexity (lower is better)")
+    _log_if_wide(ax, rows["mean"])
+    ax.set_title("Perplexity on the built-in text (labels: bits per byte)")
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, folder, "perplexity")
+
+
 QUALITY = (("pass_rate", "higher"), ("perplexity", "lower"))
 
 
@@ -294,6 +339,8 @@ FRAME_PLOTS: tuple[Callable[[pd.DataFrame, Path], Path | None], ...] = (
     memory_by_quant,
     throughput_batch,
     throughput_concurrency,
+    pass_rates,
+    perplexity,
     pareto,
 )
 
