@@ -134,6 +134,8 @@ def run_point(
         progress.done()
         result.timings["measure_s"] = time.perf_counter() - t_measure
         result.metrics, result.outputs, result.details = output.metrics, output.outputs, output.details
+        if cfg.workflow.name != "none" and cfg.bench.name != "e2e":
+            result.details["note"] = f"workflow={cfg.workflow.name} is run only by bench=e2e; this bench ignored it."
         result.memory = {"load": ctx.load_memory, "run": run_memory.summary()}
         if output.samples:
             write_samples(out_dir / "samples.csv", output.samples)
@@ -198,7 +200,11 @@ def headline(bench: str, m: dict[str, Any]) -> str:
     """The one or two figures a person looks at first, per bench."""
     if bench == "e2e" and "pass_rate" in m:
         rate = m["pass_rate"]
-        return f"pass rate {rate['mean']:.0%} of {rate['n']} cases"
+        line = f"pass rate {rate['mean']:.0%} of {rate['n']} cases"
+        errored = m.get("check_pass_rate[check=generated]")
+        if errored:
+            line += f" ({errored['n']} could not be generated: the reason is in cases.jsonl)"
+        return line
     if bench == "quality" and "perplexity" in m:
         return (
             f"perplexity {m['perplexity']['mean']:.2f} over {m['scored_tokens']['mean']:.0f} tokens, "

@@ -18,7 +18,7 @@ from analysis.__main__ import main as analysis_main
 from conftest import needs_smollm2
 from harness.engines import create_engine
 from harness.engines.base import Generation
-from runners import run_point
+from runners import run_point, summary_line
 from runners.quality import windows
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,6 +76,13 @@ def test_a_search_prompt_too_long_for_the_model_fails_its_case_with_the_reason(c
     assert not row["passed"] and row["checks"][0]["name"] == "generated"
     assert "context window of 512 tokens" in row["checks"][0]["why"]
     assert result.metrics["pass_rate"]["mean"] == 0
+    assert "(1 could not be generated: the reason is in cases.jsonl)" in summary_line(result, tmp_path)
+
+
+def test_other_benches_say_they_ignored_the_workflow(compose, tmp_path):
+    cfg = compose("model=tiny-gpt2", "bench=smoke", "workflow=chat", "bench.max_new_tokens=2")
+    result = run_point(cfg, tmp_path, point("chat", bench="smoke"))
+    assert result.status == "ok" and "run only by bench=e2e" in result.details["note"]
 
 
 def test_search_qa_counts_a_good_answer_as_passed(compose, tmp_path, monkeypatch):
