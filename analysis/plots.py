@@ -236,7 +236,7 @@ def itl_distributions(results: list[dict], folder: Path) -> Path | None:
 
 
 def pass_rates(frame: pd.DataFrame, folder: Path) -> Path | None:
-    """bench=e2e: the pass rate of each workflow at each point, with the (conservative) 95% interval."""
+    """bench=e2e: the pass rate of each workflow at each point, with its 95% Wilson interval."""
     rows = frame[(frame["bench"] == "e2e") & (frame["metric"] == "pass_rate") & (frame["status"] == "ok")]
     if rows.empty:
         return None
@@ -248,13 +248,13 @@ def pass_rates(frame: pd.DataFrame, folder: Path) -> Path | None:
     for i, workflow in enumerate(workflows):
         part = rows[rows["workflow"] == workflow].set_index("point_label").reindex(labels)
         xs = [x + (i - (len(workflows) - 1) / 2) * width for x in range(len(labels))]
-        low = (part["mean"] - (part["mean"] - part["ci95"]).clip(lower=0)).fillna(0)
-        high = ((part["mean"] + part["ci95"]).clip(upper=1) - part["mean"]).fillna(0)
+        low = (part["mean"] - part["ci95_low"].astype(float)).fillna(0).clip(lower=0)
+        high = (part["ci95_high"].astype(float) - part["mean"]).fillna(0).clip(lower=0)
         ax.bar(xs, part["mean"], width, yerr=[low, high], capsize=3, label=workflow)
     ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("cases passed (fraction)")
-    ax.set_title("Workflow pass rates (bars: 95% interval)")
+    ax.set_title("Workflow pass rates (whiskers: 95% Wilson interval)")
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, folder, "pass_rates")

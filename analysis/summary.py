@@ -72,7 +72,12 @@ def bench_table(frame: pd.DataFrame, bench: str) -> pd.DataFrame:
     rows = _ordered(frame[(frame["bench"] == bench) & (frame["status"] == "ok")], bench)
     table: dict[str, dict[str, str]] = {}
     for _, r in rows.iterrows():
-        cell = fmt(r["mean"]) if r["ci95"] is None or pd.isna(r["ci95"]) else f"{fmt(r['mean'])} ± {fmt(r['ci95'])}"
+        if r["ci95_low"] is not None and not pd.isna(r["ci95_low"]):
+            cell = f"{fmt(r['mean'])} [{fmt(r['ci95_low'])}, {fmt(r['ci95_high'])}]"
+        elif r["ci95"] is None or pd.isna(r["ci95"]):
+            cell = fmt(r["mean"])
+        else:
+            cell = f"{fmt(r['mean'])} ± {fmt(r['ci95'])}"
         table.setdefault(r["label"], {})[column_name(r["metric"], r["case"], r["unit"])] = cell
     return pd.DataFrame.from_dict(table, orient="index").rename_axis("point")
 
@@ -110,7 +115,8 @@ def write_summary(
     parts = [
         "# Sweep summary\n",
         f"Baseline for ratios: `{baseline[0]}={baseline[1]}` of the same "
-        f"{', '.join(c for c in MATCH if c != baseline[0])}. Cells are mean ± 95% CI half-width.\n",
+        f"{', '.join(c for c in MATCH if c != baseline[0])}. Cells are mean ± 95% CI half-width, "
+        "or mean [95% Wilson interval] for pass rates.\n",
     ]
     for bench in sorted(frame["bench"].dropna().unique()):
         rows = frame[frame["bench"] == bench]

@@ -9,7 +9,8 @@ from typing import Any
 import pandas as pd
 
 GROUP_COLUMNS = ("model", "quant", "attention", "engine", "workflow", "bench")
-STAT_COLUMNS = ("n", "mean", "stdev", "min", "p50", "p90", "p95", "p99", "max", "ci95")
+# ci95_low/ci95_high: the bounds of an asymmetric interval (the Wilson interval of a pass rate), else empty.
+STAT_COLUMNS = ("n", "mean", "stdev", "min", "p50", "p90", "p95", "p99", "max", "ci95", "ci95_low", "ci95_high")
 _CASE = re.compile(r"^(?P<name>[^\[]+)(?:\[(?P<case>.*)\])?$")
 
 
