@@ -182,8 +182,8 @@ def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_serving(server, what,
     assert got == status, text
     error = json.loads(text)["error"]
     assert message in error["message"] and error["type"]
-    ok = server["client"].completions.create(model="tiny-gpt2", prompt="x", max_tokens=2)
-    assert ok.usage.completion_tokens == 2
+    ok = server["client"].completions.create(model="tiny-gpt2", prompt="x", max_tokens=2, temperature=0)
+    assert 1 <= ok.usage.completion_tokens <= 2  # (a random-weight model may sample its end token)
 
 
 def test_metrics_counters_move(server):
@@ -228,7 +228,7 @@ def test_load_unload_and_unload_frees_memory(server):
 
 
 def test_a_checkpoint_folder_is_served_by_name(server):
-    reply = server["client"].completions.create(model="my-llama", prompt="x", max_tokens=3)
+    reply = server["client"].completions.create(model="my-llama", prompt="x", max_tokens=3, temperature=0)
     assert reply.usage.completion_tokens == 3
     status, info = server["http"].json("GET", "/models/my-llama")
     assert status == 200 and info["loaded"] and info["source"]["kind"] == "path"
