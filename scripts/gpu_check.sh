@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# A prepared check of the CUDA paths, a few minutes on one GPU:
-#   dtype auto, bitsandbytes 8/4-bit on CUDA, eager/sdpa/flash2 attention, random-weight Qwen2.5-0.5B,
-#   CUDA memory figures, and the gpu-marked tests.
+# A prepared check of the CUDA paths, a few minutes on one GPU. Sections (GPU_CHECK_SECTIONS, default all):
+#   base       dtype auto, bitsandbytes 8/4-bit on CUDA, eager/sdpa/flash2 attention, random-weight
+#              Qwen2.5-0.5B, CUDA memory figures, and the gpu-marked tests;
+#   workflows  bench=quality (token NLL in bf16 and under bitsandbytes), bench=e2e, and the server, workflow and
+#              e2e tests on CUDA (server: fastapi, uvicorn, openai; workflows: rank-bm25, markdown-it-py).
 # Needs torch with CUDA, transformers, accelerate, hydra-core, bitsandbytes, psutil (pytest for the tests).
 # Results land in ${GPU_CHECK_OUT:-outputs/gpu_check}; a table of what each point resolved to is printed last.
 set -uo pipefail
@@ -11,6 +13,7 @@ mkdir -p "$out"
 export HARNESS_CACHE_DIR="${HARNESS_CACHE_DIR:-$out/cache}" PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 status=0
+sections="${GPU_CHECK_SECTIONS:-base workflows}"
 
 python - <<'PY' || status=1
 import torch, transformers
@@ -29,17 +32,28 @@ run() {  # run NAME ARGS...: one sweep under $out/NAME
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 }
 
-run dtype_auto model=tiny-llama,tiny-qwen2,tiny-gpt2
-run bnb model=tiny-llama quant=8bit,4bit quant.compute_dtype=auto
-run attention model=tiny-llama attention=eager,sdpa,flash2
-run qwen05b model=qwen model.random_weights=true quant=none,8bit,4bit bench.max_new_tokens=64 \
-    bench.prompt="Write a long story about a lighthouse keeper."
-run measure model=qwen model.random_weights=true quant=none,4bit bench=latency,memory,throughput \
-    bench.min_seconds=1 bench.max_runs=15
+if [[ " $sections " == *" base "* ]]; then
+  run dtype_auto model=tiny-llama,tiny-qwen2,tiny-gpt2
+  run bnb model=tiny-llama quant=8bit,4bit quant.compute_dtype=auto
+  run attention model=tiny-llama attention=eager,sdpa,flash2
+  run qwen05b model=qwen model.random_weights=true quant=none,8bit,4bit bench.max_new_tokens=64 \
+      bench.prompt="Write a long story about a lighthouse keeper."
+  run measure model=qwen model.random_weights=true quant=none,4bit bench=latency,memory,throughput \
+      bench.min_seconds=1 bench.max_runs=15
 
-echo "== pytest -m gpu"
-python -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tail -5
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  echo "== pytest -m gpu"
+  python -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tail -5
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+
+if [[ " $sections " == *" workflows "* ]]; then
+  run quality model=qwen model.random_weights=true quant=none,8bit,4bit bench=quality bench.ppl_chars=8000
+  run e2e model=qwen model.random_weights=true bench=e2e workflow=search_qa,chat workflow.limit=3 \
+      workflow.max_new_tokens=32
+  echo "== pytest: server, e2e, workflows"
+  python -m pytest -q tests/test_server.py tests/test_e2e.py tests/test_workflows.py -p no:cacheprovider 2>&1 | tail -8
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
 
 python - "$out" <<'PY'
 import sys

@@ -16,7 +16,7 @@ TESTS = Path(__file__).resolve().parent
 
 
 def harness(cwd: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(TESTS)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
     return subprocess.run(
         [sys.executable, "-m", "harness", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
@@ -124,7 +124,7 @@ def test_ctrl_c_leaves_a_complete_result_that_says_interrupted(tmp_path):
     import signal
     import time
 
-    env = {**os.environ, "PYTHONPATH": str(TESTS)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.Popen(
         [sys.executable, "-m", "harness", "-m", "model=tiny-gpt2", "bench.name=faults:sleepy"],
         cwd=tmp_path,
