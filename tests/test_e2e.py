@@ -186,10 +186,11 @@ def test_token_nll_equals_the_models_own_loss(load):
     loaded = load("tiny-llama")
     engine = create_engine("transformers", loaded)
     ids = list(range(5, 45))
+    device = loaded.placement.device
     with torch.inference_mode():
-        labels = torch.tensor([ids])
+        labels = torch.tensor([ids], device=device)
         labels[0, :30] = -100  # score the last 10 tokens only
-        loss = loaded.model(input_ids=torch.tensor([ids]), labels=labels).loss.item()
+        loss = loaded.model(input_ids=torch.tensor([ids], device=device), labels=labels).loss.item()
     assert engine.token_nll(ids, 10) == pytest.approx(loss * 10, rel=1e-4)
 
 
