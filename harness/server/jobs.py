@@ -2,9 +2,10 @@
 runners.execute_point in a background process (one fresh process per point, as in a sweep).
 
 Only overrides that choose what to measure are accepted: the group options, and fields of bench, quant,
-attention and workflow. Anything that names a path, enables remote code or changes where files go
-(model.path, model.trust_remote_code, workflow.cases, cache_dir, hydra.*) is refused: a client chooses what to
-measure, not what this machine reads or runs.
+attention and workflow. Anything that names a path, imports code, enables remote code, changes where files go
+or interpolates (model.path, model.trust_remote_code, bench.name, workflow.cases, quant.calibration,
+cache_dir, hydra.*, ${oc.env:…}) is refused: a client chooses what to measure, not what this machine reads or
+runs.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from harness.config import GROUPS, HarnessConfig, check_group_choices
 from harness.errors import ConfigError
 
 _ALLOWED_FIELDS = ("bench.", "quant.", "attention.", "workflow.", "validation.")
-_REFUSED_FIELDS = ("workflow.cases", "workflow.corpus")
+# Paths this machine would read, and bench.name, which imports and calls any `module:function`.
+_REFUSED_FIELDS = ("workflow.cases", "workflow.corpus", "quant.calibration", "bench.name")
 _ALLOWED_KEYS = (*GROUPS, "seed", "model.device", "model.dtype")
 
 
@@ -35,7 +37,13 @@ def check_overrides(overrides: Any) -> list[str]:
             raise ConfigError(
                 f"override {item!r} is not of the form key=value.", "write it as group=option or a.b=value."
             )
-        allowed = key in _ALLOWED_KEYS or (key.startswith(_ALLOWED_FIELDS) and key not in _REFUSED_FIELDS)
+        if "${" in value:  # an interpolation could read this server's environment (its token) into the result
+            raise ConfigError(
+                f"override {item!r} holds an interpolation (${{…}}), which jobs may not use.", "give a plain value."
+            )
+        allowed = key in _ALLOWED_KEYS or (
+            key.startswith(_ALLOWED_FIELDS) and key not in _REFUSED_FIELDS and not key.endswith(".name")
+        )
         if not allowed:
             raise ConfigError(
                 f"override {item!r} is not allowed over HTTP: a job may choose {', '.join(GROUPS)}, seed, "
