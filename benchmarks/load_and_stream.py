@@ -49,15 +49,12 @@ def load_times(runs: int) -> dict:
 
 def stream_vs_generate(model_name: str, runs: int, tokens: int, overrides: list[str]) -> dict:
     import torch
-    from hydra import compose, initialize_config_dir
 
-    from harness.config import conf_dir, register_schemas, validate
+    from harness.config import load_config
     from harness.engines import GenerationParams, create_engine
     from harness.models import load_model
 
-    register_schemas()
-    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-        cfg = validate(compose("config", [f"model={model_name}", *overrides]))
+    cfg = load_config([f"model={model_name}", *overrides])
     loaded = load_model(cfg.model, cfg.quant, cfg.attention, cfg.cache_path, cfg.seed)
     engine = create_engine("transformers", loaded)
     prompt = [{"role": "user", "content": "Explain in detail how a CPU cache works."}]

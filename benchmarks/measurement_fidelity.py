@@ -27,20 +27,11 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
-    from hydra import compose, initialize_config_dir
-
-    from harness.config import conf_dir, register_schemas, validate
+    from harness.config import load_config
     from harness.engines import create_engine
     from harness.models import load_model
 
-    register_schemas()
-    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-        cfg = validate(
-            compose(
-                "config",
-                [f"model={args.model}", "bench=latency", f"bench.max_new_tokens={args.tokens}", *args.overrides],
-            )
-        )
+    cfg = load_config([f"model={args.model}", "bench=latency", f"bench.max_new_tokens={args.tokens}", *args.overrides])
     loaded = load_model(cfg.model, cfg.quant, cfg.attention, cfg.cache_path, cfg.seed)
     engine = create_engine("transformers", loaded)
     params = generation_params(cfg.bench, cfg.seed)

@@ -29,13 +29,9 @@ def model_entry(name: str) -> ModelConfig:
             + (f" Did you mean '{close[0]}'?" if close else ""),
             "pick one of those, or add conf/model/<name>.yaml.",
         )
-    from hydra import compose, initialize_config_dir
+    from harness.config import load_config
 
-    from harness.config import conf_dir, register_schemas, validate
-
-    register_schemas()
-    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-        return validate(compose("config", [f"model={name}"])).model
+    return load_config([f"model={name}"]).model
 
 
 @dataclass

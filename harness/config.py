@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -300,6 +301,24 @@ def validate(cfg: DictConfig | HarnessConfig) -> HarnessConfig:
     obj = OmegaConf.to_object(structured)
     assert isinstance(obj, HarnessConfig)
     return obj
+
+
+_COMPOSE_LOCK = threading.Lock()  # Hydra's compose API is process-global state: one composition at a time
+
+
+def compose_config(overrides: list[str], with_hydra: bool = False) -> DictConfig:
+    """conf/config.yaml with overrides, composed as `python -m harness` composes a point, outside a Hydra run
+    (the CLI's info, the server, the tests); thread-safe."""
+    from hydra import compose, initialize_config_dir
+
+    register_schemas()
+    with _COMPOSE_LOCK, initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        return compose("config", list(overrides), return_hydra_config=with_hydra)
+
+
+def load_config(overrides: list[str]) -> HarnessConfig:
+    """The validated config of one point given by overrides; ConfigError on a bad value."""
+    return validate(compose_config(overrides))
 
 
 def conf_dir() -> Path:

@@ -38,18 +38,9 @@ def harness_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def compose():
     """compose(*overrides) -> validated HarnessConfig, through Hydra like the CLI."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from harness.config import load_config
 
-    from harness.config import conf_dir, register_schemas, validate
-
-    register_schemas()
-
-    def _compose(*overrides: str):
-        with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-            return validate(hydra_compose("config", list(overrides)))
-
-    return _compose
+    return lambda *overrides: load_config(list(overrides))
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.config import GROUPS, HarnessConfig, check_group_choices
+from harness.config import GROUPS, HarnessConfig, check_group_choices, compose_config, validate
 from harness.errors import ConfigError
 
 _ALLOWED_FIELDS = ("bench.", "quant.", "attention.", "workflow.", "validation.")
@@ -57,17 +57,12 @@ def check_overrides(overrides: Any) -> list[str]:
 
 def compose_point(overrides: list[str]) -> tuple[HarnessConfig, dict[str, str]]:
     """The validated config of one point and its group choices, as `python -m harness` composes it."""
-    from hydra import compose, initialize_config_dir
-
-    from harness.config import conf_dir, register_schemas, validate
     from runners.point import preflight
 
     check_group_choices(overrides)
-    register_schemas()
     try:
-        with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-            cfg = compose("config", overrides, return_hydra_config=True)
-            choices = {g: str(cfg.hydra.runtime.choices.get(g)) for g in GROUPS}
+        cfg = compose_config(overrides, with_hydra=True)
+        choices = {g: str(cfg.hydra.runtime.choices.get(g)) for g in GROUPS}
     except ConfigError:
         raise
     except Exception as exc:  # Hydra's own parse and composition errors

@@ -9,7 +9,7 @@ import threading
 from dataclasses import replace
 from pathlib import Path
 
-from harness.config import AttentionConfig, ModelConfig, QuantConfig, group_options
+from harness.config import AttentionConfig, ModelConfig, QuantConfig, group_options, load_config
 from harness.models.manager import ModelSpec
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -25,7 +25,7 @@ class ModelRegistry:
         self.model_dirs = [Path(d).expanduser().resolve() for d in model_dirs]
         self.allow_remote_code = allow_remote_code
         self._specs: dict[str, ModelSpec] = {}
-        self._lock = threading.Lock()  # Hydra's compose API is global state
+        self._lock = threading.Lock()  # one composition per name, however many requests ask at once
 
     def entries(self) -> list[str]:
         return group_options("model")
@@ -70,11 +70,5 @@ class ModelRegistry:
 
     @staticmethod
     def _entry_spec(entry: str, quant: str) -> ModelSpec:
-        from hydra import compose, initialize_config_dir
-
-        from harness.config import conf_dir, register_schemas, validate
-
-        register_schemas()
-        with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-            cfg = validate(compose("config", [f"model={entry}", f"quant={quant}"]))
+        cfg = load_config([f"model={entry}", f"quant={quant}"])
         return ModelSpec(cfg.model, cfg.quant, cfg.attention)
