@@ -13,7 +13,8 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -180,20 +181,25 @@ class Server:
             )
         return info
 
-    async def wait(self, future: Any) -> Any:
+    async def run(self, job: Callable[[], Future]) -> Any:
+        """Queue a model operation on the worker and wait for its result."""
         try:
-            return await asyncio.wrap_future(future)
+            return await asyncio.wrap_future(self.enqueue(job))
         except HarnessError as exc:
             raise _harness_error(exc) from None
 
-    def submit_stream(self, spec: ModelSpec, prompt: Prompt, params: GenerationParams):
-        loop = asyncio.get_running_loop()
-        sink: asyncio.Queue = asyncio.Queue()
-        cancelled = threading.Event()
+    @staticmethod
+    def enqueue(job: Callable[[], Future]) -> Future:
         try:
-            self.worker.stream(spec, prompt, params, asyncio_emitter(loop, sink), cancelled)
+            return job()
         except QueueFull as exc:
             raise APIError(503, f"the server is busy: {exc}; retry later.", kind="server_error") from None
+
+    def submit_stream(self, spec: ModelSpec, prompt: Prompt, params: GenerationParams):
+        sink: asyncio.Queue = asyncio.Queue()
+        cancelled = threading.Event()
+        emit = asyncio_emitter(asyncio.get_running_loop(), sink)
+        self.enqueue(lambda: self.worker.stream(spec, prompt, params, emit, cancelled))
         return sink, cancelled
 
 
@@ -236,12 +242,12 @@ def create_app(settings: ServerSettings | None = None, manager: ModelManager | N
     # -- OpenAI-compatible ---------------------------------------------------------------------------------
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
-        loaded = {spec_key for spec_key in server.manager.loaded()}
+        loaded = set(server.manager.loaded())
         data = []
         for name in server.registry.names():
             try:
                 is_loaded = server.registry.spec(name).key in loaded
-            except Exception:  # an entry that does not compose here is still listed
+            except (ConfigError, UnknownModel):  # an entry that does not compose here is still listed
                 is_loaded = False
             data.append({"id": name, "object": "model", "created": 0, "owned_by": "harness", "loaded": is_loaded})
         return {"object": "list", "data": data}
@@ -265,20 +271,13 @@ def create_app(settings: ServerSettings | None = None, manager: ModelManager | N
     @app.post("/models/{name}/load")
     async def load(name: str) -> dict[str, Any]:
         spec = server.spec(name)
-        try:
-            future = server.worker.load(spec)
-        except QueueFull as exc:
-            raise APIError(503, f"the server is busy: {exc}; retry later.", kind="server_error") from None
-        await server.wait(future)
+        await server.run(lambda: server.worker.load(spec))
         return server.model_info(name, spec)
 
     @app.post("/models/{name}/unload")
     async def unload(name: str) -> dict[str, Any]:
         spec = server.spec(name)
-        try:
-            was_loaded = await server.wait(server.worker.unload(spec))
-        except QueueFull as exc:
-            raise APIError(503, f"the server is busy: {exc}; retry later.", kind="server_error") from None
+        was_loaded = await server.run(lambda: server.worker.unload(spec))
         return {**server.model_info(name, spec), "unloaded": was_loaded}
 
     # -- benchmark jobs ------------------------------------------------------------------------------------
