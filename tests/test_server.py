@@ -302,6 +302,17 @@ def test_deltas_hold_back_a_possible_stop_sequence_and_half_characters():
     assert decoder.push(ord("x")) == "x" and decoder.push(0xFFFD) == "" and decoder.finish("xy") == "y"
 
 
+@pytest.mark.parametrize("model", ["tiny-qwen2", "tiny-llama", CHAT_MODEL])
+def test_deltas_add_up_to_the_whole_decode(load, model):
+    tokenizer = load(model).tokenizer
+    text = "Naïve café, 東京 and 🙂 emoji;\n  indented   spaces\tand a tab. Done."
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    decoder = DeltaDecoder(tokenizer, ("\nUser:",))
+    streamed = "".join(decoder.push(i) for i in ids)
+    whole = tokenizer.decode(ids, skip_special_tokens=True)
+    assert streamed + decoder.finish(whole) == whole and decoder.text == whole
+
+
 def test_a_full_queue_answers_busy(load):
     from harness.models.manager import ModelManager
 

@@ -46,41 +46,58 @@ class Failed:
 
 class DeltaDecoder:
     """Turns token ids into text deltas: never emits half a UTF-8 character, nor text that may turn out to be
-    the start of a stop sequence (the final text is cut before a stop sequence, so neither may a stream)."""
+    the start of a stop sequence (the final text is cut before a stop sequence, so neither may a stream).
+
+    Each token costs a decode of two tokens, not of the whole output: the newest token is decoded with the one
+    before it as context (so a tokenizer that merges or drops spaces at token boundaries decodes as it would in
+    the full text), and the text grows by the difference.
+    """
 
     def __init__(self, tokenizer: Any, stop: tuple[str, ...]) -> None:
         self.tokenizer = tokenizer
         self.stop = stop
         self.ids: list[int] = []
-        self.sent = ""
+        self.text = ""  # the decoded text of ids[:read]
+        self.sent = 0  # characters of text already sent
+        self._prefix = 0  # ids[_prefix:read] are the context the next token is decoded with
+        self._read = 0
 
-    def _safe_length(self, text: str) -> int:
-        end = len(text)
-        if text.endswith("\ufffd"):
-            end = len(text.rstrip("\ufffd"))
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _safe_end(self) -> int:
+        """How much of text may be sent: up to a stop sequence, and short of a tail that may begin one. Text
+        already sent never ends with part of a stop sequence, so only the unsent text needs looking at."""
+        end = len(self.text)
         for s in self.stop:
-            found = text.find(s)
+            found = self.text.find(s, self.sent)
             if found >= 0:
                 end = min(end, found)
-            for k in range(min(len(s) - 1, len(text)), 0, -1):  # a tail that could begin a stop sequence
-                if text.endswith(s[:k]):
-                    end = min(end, len(text) - k)
+            for k in range(min(len(s) - 1, len(self.text) - self.sent), 0, -1):
+                if self.text.endswith(s[:k]):
+                    end = min(end, len(self.text) - k)
                     break
         return end
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        safe = text[: self._safe_length(text)]
-        if not safe.startswith(self.sent) or len(safe) <= len(self.sent):
+        context = self._decode(self.ids[self._prefix : self._read])
+        with_new = self._decode(self.ids[self._prefix :])
+        if with_new.endswith("\ufffd") or len(with_new) <= len(context):
+            return ""  # half a character (or nothing) so far: wait for the next token
+        self.text += with_new[len(context) :]
+        self._prefix, self._read = self._read, len(self.ids)
+        end = self._safe_end()
+        if end <= self.sent:
             return ""
-        delta, self.sent = safe[len(self.sent) :], safe
+        delta, self.sent = self.text[self.sent : end], end
         return delta
 
     def finish(self, final_text: str) -> str:
         """What is left to send of the final (stop-cut) text."""
-        if final_text.startswith(self.sent):
-            return final_text[len(self.sent) :]
+        sent = self.text[: self.sent]
+        if final_text.startswith(sent):
+            return final_text[len(sent) :]
         return ""  # cannot happen with a prefix-stable tokenizer; never resend text
 
 
