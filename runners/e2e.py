@@ -16,15 +16,10 @@ from harness.errors import InferenceError, OutOfMemoryError
 from harness.stats import summarize, summarize_proportion
 from harness.workflows import CaseResult, Workflow, create_workflow
 from harness.workflows.checks import Check
-from runners.measure import BenchContext, BenchOutput, case_key, generation_params, request_metrics
+from runners.measure import REQUEST_UNITS, BenchContext, BenchOutput, case_key, generation_params, request_metrics
 
 CASES_FILE = "cases.jsonl"
-_REQUEST_METRICS = {
-    "ttft_s": ("ttft_ms", "ms", 1e3),
-    "e2e_s": ("e2e_ms", "ms", 1e3),
-    "decode_tok_s": ("decode_tok_s", "tok/s", 1.0),
-    "output_tokens": ("output_tokens", "tokens", 1.0),
-}
+_REQUEST_METRICS = {**REQUEST_UNITS, "output_tokens": ("output_tokens", "tokens", 1.0)}
 
 
 def _failed_case(case: dict[str, Any], exc: InferenceError) -> CaseResult:
@@ -38,7 +33,7 @@ def _failed_case(case: dict[str, Any], exc: InferenceError) -> CaseResult:
 
 def run_e2e(ctx: BenchContext) -> BenchOutput:
     cfg = ctx.cfg
-    workflow: Workflow = create_workflow(cfg.workflow)
+    workflow: Workflow = ctx.workflow or create_workflow(cfg.workflow)
     params = generation_params(cfg.bench, cfg.seed, force_length=False)
     params = replace(params, max_new_tokens=cfg.workflow.max_new_tokens)
     out = BenchOutput()

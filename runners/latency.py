@@ -14,6 +14,7 @@ from harness.engines import GenerationParams
 from harness.engines.base import TokenPrompt, streamed
 from harness.stats import summarize
 from runners.measure import (
+    REQUEST_UNITS,
     BenchContext,
     BenchOutput,
     StopRule,
@@ -25,19 +26,10 @@ from runners.measure import (
     request_metrics,
 )
 
-# request metric (seconds or tok/s) -> (reported name, unit, scale)
-UNITS = {
-    "ttft_s": ("ttft_ms", "ms", 1e3),
-    "e2e_s": ("e2e_ms", "ms", 1e3),
-    "tpot_s": ("tpot_ms", "ms", 1e3),
-    "decode_tok_s": ("decode_tok_s", "tok/s", 1.0),
-    "prefill_tok_s": ("prefill_tok_s", "tok/s", 1.0),
-}
-
 
 @dataclass
 class _Case:
-    per_request: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in UNITS})
+    per_request: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in REQUEST_UNITS})
     itls: list[float] = field(default_factory=list)
     mismatches: int = 0
 
@@ -57,7 +49,7 @@ def _measure_case(
         m = request_metrics(g.start_ns, g.token_ns, g.prompt_tokens)
         if g.output_tokens != params.max_new_tokens:
             data.mismatches += 1
-        for key, (name, unit, scale) in UNITS.items():
+        for key, (name, unit, scale) in REQUEST_UNITS.items():
             if key in m:
                 data.per_request[key].append(m[key])
                 out.samples.append(("latency", case, request, "", name, m[key] * scale, unit))
@@ -85,13 +77,13 @@ def run_latency(ctx: BenchContext) -> BenchOutput:
             cold = streamed(engine, prompt, params)
             cold_m = request_metrics(cold.start_ns, cold.token_ns, cold.prompt_tokens)
             for key in ("ttft_s", "e2e_s"):
-                out.metrics[f"cold_start_{UNITS[key][0]}"] = summarize([cold_m[key] * 1e3], "ms")
+                out.metrics[f"cold_start_{REQUEST_UNITS[key][0]}"] = summarize([cold_m[key] * 1e3], "ms")
         for _ in range(bench.warmup_runs):
             streamed(engine, prompt, params)
         data, how = _measure_case(ctx, out, prompt, case, params)
         for key, values in data.per_request.items():
             if values:
-                name, unit, scale = UNITS[key]
+                name, unit, scale = REQUEST_UNITS[key]
                 out.metrics[case_key(name, prompt=p_len)] = summarize([v * scale for v in values], unit)
         if data.itls:
             out.metrics[case_key("itl_ms", prompt=p_len)] = summarize([v * 1e3 for v in data.itls], "ms")

@@ -21,6 +21,16 @@ from harness.engines.base import TokenPrompt
 from harness.errors import InferenceError
 from harness.models.loader import LoadedModel
 from harness.stats import summarize
+from harness.workflows import Workflow
+
+# request metric (seconds or tok/s) -> (reported name, unit, scale)
+REQUEST_UNITS = {
+    "ttft_s": ("ttft_ms", "ms", 1e3),
+    "e2e_s": ("e2e_ms", "ms", 1e3),
+    "tpot_s": ("tpot_ms", "ms", 1e3),
+    "decode_tok_s": ("decode_tok_s", "tok/s", 1.0),
+    "prefill_tok_s": ("prefill_tok_s", "tok/s", 1.0),
+}
 
 SAMPLE_COLUMNS = ("bench", "case", "request", "token", "metric", "value", "unit")
 
@@ -33,6 +43,7 @@ class BenchContext:
     load_memory: dict[str, Any]
     progress: Callable[[str], None] = lambda message: None
     out_dir: Path | None = None  # the point's folder, for benches that write files of their own (cases.jsonl)
+    workflow: Workflow | None = None  # bench=e2e: the workflow, its cases checked before the model loaded
 
 
 @dataclass

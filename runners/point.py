@@ -25,6 +25,7 @@ from harness.errors import ConfigError, HarnessError, OutOfMemoryError, format_e
 from harness.memory import MemoryMonitor
 from harness.models import load_model
 from harness.result import Result, write_result
+from harness.workflows import Workflow, create_workflow
 from runners.e2e import run_e2e
 from runners.latency import run_latency
 from runners.measure import BenchContext, BenchOutput, write_samples
@@ -81,14 +82,11 @@ def resolve_bench(name: str) -> Callable[[BenchContext], BenchOutput]:
     )
 
 
-def preflight(cfg: HarnessConfig) -> None:
+def preflight(cfg: HarnessConfig) -> Workflow | None:
     """What can be checked without a model, checked before one loads: the bench exists, and for bench=e2e the
-    workflow's case file and corpus are valid. Raises ConfigError."""
+    workflow's case file and corpus are valid (the workflow, ready to run, is returned). Raises ConfigError."""
     resolve_bench(cfg.bench.name)
-    if cfg.bench.name == "e2e":
-        from harness.workflows import create_workflow
-
-        create_workflow(cfg.workflow)
+    return create_workflow(cfg.workflow) if cfg.bench.name == "e2e" else None
 
 
 def _as_error(exc: BaseException) -> HarnessError | None:
@@ -119,7 +117,7 @@ def run_point(
     loaded = None
     try:
         bench = resolve_bench(cfg.bench.name)
-        preflight(cfg)
+        workflow = preflight(cfg)
         with MemoryMonitor() as load_memory:
             loaded = load_model(cfg.model, cfg.quant, cfg.attention, cfg.cache_path, cfg.seed)
         result.timings["load_s"] = loaded.load_seconds
@@ -128,7 +126,7 @@ def run_point(
         result.resolved["engine"] = engine.describe()
         t_measure = time.perf_counter()
         progress = _Progress(f"{point.get('model')} {point.get('quant')} {cfg.bench.name}")
-        ctx = BenchContext(cfg, engine, loaded, load_memory.summary(), progress, out_dir)
+        ctx = BenchContext(cfg, engine, loaded, load_memory.summary(), progress, out_dir, workflow)
         with MemoryMonitor(interval_s=None) as run_memory:  # no sampling thread while timing
             output = bench(ctx)
         progress.done()

@@ -11,8 +11,7 @@ from dataclasses import replace
 
 from harness.engines.base import streamed
 from harness.stats import summarize
-from runners.latency import UNITS
-from runners.measure import BenchContext, BenchOutput, generation_params, request_metrics
+from runners.measure import REQUEST_UNITS, BenchContext, BenchOutput, generation_params, request_metrics
 
 
 def run_smoke(ctx: BenchContext) -> BenchOutput:
@@ -26,15 +25,15 @@ def run_smoke(ctx: BenchContext) -> BenchOutput:
     g = streamed(ctx.engine, messages, params)
     out = BenchOutput()
     for key, value in request_metrics(g.start_ns, g.token_ns, g.prompt_tokens).items():
-        if key in UNITS:
-            name, unit, scale = UNITS[key]
+        if key in REQUEST_UNITS:
+            name, unit, scale = REQUEST_UNITS[key]
             out.metrics[name] = summarize([value * scale], unit)
             out.samples.append(("smoke", "chat", 0, "", name, value * scale, unit))
     out.metrics["output_tokens"] = summarize([g.output_tokens], "tokens")
     cold_m = request_metrics(cold.start_ns, cold.token_ns, cold.prompt_tokens)
     for key in ("ttft_s", "e2e_s"):
         if key in cold_m:
-            out.metrics[f"cold_start_{UNITS[key][0]}"] = summarize([cold_m[key] * 1e3], "ms")
+            out.metrics[f"cold_start_{REQUEST_UNITS[key][0]}"] = summarize([cold_m[key] * 1e3], "ms")
     out.metrics["tokenize_ms"] = summarize([g.tokenize_ns / 1e6], "ms")
     for i, t in enumerate(g.token_ns):
         out.samples.append(("smoke", "chat", 0, i, "token_t_ms", (t - g.start_ns) / 1e6, "ms"))
