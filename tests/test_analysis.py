@@ -13,6 +13,7 @@ import pytest
 from analysis.__main__ import main as analysis_main
 from analysis.compare import significant
 from analysis.summary import fmt
+from conftest import point
 from runners import run_point
 
 FAST = ["bench.min_runs=2", "bench.max_runs=3", "bench.min_seconds=0", "bench.max_new_tokens=4"]
@@ -38,29 +39,11 @@ def sweep(tmp_path_factory, compose):
                 ),
             ):
                 cfg = compose(f"model={model}", f"quant={quant}", f"bench={bench}", *FAST, *extra)
-                point = {
-                    "model": model,
-                    "quant": quant,
-                    "attention": "auto",
-                    "engine": "transformers",
-                    "workflow": "none",
-                    "bench": bench,
-                }
-                result = run_point(cfg, folder / f"bench={bench},model={model},quant={quant}", point)
+                choices = point(model=model, quant=quant, bench=bench)
+                result = run_point(cfg, folder / f"bench={bench},model={model},quant={quant}", choices)
                 assert result.status == "ok", result.error
     bad = compose("model.path=/does/not/exist")
-    run_point(
-        bad,
-        folder / "model=smollm2,path=missing",
-        {
-            "model": "smollm2",
-            "quant": "none",
-            "attention": "auto",
-            "engine": "transformers",
-            "workflow": "none",
-            "bench": "smoke",
-        },
-    )
+    run_point(bad, folder / "model=smollm2,path=missing", point(model="smollm2"))
     (folder / "command.txt").write_text("python -m harness -m model=tiny-gpt2,tiny-qwen2 quant=none,4bit\n")
     assert analysis_main([str(folder)]) == 0
     return folder

@@ -1,27 +1,13 @@
 """`python -m harness` as a user runs it: exit codes, messages without tracebacks, result files."""
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import needs_smollm2
+from conftest import needs_smollm2, run_harness
 from harness.models.sources import packaged_gguf
-
-
-def harness(tmp_path: Path, *args: str, env: dict[str, str] | None = None, timeout: int = 600):
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "harness", *args],
-        cwd=tmp_path,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def results_under(folder: Path) -> list[dict]:
@@ -51,7 +37,7 @@ def results_under(folder: Path) -> list[dict]:
     ],
 )
 def test_bad_input_gets_a_message_and_an_exit_code(tmp_path, args, code, needle):
-    proc = harness(tmp_path, *args)
+    proc = run_harness(tmp_path, *args)
     out = proc.stdout + proc.stderr
     assert proc.returncode == code, out
     assert needle in out
@@ -63,7 +49,7 @@ def test_quant_8bit_without_bitsandbytes(tmp_path):
     shadow = tmp_path / "shadow" / "bitsandbytes"
     shadow.mkdir(parents=True)
     (shadow / "__init__.py").write_text("raise ImportError('No module named bitsandbytes')\n")
-    proc = harness(tmp_path, "model=tiny-gpt2", "quant=8bit", env={"PYTHONPATH": str(shadow.parent)})
+    proc = run_harness(tmp_path, "model=tiny-gpt2", "quant=8bit", env={"PYTHONPATH": str(shadow.parent)})
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out
     assert "QuantizationError: quant=8bit needs the Python package 'bitsandbytes'" in out
@@ -76,14 +62,14 @@ def test_corrupt_gguf_file(tmp_path):
     cut = tmp_path / "cut.gguf"
     with src.open("rb") as fh:
         cut.write_bytes(fh.read(5_000_000))
-    proc = harness(tmp_path, f"model.path={cut}")
+    proc = run_harness(tmp_path, f"model.path={cut}")
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out
     assert "truncated or corrupt" in out and "Traceback" not in out
 
 
 def test_a_tiny_point_prints_and_records_what_it_did(tmp_path):
-    proc = harness(tmp_path, "model=tiny-llama", "bench.max_new_tokens=5")
+    proc = run_harness(tmp_path, "model=tiny-llama", "bench.max_new_tokens=5")
     assert proc.returncode == 0, proc.stderr
     assert "[ok] model=tiny-llama" in proc.stdout and "cpu float32" in proc.stdout
     (result,) = results_under(tmp_path / "outputs")
@@ -91,7 +77,7 @@ def test_a_tiny_point_prints_and_records_what_it_did(tmp_path):
 
 
 def test_a_sweep_with_a_failing_point_goes_on_and_exits_non_zero(tmp_path):
-    proc = harness(
+    proc = run_harness(
         tmp_path, "-m", "model=tiny-gpt2,tiny-qwen2", "model.device=cpu", "quant=none,gptq", "bench.max_new_tokens=3"
     )
     assert proc.returncode == 1, proc.stderr
@@ -108,7 +94,7 @@ def test_a_sweep_with_a_failing_point_goes_on_and_exits_non_zero(tmp_path):
 @pytest.mark.slow
 @needs_smollm2
 def test_default_run_answers_with_smollm2(tmp_path):
-    proc = harness(tmp_path)
+    proc = run_harness(tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "smollm2> " in proc.stdout
     (result,) = results_under(tmp_path / "outputs")
@@ -128,7 +114,7 @@ def test_default_run_answers_with_smollm2(tmp_path):
 @pytest.mark.slow
 @needs_smollm2
 def test_nine_point_sweep_over_models_and_quantizations(tmp_path):
-    proc = harness(
+    proc = run_harness(
         tmp_path, "-m", "model=smollm2,tiny-gpt2,tiny-qwen2", "quant=none,8bit,4bit", "bench.max_new_tokens=8"
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -167,7 +153,7 @@ def test_hub_id_is_served_offline_from_the_hub_cache(tmp_path, load):
     shutil.copytree(built, repo / "snapshots" / "0123abcd", ignore=shutil.ignore_patterns(".complete"))
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("0123abcd")
-    proc = harness(
+    proc = run_harness(
         tmp_path,
         "model=tiny-qwen2",
         "model.random_weights=false",

@@ -4,9 +4,6 @@ and perplexity checked against the model's own loss."""
 import csv
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from analysis.__main__ import main as analysis_main
-from conftest import needs_smollm2
+from conftest import needs_smollm2, point, run_harness
 from harness.engines import create_engine
 from harness.engines.base import Generation
 from runners import run_point, summary_line
@@ -24,18 +21,13 @@ from runners.quality import windows
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def point(workflow, bench="e2e", model="tiny-gpt2"):
-    return {"model": model, "quant": "none", "attention": "auto", "engine": "transformers", "workflow": workflow,
-            "bench": bench}  # fmt: skip
-
-
 def records(folder):
     return [json.loads(line) for line in (folder / "cases.jsonl").read_text().splitlines()]
 
 
 def test_chat_e2e_writes_a_record_per_case_and_pass_rates(compose, tmp_path):
     cfg = compose("model=tiny-gpt2", "bench=e2e", "workflow=chat", "workflow.limit=2", "workflow.max_new_tokens=8")
-    result = run_point(cfg, tmp_path, point("chat"))
+    result = run_point(cfg, tmp_path, point(workflow="chat", bench="e2e"))
     assert result.status == "ok", result.error
     rows = records(tmp_path)
     assert [r["id"] for r in rows] == ["name-recall", "city-recall"]
@@ -59,7 +51,7 @@ def test_a_conversation_over_its_budget_is_truncated_and_says_so(compose, tmp_pa
         "model=tiny-gpt2", "bench=e2e", "workflow=chat", "workflow.limit=1", "workflow.max_new_tokens=24",
         "workflow.context_budget=110",
     )  # fmt: skip
-    result = run_point(cfg, tmp_path, point("chat"))
+    result = run_point(cfg, tmp_path, point(workflow="chat", bench="e2e"))
     assert result.status == "ok", result.error
     (row,) = records(tmp_path)
     assert row["truncated"] and "truncated to the budget of 110 tokens" in row["note"]
@@ -70,7 +62,7 @@ def test_a_conversation_over_its_budget_is_truncated_and_says_so(compose, tmp_pa
 
 def test_a_search_prompt_too_long_for_the_model_fails_its_case_with_the_reason(compose, tmp_path):
     cfg = compose("model=tiny-gpt2", "bench=e2e", "workflow=search_qa", "workflow.limit=1", "workflow.top_k=5")
-    result = run_point(cfg, tmp_path, point("search_qa"))
+    result = run_point(cfg, tmp_path, point(workflow="search_qa", bench="e2e"))
     assert result.status == "ok", result.error
     (row,) = records(tmp_path)
     assert not row["passed"] and row["checks"][0]["name"] == "generated"
@@ -81,7 +73,7 @@ def test_a_search_prompt_too_long_for_the_model_fails_its_case_with_the_reason(c
 
 def test_other_benches_say_they_ignored_the_workflow(compose, tmp_path):
     cfg = compose("model=tiny-gpt2", "bench=smoke", "workflow=chat", "bench.max_new_tokens=2")
-    result = run_point(cfg, tmp_path, point("chat", bench="smoke"))
+    result = run_point(cfg, tmp_path, point(workflow="chat"))
     assert result.status == "ok" and "run only by bench=e2e" in result.details["note"]
 
 
@@ -106,7 +98,7 @@ def test_search_qa_counts_a_good_answer_as_passed(compose, tmp_path, monkeypatch
     keep = [c for c in source["cases"] if c["id"] in ("break-loop", "continue-next", "pass-null")]
     cases.write_text(json.dumps({"workflow": "search_qa", "cases": keep}))
     cfg = compose("model=tiny-gpt2", "bench=e2e", "workflow=search_qa", f"workflow.cases={cases}")
-    result = run_point(cfg, tmp_path / "point", point("search_qa"))
+    result = run_point(cfg, tmp_path / "point", point(workflow="search_qa", bench="e2e"))
     assert result.status == "ok", result.error
     assert result.metrics["pass_rate"]["mean"] == pytest.approx(2 / 3)
     assert result.details["failed_cases"] == ["pass-null"]
@@ -118,7 +110,7 @@ def test_lesson_pack_e2e_records_structure_scores(compose, tmp_path):
     cfg = compose(
         "model=tiny-qwen2", "bench=e2e", "workflow=lesson_pack", "workflow.limit=1", "workflow.max_new_tokens=16"
     )
-    result = run_point(cfg, tmp_path, point("lesson_pack", model="tiny-qwen2"))
+    result = run_point(cfg, tmp_path, point(workflow="lesson_pack", bench="e2e", model="tiny-qwen2"))
     assert result.status == "ok", result.error
     (row,) = records(tmp_path)
     assert 0 <= row["structure_score"] <= 1 and not row["passed"]  # 16 tokens of noise is no lesson
@@ -129,35 +121,27 @@ def test_summary_has_a_table_per_workflow(compose, tmp_path):
     for workflow in ("chat", "lesson_pack"):
         cfg = compose("model=tiny-gpt2", "bench=e2e", f"workflow={workflow}", "workflow.limit=1",
                       "workflow.max_new_tokens=4")  # fmt: skip
-        assert run_point(cfg, tmp_path / f"workflow={workflow}", point(workflow)).status == "ok"
+        assert run_point(cfg, tmp_path / f"workflow={workflow}", point(workflow=workflow, bench="e2e")).status == "ok"
     assert analysis_main([str(tmp_path)]) == 0
     summary = (tmp_path / "summary.md").read_text()
     assert "## e2e: chat" in summary and "## e2e: lesson_pack" in summary
     assert "tiny-gpt2 q=none wf=chat" in summary
 
 
-def harness(cwd, *args):
-    paths = [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
-    return subprocess.run(
-        [sys.executable, "-m", "harness", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
-    )
-
-
 def test_release_gate_exit_status(tmp_path):
     args = ["model=tiny-gpt2", "bench=e2e", "workflow=chat", "workflow.limit=1", "workflow.max_new_tokens=4"]
-    below = harness(tmp_path, *args, "validation.min_pass_rate=0.5", "hydra.run.dir=gate")
+    below = run_harness(tmp_path, *args, "validation.min_pass_rate=0.5", "hydra.run.dir=gate")
     assert below.returncode == 3, below.stderr
     assert "release gate: chat passed 0.0% of 1 cases, below validation.min_pass_rate=0.5" in below.stdout
     # The same point is not measured again for another threshold: the gate reads the result.
-    passing = harness(tmp_path, *args, "validation.min_pass_rate=0", "hydra.run.dir=gate")
+    passing = run_harness(tmp_path, *args, "validation.min_pass_rate=0", "hydra.run.dir=gate")
     assert passing.returncode == 0, passing.stderr
     assert "[skipped: already ok]" in passing.stdout
 
 
 def test_a_malformed_case_file_stops_the_run_before_any_model_loads(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"cases": [{"id": "x", "topic": 3}]}))
-    proc = harness(tmp_path, "model=tiny-gpt2", "bench=e2e", "workflow=lesson_pack", "workflow.cases=bad.json")
+    proc = run_harness(tmp_path, "model=tiny-gpt2", "bench=e2e", "workflow=lesson_pack", "workflow.cases=bad.json")
     assert proc.returncode == 2
     assert "bad.json, case 0 ('x'): field 'topic' must be non-empty text" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -197,7 +181,7 @@ def test_token_nll_equals_the_models_own_loss(load):
 def test_quality_bench_on_a_random_model_is_near_its_vocabulary_size(compose, tmp_path):
     cfg = compose("model=tiny-gpt2", "bench=quality", "bench.ppl_chars=3000", "bench.ppl_window=128",
                   "bench.ppl_stride=64")  # fmt: skip
-    result = run_point(cfg, tmp_path, point("none", "quality"))
+    result = run_point(cfg, tmp_path, point(bench="quality"))
     assert result.status == "ok", result.error
     m, d = result.metrics, result.details
     # Random weights predict a nearly uniform distribution over the 1024 tokens.
@@ -210,7 +194,7 @@ def test_quality_bench_on_a_random_model_is_near_its_vocabulary_size(compose, tm
 
 def test_quality_window_is_capped_at_the_context_window(compose, tmp_path):
     cfg = compose("model=tiny-gpt2", "bench=quality", "bench.ppl_chars=4000", "bench.ppl_window=2048")
-    result = run_point(cfg, tmp_path, point("none", "quality"))
+    result = run_point(cfg, tmp_path, point(bench="quality"))
     assert result.status == "ok", result.error and result.details["window"] == 512
 
 
@@ -218,6 +202,6 @@ def test_quality_window_is_capped_at_the_context_window(compose, tmp_path):
 @pytest.mark.slow
 def test_smollm2_perplexity_is_that_of_a_trained_model(compose, tmp_path):
     cfg = compose("model=smollm2", "bench=quality", "bench.ppl_chars=3000")
-    result = run_point(cfg, tmp_path, point("none", "quality", model="smollm2"))
+    result = run_point(cfg, tmp_path, point(bench="quality", model="smollm2"))
     assert result.status == "ok", result.error
     assert 3 < result.metrics["perplexity"]["mean"] < 40  # 13.1 on the default 16000 characters

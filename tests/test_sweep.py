@@ -9,17 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import harness_env, run_harness
 from harness.result import write_json_atomic
 from runners.sweep import sweep_id
-
-TESTS = Path(__file__).resolve().parent
-
-
-def harness(cwd: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
-    return subprocess.run(
-        [sys.executable, "-m", "harness", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
-    )
 
 
 def results(cwd: Path) -> dict[str, dict]:
@@ -27,7 +19,7 @@ def results(cwd: Path) -> dict[str, dict]:
 
 
 def test_crashing_points_are_recorded_and_the_sweep_goes_on(tmp_path):
-    proc = harness(
+    proc = run_harness(
         tmp_path,
         "-m",
         "model=tiny-gpt2",
@@ -52,23 +44,23 @@ def test_crashing_points_are_recorded_and_the_sweep_goes_on(tmp_path):
 
 def test_rerun_computes_only_what_is_missing_and_force_redoes(tmp_path):
     args = ["-m", "model=tiny-gpt2", "bench.max_new_tokens=3", "bench.name=smoke,faults:sigkill"]
-    first = harness(tmp_path, *args)
+    first = run_harness(tmp_path, *args)
     assert first.returncode == 1
     before = {k: v["attempt"] for k, v in results(tmp_path).items()}
-    again = harness(tmp_path, *args)
+    again = run_harness(tmp_path, *args)
     assert again.returncode == 1 and "[skipped: already ok]" in again.stdout
     after = {k: v["attempt"] for k, v in results(tmp_path).items()}
     ok_key = next(k for k in before if "sigkill" not in k)
     bad_key = next(k for k in before if "sigkill" in k)
     assert after[ok_key] == before[ok_key] and after[bad_key] != before[bad_key]
-    forced = harness(tmp_path, *args, "force=true")
+    forced = run_harness(tmp_path, *args, "force=true")
     assert "[skipped" not in forced.stdout
     assert results(tmp_path)[ok_key]["attempt"] != before[ok_key]
     assert len(list((tmp_path / "outputs" / "multirun").iterdir())) == 1  # force does not change the folder
 
 
 def test_a_changed_config_is_not_skipped(tmp_path):
-    assert harness(tmp_path, "-m", "model=tiny-gpt2", "bench.max_new_tokens=3").returncode == 0
+    assert run_harness(tmp_path, "-m", "model=tiny-gpt2", "bench.max_new_tokens=3").returncode == 0
     from runners.execute import finished_ok
 
     folder = next((tmp_path / "outputs" / "multirun").rglob("result.json")).parent
@@ -78,7 +70,7 @@ def test_a_changed_config_is_not_skipped(tmp_path):
 
 
 def test_point_over_its_memory_limit_fails_with_out_of_memory(tmp_path):
-    proc = harness(tmp_path, "-m", "model=tiny-gpt2", "bench.name=faults:hog", "point_memory_limit_mb=300")
+    proc = run_harness(tmp_path, "-m", "model=tiny-gpt2", "bench.name=faults:hog", "point_memory_limit_mb=300")
     assert proc.returncode == 1
     (result,) = results(tmp_path).values()
     assert result["error"]["type"] == "OutOfMemoryError" and "Traceback" not in proc.stdout
@@ -111,7 +103,7 @@ def test_hydra_launchers(tmp_path, launcher):
         "hydra_plugins.hydra_joblib_launcher" if launcher == "joblib" else "hydra_plugins.hydra_submitit_launcher"
     )
     extra = ["hydra.launcher.n_jobs=2"] if launcher == "joblib" else ["hydra.launcher.timeout_min=5"]
-    proc = harness(
+    proc = run_harness(
         tmp_path, "-m", f"hydra/launcher={launcher}", "model=tiny-gpt2,tiny-qwen2", "bench.max_new_tokens=3", *extra
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -124,11 +116,10 @@ def test_ctrl_c_leaves_a_complete_result_that_says_interrupted(tmp_path):
     import signal
     import time
 
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.Popen(
         [sys.executable, "-m", "harness", "-m", "model=tiny-gpt2", "bench.name=faults:sleepy"],
         cwd=tmp_path,
-        env=env,
+        env=harness_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
