@@ -1,8 +1,15 @@
-"""`python -m harness [-m] group=option …`: a thin Hydra entry point around runners.execute_point."""
+"""`python -m harness [-m] group=option …`: a thin Hydra entry point around runners.execute_point.
+
+Before Hydra runs anything, every override is parsed and every point of the sweep composed and validated
+(harness.overrides.precheck), so a user mistake is one paragraph and exit status 2, and no point runs first.
+SIGINT and SIGTERM stop the point that is running (its result says Interrupted), then the sweep's summary and
+report are still written and the exit status is 130 or 143.
+"""
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -10,10 +17,22 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from harness.config import GROUPS, check_group_choices, conf_dir, register_schemas, validate
-from harness.errors import ConfigError, format_error
+from harness.config import GROUPS, conf_dir, register_schemas, validate
+from harness.errors import ConfigError, HarnessError, Interrupted, StorageError, format_error
 
 _outcomes: list[tuple[str, str]] = []  # (status, summary line) of each point run in this process
+_NO_PRECHECK = ("-h", "--help", "--hydra-help", "--info", "-i", "--shell-completion", "-sc")
+EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+def _point_status(result, gate: str | None) -> str:
+    if gate:
+        return "below_gate"
+    if result.status != "ok" and (result.error or {}).get("type") == "Interrupted":
+        return "interrupted"
+    if result.status != "ok" and (result.error or {}).get("type") == "ConfigError":
+        return "config_error"
+    return result.status
 
 
 @hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
@@ -32,7 +51,20 @@ def _point(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     out_dir = Path(hc.runtime.output_dir)
     point = {g: str(hc.runtime.choices.get(g, getattr(validated, g).name)) for g in GROUPS}
-    result, skipped = execute_point(validated, out_dir, point)
+    point.update(swept_fields(list(hc.overrides.task)))
+    try:
+        result, skipped = execute_point(validated, out_dir, point)
+    except KeyboardInterrupt as stop:  # the point's result says Interrupted; the sweep stops here
+        from runners.execute import load_result
+
+        stopped = load_result(out_dir)
+        if stopped is not None:
+            _outcomes.append(("interrupted", summary_line(stopped, out_dir)))
+        raise Interrupted(getattr(stop, "signum", signal.SIGINT)) from None
+    except StorageError as exc:  # the disk refused a write: nothing more can be recorded
+        print(format_error(exc), file=sys.stderr)
+        _outcomes.append(("failed", f"[failed] {' '.join(f'{k}={v}' for k, v in point.items())}: {exc.cause}"))
+        raise SystemExit(1) from None
     line = summary_line(result, out_dir)
     if skipped:
         line = "[skipped: already ok] " + line.split("] ", 1)[1]
@@ -41,18 +73,93 @@ def _point(cfg: DictConfig) -> None:
     gate = below_gate(result, validated.validation.min_pass_rate)
     if gate:
         line += "\n  " + gate
-    _outcomes.append(("below_gate" if gate else result.status, line))
+    _outcomes.append((_point_status(result, gate), line))
     print(line, flush=True)
+
+
+def swept_fields(task_overrides: list[str]) -> dict[str, str]:
+    """The point's overrides of fields outside the groups (seed=2, bench.max_new_tokens=8): with the group
+    choices they are the point's identity, so tables and plots show one row per point."""
+    from harness.overrides import parse
+
+    fields = {}
+    for text in task_overrides:
+        o = parse(text)
+        key = o.key_or_group
+        if key in GROUPS or key == "experiment" or key.startswith(_NOT_IDENTITY):
+            continue
+        fields[key] = o.get_value_element_as_str() if o.value() is not None else "null"
+    return fields
+
+
+# Overrides that change how a point runs or is shown, not what it measures.
+_NOT_IDENTITY = ("hydra", "force", "print_text", "isolation", "report", "validation")
+_received: list[int] = []
+
+
+def _on_signal(signum: int, frame) -> None:
+    if _received:  # a second signal while stopping: leave the stopping to what is already under way
+        return
+    _received.append(signum)
+    raise Interrupted(signum)
+
+
+def _precheck(args: list[str]) -> int | None:
+    """Exit status 2 when the command line holds a mistake, None when it may run."""
+    if any(a in _NO_PRECHECK for a in args):
+        return None
+    from harness.overrides import precheck
+    from runners.sweep import check_output_folder
+
+    try:
+        precheck(args, multirun=any(a in ("-m", "--multirun") for a in args))
+        check_output_folder(args)
+    except ConfigError as exc:
+        print(format_error(exc), file=sys.stderr)
+        return 2
+    return None
+
+
+def _summarize() -> int:
+    counts = {s: sum(status == s for status, _ in _outcomes) for s in ("failed", "config_error", "below_gate")}
+    interrupted = sum(status == "interrupted" for status, _ in _outcomes)
+    if len(_outcomes) > 1 or interrupted:
+        print(f"\nsweep summary ({len(_outcomes)} points):")
+        for _, line in _outcomes:
+            print("  " + line.splitlines()[0])
+        ok = sum(status == "ok" for status, _ in _outcomes)
+        tail = "".join(
+            f", {n} {what}"
+            for n, what in (
+                (counts["failed"], "failed"),
+                (counts["config_error"], "failed on a configuration error"),
+                (counts["below_gate"], "below the release gate"),
+                (interrupted, "interrupted"),
+            )
+            if n
+        )
+        print(f"{ok} of {len(_outcomes)} points ok" + tail)
+    if counts["config_error"]:
+        return 2
+    if counts["failed"] or interrupted:
+        return 1
+    return 3 if counts["below_gate"] else 0
+
+
+def _report_after_stop() -> None:
+    """The sweep's tables and report, from the points that finished, after a signal stopped it."""
+    from runners.sweep import last_sweep_dir, write_report
+
+    if last_sweep_dir:
+        write_report(last_sweep_dir[0])
 
 
 def main() -> int:
     args = sys.argv[1:]
-    try:
-        check_group_choices(args)
-    except ConfigError as exc:
-        print(format_error(exc), file=sys.stderr)
-        return 2
-    from runners.sweep import sweep_id
+    status = _precheck(args)
+    if status is not None:
+        return status
+    from runners.sweep import last_sweep_dir, results_in, sweep_id
 
     if any(a.startswith("hydra/launcher=joblib") for a in args):
         print(
@@ -64,30 +171,40 @@ def main() -> int:
     # The same sweep command writes to the same folder, so running it again resumes it.
     os.environ["HARNESS_SWEEP_ID"] = sweep_id(args)
     register_schemas()
-    _point()
-    from runners.sweep import last_sweep_dir, results_in
+    previous = {s: signal.signal(s, _on_signal) for s in EXIT_INTERRUPTED}
+    try:
+        _point()
+    except KeyboardInterrupt as stop:
+        signum = getattr(stop, "signum", signal.SIGINT)
+        for s, handler in previous.items():  # a second Ctrl-C while the report is written ends the process
+            signal.signal(s, handler)
+        print(f"\nstopped by {signal.Signals(signum).name}: the running point was recorded as Interrupted.")
+        _summarize()
+        if "report=false" not in args:
+            _report_after_stop()
+        return EXIT_INTERRUPTED[signal.Signals(signum)]
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
     if not _outcomes and last_sweep_dir:  # a launcher ran the points in other processes: read what they left
         from runners.e2e import below_gate
 
         for r in results_in(last_sweep_dir[0]):
-            point = " ".join(f"{k}={v}" for k, v in r.point.items() if k in GROUPS)
+            point = " ".join(f"{k}={v}" for k, v in r.point.items())
             gate = below_gate(r, r.config.get("validation", {}).get("min_pass_rate"))
             line = f"[{r.status}] {point}" + (f" ({gate})" if gate else "")
-            _outcomes.append(("below_gate" if gate else r.status, line))
-    failed = sum(status == "failed" for status, _ in _outcomes)
-    gated = sum(status == "below_gate" for status, _ in _outcomes)
-    if len(_outcomes) > 1:
-        print(f"\nsweep summary ({len(_outcomes)} points):")
-        for _, line in _outcomes:
-            print("  " + line.splitlines()[0])
-        ok = len(_outcomes) - failed - gated
-        tail = (f", {failed} failed" if failed else "") + (f", {gated} below the release gate" if gated else "")
-        print(f"{ok} of {len(_outcomes)} points ok" + tail)
-    if failed:
+            _outcomes.append((_point_status(r, gate), line))
+    return _summarize()
+
+
+def _main_guarded() -> int:
+    try:
+        return main()
+    except HarnessError as exc:  # raised outside any point (e.g. writing the report on a full disk)
+        print(format_error(exc), file=sys.stderr)
         return 1
-    return 3 if gated else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_main_guarded())

@@ -7,6 +7,8 @@ sweep point records `error_record()` in its result.json.
 
 from __future__ import annotations
 
+import errno
+
 
 class HarnessError(Exception):
     """Base of every error a user can cause; never raised itself."""
@@ -45,3 +47,43 @@ def format_error(error: BaseException) -> str:
     if isinstance(error, HarnessError):
         return f"{type(error).__name__}: {error.cause} Fix: {error.fix}"
     return f"{type(error).__name__}: {error}"
+
+
+class StorageError(HarnessError):
+    """A folder or file the harness must write cannot be written: read-only, full, or not permitted."""
+
+
+_STORAGE_FIXES = {
+    errno.ENOSPC: "the disk is full: free space there, or point the run elsewhere",
+    errno.EDQUOT: "the disk quota is used up: free space there, or point the run elsewhere",
+    errno.EROFS: "the file system is read-only: point the run at a writable folder",
+    errno.EACCES: "this user may not write there: fix its permissions, or point the run at a writable folder",
+    errno.EPERM: "this user may not write there: fix its permissions, or point the run at a writable folder",
+}
+
+
+def storage_error(exc: OSError, what: str, where: str | None = None, how_to_move: str = "") -> StorageError:
+    """An OSError from writing, as a StorageError naming the path, the reason and the fix."""
+    path = exc.filename or where or "?"
+    reason = exc.strerror or str(exc)
+    fix = _STORAGE_FIXES.get(exc.errno or 0, "check that the folder exists and can be written")
+    return StorageError(
+        f"could not write {what} at {path}: {reason}.", fix + (f" ({how_to_move})" if how_to_move else "") + "."
+    )
+
+
+def is_storage_error(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in _STORAGE_FIXES
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT (Ctrl-C) or SIGTERM reached a run: a KeyboardInterrupt, so every `except KeyboardInterrupt` path
+    that records an interrupted point handles SIGTERM the same way; never an Exception, so no launcher records
+    it as a point's own failure."""
+
+    def __init__(self, signum: int) -> None:
+        import signal
+
+        self.signum = int(signum)
+        self.signal_name = signal.Signals(signum).name
+        super().__init__(self.signal_name)

@@ -2,15 +2,43 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
+import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from harness.config import HarnessConfig
+from harness.errors import Interrupted, format_error, is_storage_error, storage_error
 from harness.result import write_result
 from runners.execute import FAULT_LOG, POINT_FILE, set_memory_limit
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGTERM this process when the sweep that started it dies, even by SIGKILL (the point runs in a
+    process group of its own, so nothing else would stop it)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _stop_on_signals() -> None:
+    """SIGINT and SIGTERM raise Interrupted, which run_point records; a second signal while it does so is
+    ignored, so the record is always written whole."""
+    received: list[int] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if not received:
+            received.append(signum)
+            raise Interrupted(signum)
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, handler)
 
 
 def main(out_dir: Path) -> int:
@@ -19,6 +47,8 @@ def main(out_dir: Path) -> int:
 
     from omegaconf import OmegaConf
 
+    _die_with_parent()
+    _stop_on_signals()
     from runners.point import run_point
 
     fault_log = (out_dir / FAULT_LOG).open("w")
@@ -31,9 +61,18 @@ def main(out_dir: Path) -> int:
 
     transformers.logging.set_verbosity_error()
     t0 = time.perf_counter()
-    result = run_point(cfg, out_dir, spec["point"], attempt=spec["attempt"], digest=spec["config_digest"])
-    result.timings["process_s"] = time.perf_counter() - t0
-    write_result(out_dir, result)
+    try:
+        result = run_point(cfg, out_dir, spec["point"], attempt=spec["attempt"], digest=spec["config_digest"])
+        result.timings["process_s"] = time.perf_counter() - t0
+        write_result(out_dir, result)
+    except KeyboardInterrupt as exc:  # run_point has written the Interrupted result
+        return 128 + getattr(exc, "signum", signal.SIGINT)
+    except OSError as exc:
+        if not is_storage_error(exc):
+            raise
+        error = storage_error(exc, "the point's result", str(out_dir), how_to_move="hydra.sweep.dir=<folder>")
+        print(format_error(error))
+        return 1
     faulthandler.disable()
     fault_log.close()
     (out_dir / FAULT_LOG).unlink(missing_ok=True)

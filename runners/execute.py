@@ -9,17 +9,21 @@ attempt; when the child died before writing it, the parent writes a failed resul
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from harness.config import HarnessConfig
+from harness.errors import is_storage_error, storage_error
 from harness.models.cache import spec_digest
 from harness.result import Result, write_json_atomic, write_result
 
@@ -45,21 +49,47 @@ def config_digest(cfg: HarnessConfig) -> str:
 
 
 def load_result(out_dir: Path) -> Result | None:
+    """The result in out_dir; None when there is none, or it is not a result this version reads (any shape of
+    corrupt or foreign JSON)."""
     try:
         data = json.loads((out_dir / "result.json").read_text())
     except (OSError, ValueError):
         return None
-    data.pop("schema", None)
     try:
-        return Result(**data)
-    except (TypeError, ValueError):  # a result of another schema version: treated as not there
+        return Result.from_dict(data)
+    except (TypeError, ValueError):
         return None
+
+
+def set_aside_unreadable(out_dir: Path) -> Path | None:
+    """Rename a result.json that cannot be read (kept for a person to look at, never deleted), so the point is
+    redone; returns the new name."""
+    path = out_dir / "result.json"
+    if not path.exists() or load_result(out_dir) is not None:
+        return None
+    aside = path.with_name(f"result.json.unreadable-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}")
+    path.rename(aside)
+    print(f"warning: {path} could not be read as a result; set aside as {aside.name} and the point is redone.")
+    return aside
 
 
 def finished_ok(out_dir: Path, digest: str) -> Result | None:
     """The ok result in out_dir when it was measured with the same config, else None."""
     result = load_result(out_dir)
     return result if result and result.status == "ok" and result.config_digest == digest else None
+
+
+def interrupted_result(cfg: HarnessConfig, point: dict[str, str], how: str) -> Result:
+    return Result(
+        status="failed",
+        point=point,
+        config=asdict(cfg),
+        error={
+            "type": "Interrupted",
+            "message": f"the point was interrupted ({how}) before it finished.",
+            "hint": "rerun the same command: finished points are skipped and this one is redone.",
+        },
+    )
 
 
 def _read_result(out_dir: Path, attempt: str) -> Result | None:
@@ -120,37 +150,90 @@ def _forward(stream, sink, tail: collections.deque) -> None:
         tail.append(line)
 
 
-def execute_point(cfg: HarnessConfig, out_dir: Path, point: dict[str, str]) -> tuple[Result, bool]:
-    """Run (or skip) one point; returns (result, skipped)."""
-    from runners.point import run_point
+# How long a point's process may take to record itself as interrupted before it is killed.
+STOP_GRACE_S = 30.0
 
-    digest = config_digest(cfg)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    previous = None if cfg.force else finished_ok(out_dir, digest)
-    if previous is not None:
-        return previous, True
-    attempt = uuid.uuid4().hex
-    if cfg.isolation == "inline":
-        return run_point(cfg, out_dir, point, attempt=attempt, digest=digest), False
+
+def stop_point_process(proc: subprocess.Popen, signum: int, grace_s: float = STOP_GRACE_S) -> None:
+    """Hand the signal to the point's process group, then kill the group if it has not ended in time."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signum)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    with contextlib.suppress(ProcessLookupError):  # anything the point started that outlived it
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def start_point(
+    cfg: HarnessConfig, out_dir: Path, point: dict[str, str], attempt: str, digest: str, stdout: Any = subprocess.PIPE
+) -> subprocess.Popen:
+    """The point's own process (`python -m runners <out_dir>`), in a process group of its own, so that a
+    signal or a cancel reaches it and everything it started, and nothing else; its output goes to stdout (a
+    pipe by default, or an open file)."""
     write_json_atomic(
         out_dir / POINT_FILE, {"config": asdict(cfg), "point": point, "attempt": attempt, "config_digest": digest}
     )
-    tail: collections.deque[str] = collections.deque(maxlen=60)
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         [sys.executable, "-m", "runners", str(out_dir)],
-        stdout=subprocess.PIPE,
+        stdout=stdout,
         stderr=subprocess.STDOUT,
         text=True,
         bufsize=1,
         env={**os.environ},
+        start_new_session=True,
     )
+
+
+def _clear_previous_attempt(out_dir: Path) -> None:
+    """A redone point must not keep the logs of the attempt before it."""
+    for name in ("error.log", FAULT_LOG):
+        (out_dir / name).unlink(missing_ok=True)
+
+
+def execute_point(cfg: HarnessConfig, out_dir: Path, point: dict[str, str]) -> tuple[Result, bool]:
+    """Run (or skip) one point; returns (result, skipped). A KeyboardInterrupt (SIGINT, or SIGTERM raised as
+    harness.errors.Interrupted) stops the point's process, leaves its Interrupted result, and is re-raised."""
+    try:
+        return _execute(cfg, out_dir, point)
+    except OSError as exc:
+        if is_storage_error(exc):
+            raise storage_error(
+                exc, "the point's files", str(out_dir), how_to_move="hydra.sweep.dir=<folder>"
+            ) from None
+        raise
+
+
+def _execute(cfg: HarnessConfig, out_dir: Path, point: dict[str, str]) -> tuple[Result, bool]:
+    from runners.point import run_point
+
+    digest = config_digest(cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    set_aside_unreadable(out_dir)
+    previous = None if cfg.force else finished_ok(out_dir, digest)
+    if previous is not None:
+        return previous, True
+    _clear_previous_attempt(out_dir)
+    attempt = uuid.uuid4().hex
+    if cfg.isolation == "inline":
+        return run_point(cfg, out_dir, point, attempt=attempt, digest=digest), False
+    tail: collections.deque[str] = collections.deque(maxlen=60)
+    proc = start_point(cfg, out_dir, point, attempt, digest)
     reader = threading.Thread(target=_forward, args=(proc.stdout, sys.stdout, tail), daemon=True)
     reader.start()
     try:
         returncode = proc.wait()
-    except KeyboardInterrupt:
-        # The child got the same SIGINT and records itself as interrupted; wait for it to finish writing.
-        proc.wait(timeout=60)
+    except KeyboardInterrupt as stop:
+        signum = getattr(stop, "signum", signal.SIGINT)
+        stop_point_process(proc, signum)
+        reader.join(timeout=5)
+        if _read_result(out_dir, attempt) is None:  # it was killed before it could say so itself
+            result = interrupted_result(cfg, point, signal.Signals(signum).name)
+            result.attempt, result.config_digest = attempt, digest
+            write_result(out_dir, result)
         raise
     finally:
         reader.join(timeout=5)

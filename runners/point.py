@@ -7,6 +7,7 @@ traceback; it never escapes as an exception, so a sweep goes on to its next poin
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
 import time
@@ -21,12 +22,13 @@ import torch
 from harness.config import GROUPS, HarnessConfig
 from harness.engines import create_engine
 from harness.environment import capture_environment
-from harness.errors import ConfigError, HarnessError, OutOfMemoryError, format_error
+from harness.errors import ConfigError, HarnessError, OutOfMemoryError, format_error, is_storage_error, storage_error
 from harness.memory import MemoryMonitor
 from harness.models import load_model
-from harness.result import Result, write_result
+from harness.result import Result, check_writable, write_result
 from harness.workflows import Workflow, create_workflow
 from runners.e2e import run_e2e
+from runners.execute import interrupted_result
 from runners.latency import run_latency
 from runners.measure import BenchContext, BenchOutput, write_samples
 from runners.memory import run_memory
@@ -86,12 +88,17 @@ def preflight(cfg: HarnessConfig) -> Workflow | None:
     """What can be checked without a model, checked before one loads: the bench exists, and for bench=e2e the
     workflow's case file and corpus are valid (the workflow, ready to run, is returned). Raises ConfigError."""
     resolve_bench(cfg.bench.name)
+    check_writable(cfg.cache_path, "cache_dir", "set cache_dir=<folder> (or HARNESS_CACHE_DIR) to a writable folder")
     return create_workflow(cfg.workflow) if cfg.bench.name == "e2e" else None
 
 
 def _as_error(exc: BaseException) -> HarnessError | None:
     if isinstance(exc, HarnessError):
         return exc
+    if isinstance(exc, OSError) and is_storage_error(exc):
+        return storage_error(
+            exc, "a file the point needs", how_to_move="cache_dir=<folder> or hydra.sweep.dir=<folder>"
+        )
     if isinstance(exc, torch.OutOfMemoryError | MemoryError):
         return OutOfMemoryError(
             f"the point ran out of memory ({type(exc).__name__}: {exc or 'an allocation was refused'}).",
@@ -149,14 +156,11 @@ def run_point(
                 "hint": "an unexpected error: the traceback is in error.log beside result.json; "
                 "please report it with that file.",
             }
-        (out_dir / "error.log").write_text(format_error(error or exc) + "\n\n" + traceback.format_exc())
-    except KeyboardInterrupt:
-        result.status = "failed"
-        result.error = {
-            "type": "Interrupted",
-            "message": "the point was interrupted (Ctrl-C) before it finished.",
-            "hint": "rerun the same command: finished points are skipped and this one is redone.",
-        }
+        with contextlib.suppress(OSError):  # a full disk must not hide the point's own error
+            (out_dir / "error.log").write_text(format_error(error or exc) + "\n\n" + traceback.format_exc())
+    except KeyboardInterrupt as exc:
+        how = getattr(exc, "signal_name", "SIGINT, Ctrl-C")
+        result.status, result.error = "failed", interrupted_result(cfg, point, how).error
         raise
     finally:
         if loaded is not None:
@@ -169,8 +173,10 @@ def run_point(
 def summary_line(result: Result, out_dir: Path) -> str:
     p = result.point
     bench = result.config.get("bench", {}).get("name", p.get("bench"))
+    swept = "".join(f" {k}={v}" for k, v in p.items() if k not in GROUPS)
     head = (
         f"[{result.status}] model={p.get('model')} quant={p.get('quant')} attention={p.get('attention')} bench={bench}"
+        + swept
     )
     if result.status != "ok":
         err = result.error or {}

@@ -42,11 +42,41 @@ class RememberSweepDir(Callback):
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
         """Write the sweep's tables, plots and report.html beside its points (report=false skips it)."""
-        if not config.get("report", True) or not last_sweep_dir:
-            return
-        from analysis.__main__ import main as analysis_main
+        if config.get("report", True) and last_sweep_dir:
+            write_report(last_sweep_dir[0])
 
-        analysis_main([str(last_sweep_dir[0])])
+
+def write_report(folder: Path) -> int:
+    """summary.csv/.md, plots and report.html of a sweep folder; a failure is reported, never raised (the
+    points' results are already on disk, and `python -m analysis <folder>` redoes the report)."""
+    from analysis.__main__ import main as analysis_main
+
+    status = analysis_main([str(folder)])
+    if status:
+        print(f"the report was not written; once the cause is fixed: python -m analysis {folder}")
+    return status
+
+
+def output_folder(args: list[str]) -> Path:
+    """Where a command line writes: its sweep folder (-m) or the folder of single runs."""
+    multirun = any(a in ("-m", "--multirun") for a in args)
+    key = "hydra.sweep.dir=" if multirun else "hydra.run.dir="
+    given = next((a.split("=", 1)[1] for a in args if a.startswith(key)), None)
+    if given and "${" not in given:
+        return Path(given)
+    return Path("outputs") / ("multirun" if multirun else "runs")
+
+
+def check_output_folder(args: list[str]) -> None:
+    """ConfigError before any point runs when the run's output folder cannot be written."""
+    from harness.result import check_writable
+
+    check_writable(
+        output_folder(args),
+        "the output folder",
+        "run from a folder where outputs/ can be written, or give hydra.sweep.dir=<folder> "
+        "(hydra.run.dir=<folder> for a single run)",
+    )
 
 
 def results_in(folder: Path) -> list[Result]:

@@ -25,7 +25,7 @@ def results_under(folder: Path) -> list[dict]:
         (["model.path=/does/not/exist"], 1, "model.path='/does/not/exist' does not exist"),
         (["model=tiny-gpt2", "quant=gptq"], 1, "QuantizationError: quant=gptq needs the Python package 'gptqmodel'"),
         (["model=gpt2"], 1, "hf download openai-community/gpt2"),
-        (["model=tiny-gpt2", "attention=flash2", "attention.strict=true"], 1, "attention=flash2 cannot be used here"),
+        (["model=tiny-gpt2", "attention=flash2", "attention.strict=true"], 2, "attention=flash2 cannot be used here"),
         (["bench=throughput", "bench.batch_sizes=[0]"], 2, "bench.batch_sizes=[0] is not valid"),
         (["bench=latency", "bench.min_runs=9", "bench.max_runs=3"], 2, "bench.max_runs=3 is not valid"),
         (["model=tiny-gpt2", "bench=latency", "bench.prompt_lengths=[600]"], 1, "does not fit the context window"),

@@ -1,12 +1,17 @@
 """Sweep behaviour: a fresh process per point, crashes recorded, resume, force, launchers."""
 
+import contextlib
 import errno
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from conftest import harness_env, run_harness
@@ -112,26 +117,153 @@ def test_hydra_launchers(tmp_path, launcher):
     assert "2 of 2 points ok" in proc.stdout
 
 
-def test_ctrl_c_leaves_a_complete_result_that_says_interrupted(tmp_path):
-    import signal
-    import time
-
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "harness", "-m", "model=tiny-gpt2", "bench.name=faults:sleepy"],
-        cwd=tmp_path,
+def _start_sweep(cwd, *args):
+    return subprocess.Popen(
+        [sys.executable, "-m", "harness", "-m", *args],
+        cwd=cwd,
         env=harness_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
     )
-    deadline = time.time() + 60
-    while not list((tmp_path / "outputs").rglob("point.json")) and time.time() < deadline:
+
+
+def _wait_for_point_process(cwd, count=1):
+    """The `python -m runners` process of the count-th point, once it is inside its bench."""
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        procs = [p for p in psutil.process_iter(["cmdline"]) if (p.info["cmdline"] or [])[1:3] == ["-m", "runners"]
+                 and str(cwd) in (p.info["cmdline"] or [""])[-1]]  # fmt: skip
+        if len(list((cwd / "outputs").rglob("point.json"))) >= count and procs:
+            time.sleep(4)  # imports and model load done: the point is in its bench
+            return procs[0]
         time.sleep(0.2)
-    time.sleep(4)  # the point's process is inside its bench now
-    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
-    proc.communicate(timeout=90)
-    assert proc.returncode != 0
-    (result,) = results(tmp_path).values()  # parses: complete JSON
-    assert result["status"] == "failed" and result["error"]["type"] == "Interrupted"
+    raise AssertionError("the point's process did not start")
+
+
+@pytest.mark.parametrize(("how", "status"), [("SIGINT to the group", 130), ("SIGTERM to the parent", 143)])
+def test_a_signal_stops_the_sweep_with_a_summary_and_no_orphan(tmp_path, how, status):
+    proc = _start_sweep(tmp_path, "model=tiny-gpt2", "bench.max_new_tokens=3", "bench.name=smoke,faults:sleepy")
+    child = _wait_for_point_process(tmp_path, count=2)
+    if how.startswith("SIGINT"):
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
+    else:
+        proc.send_signal(signal.SIGTERM)  # what a scheduler or `kill` does: the parent only
+    out, err = proc.communicate(timeout=90)
+    assert proc.returncode == status, out + err
+    assert "Traceback" not in err and "Traceback" not in out, err
+    assert "stopped by SIG" in out and "1 of 2 points ok, 1 interrupted" in out
+    by_bench = {r["config"]["bench"]["name"]: r for r in results(tmp_path).values()}  # every file parses whole
+    assert by_bench["smoke"]["status"] == "ok"
+    interrupted = by_bench["faults:sleepy"]
+    assert interrupted["status"] == "failed" and interrupted["error"]["type"] == "Interrupted"
+    assert ("SIGTERM" if status == 143 else "SIG") in interrupted["error"]["message"]
     assert not [p for p in (tmp_path / "outputs").rglob("*.tmp")]
+    summary = next((tmp_path / "outputs").rglob("summary.md")).read_text()
+    assert "Points that did not finish" in summary and "Interrupted" in summary
+    time.sleep(0.5)
+    assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE, "the point's process outlived the sweep"
+
+
+@pytest.mark.parametrize("content", ["[1]", "null", '{"status": 5}', '{"status": "ok"', '"ok"', ""])
+def test_a_corrupt_result_is_set_aside_and_the_point_redone(tmp_path, content):
+    args = ["-m", "model=tiny-gpt2", "bench.max_new_tokens=2", "report=false"]
+    assert run_harness(tmp_path, *args).returncode == 0
+    (path,) = (tmp_path / "outputs").rglob("result.json")
+    path.write_text(content)
+    again = run_harness(tmp_path, *args)
+    assert again.returncode == 0 and "Traceback" not in again.stderr, again.stderr
+    assert "set aside" in again.stdout and "[skipped" not in again.stdout
+    assert json.loads(path.read_text())["status"] == "ok"
+    (aside,) = path.parent.glob("result.json.unreadable-*")
+    assert aside.read_text() == content  # kept for a person to look at
+
+
+def test_a_sweep_over_a_field_reports_one_row_per_point(tmp_path):
+    args = ["-m", "model=tiny-qwen2", "bench=latency", "seed=1,2,3", "bench.max_new_tokens=2",
+            "bench.prompt_lengths=[8]", "bench.min_runs=2", "bench.min_seconds=0"]  # fmt: skip
+    proc = run_harness(tmp_path, *args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    folder = next((tmp_path / "outputs" / "multirun").iterdir())
+    summary = (folder / "summary.md").read_text()
+    rows = [line for line in summary.splitlines() if line.startswith("| tiny-qwen2")]
+    assert [r.split(" | ")[0] for r in rows] == [f"| tiny-qwen2 q=none seed={s}" for s in (1, 2, 3)]
+    assert (folder / "report.html").stat().st_size > 0 and list((folder / "plots").glob("*.png"))
+    assert "seed=2" in proc.stdout  # the sweep's own summary lines name the swept field
+
+
+def test_report_false_keeps_the_sweep_folder(tmp_path):
+    args = ["-m", "model=tiny-gpt2", "bench.max_new_tokens=2"]
+    assert run_harness(tmp_path, *args, "report=false").returncode == 0
+    again = run_harness(tmp_path, *args)
+    assert again.returncode == 0 and "[skipped: already ok]" in again.stdout
+    (sweep,) = (tmp_path / "outputs" / "multirun").iterdir()
+    assert len([p for p in sweep.iterdir() if p.is_dir()]) == 1 and (sweep / "report.html").is_file()
+
+
+def test_a_redone_point_keeps_no_log_of_the_attempt_before(tmp_path):
+    args = ["-m", "model=tiny-gpt2", "bench.max_new_tokens=2", "report=false"]
+    assert run_harness(tmp_path, *args).returncode == 0
+    (folder,) = [p.parent for p in (tmp_path / "outputs").rglob("result.json")]
+    (folder / "error.log").write_text("PointCrashed: from an earlier attempt")
+    assert run_harness(tmp_path, *args, "force=true").returncode == 0
+    assert not (folder / "error.log").exists()
+
+
+@contextlib.contextmanager
+def tmpfs(folder: Path, size: str, read_only: bool = False):
+    """A small file system of its own at folder (root and mount(8) needed: else the test is skipped)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("needs root and mount(8) to make a full or read-only file system")
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+    try:
+        if read_only:
+            subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_a_read_only_output_folder_is_a_clear_exit_2(tmp_path):
+    with tmpfs(tmp_path / "ro", "1m", read_only=True) as folder:
+        proc = run_harness(folder, "-m", "model=tiny-gpt2", "bench.max_new_tokens=2")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "outputs/multirun cannot be written" in proc.stderr and "hydra.sweep.dir" in proc.stderr
+
+
+def test_a_read_only_cache_folder_is_a_clear_exit_2(tmp_path):
+    with tmpfs(tmp_path / "ro", "1m", read_only=True) as folder:
+        proc = run_harness(tmp_path, "model=tiny-gpt2", env={"HARNESS_CACHE_DIR": str(folder / "cache")})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "cache_dir" in proc.stderr and "cannot be written" in proc.stderr
+
+
+def _fill(folder: Path) -> None:
+    with contextlib.suppress(OSError), (folder / "filler").open("wb") as fh:
+        while True:
+            fh.write(b"\0" * 65536)
+            fh.flush()
+
+
+def test_a_full_disk_loses_nothing_and_names_the_path(tmp_path):
+    args = ["-m", "model=tiny-gpt2", "bench.max_new_tokens=2", "report=false"]
+    with tmpfs(tmp_path / "disk", "8m") as folder:
+        assert run_harness(folder, *args).returncode == 0
+        (result,) = (folder / "outputs").rglob("result.json")
+        before = result.read_text()
+        _fill(folder)
+        report = subprocess.run([sys.executable, "-m", "analysis", str(result.parent.parent)], cwd=folder,
+                                env=harness_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert report.returncode == 1 and "Traceback" not in report.stderr, report.stderr
+        assert "No space left on device" in report.stderr and "--out" in report.stderr
+        forced = run_harness(folder, *args, "force=true")
+        assert forced.returncode != 0 and "Traceback" not in forced.stderr + forced.stdout, forced.stderr[-3000:]
+        assert "No space left on device" in forced.stderr + forced.stdout and "could not write" in forced.stderr
+        assert str(folder / "outputs") in forced.stderr  # the path is named
+        assert json.loads(result.read_text()) == json.loads(before)  # the last good result is still whole
+        written = [p for p in (folder / "outputs").rglob("*") if p.is_file() and p.name != "__main__.log"]
+        assert not [p for p in written if p.suffix == ".tmp" or p.stat().st_size == 0], written  # (Hydra's log may be)

@@ -62,10 +62,20 @@ class GenerationParams:
         if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
             raise bad("seed", "a non-negative integer or None")
         if context_window is not None and prompt_tokens + self.max_new_tokens > context_window:
+            room = context_window - prompt_tokens
+            if room >= 1:
+                fix = f"shorten the prompt or lower max_new_tokens to at most {room}."
+            elif self.max_new_tokens < context_window:
+                fix = (
+                    f"shorten the prompt to at most {context_window - self.max_new_tokens} tokens: alone it fills "
+                    "the context window, leaving no room for an answer."
+                )
+            else:
+                fix = f"lower max_new_tokens below the context window ({context_window}), and shorten the prompt."
             raise InferenceError(
                 f"the prompt ({prompt_tokens} tokens) plus max_new_tokens ({self.max_new_tokens}) exceeds the model's "
                 f"context window of {context_window} tokens.",
-                f"shorten the prompt or lower max_new_tokens to at most {max(context_window - prompt_tokens, 0)}.",
+                fix,
             )
 
 

@@ -268,6 +268,8 @@ class TransformersEngine(Engine):
             return self.model.generate(**kwargs)
 
     def _wrap_error(self, exc: BaseException, what: str) -> BaseException:
+        if not isinstance(exc, Exception):  # KeyboardInterrupt (Ctrl-C, SIGTERM), SystemExit: not the model's fault
+            return exc
         if isinstance(exc, torch.OutOfMemoryError):
             return _oom(exc, what)
         if isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc):

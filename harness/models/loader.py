@@ -16,7 +16,7 @@ from typing import Any
 
 from harness.config import AttentionConfig, ModelConfig, QuantConfig
 from harness.device import Placement, resolve_dtype, resolve_placement
-from harness.errors import HarnessError, ModelLoadError, OutOfMemoryError
+from harness.errors import ConfigError, HarnessError, ModelLoadError, OutOfMemoryError
 from harness.models import quantization
 from harness.models.attention import AttentionChoice, choose_attention, model_class_for
 from harness.models.cache import COMPLETE, build_once, spec_digest
@@ -254,6 +254,11 @@ def _load_once(
     config = _read_config(checkpoint, cfg, source)
     attention = choose_attention(attention_cfg, model_class_for(config), placement)
     tokenizer = _load_tokenizer(checkpoint, cfg, source)
+    if cfg.chat_format == "template" and not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(
+            f"model.chat_format=template, but the tokenizer of model '{cfg.name}' has no chat template.",
+            "use model.chat_format=auto (the template where there is one, else a plain transcript), chatml or plain.",
+        )
     prequantized = quant.method == "gptq" and _is_gptq_checkpoint(config)
     quant_config = quantization.quantization_config(quant, placement, tokenizer, prequantized)
     if quant.method == "gptq" and not prequantized:
