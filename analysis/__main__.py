@@ -40,6 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     except (SchemaError, FileNotFoundError) as exc:
         print(f"analysis: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the results are read; writing the tables, plots or report failed
+        from harness.errors import format_error, storage_error
+
+        where = str(args.out or args.folders[0])
+        error = storage_error(exc, "the report", where, how_to_move="--out <folder>")
+        print("analysis: " + format_error(error), file=sys.stderr)
+        return 1
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ import pandas as pd
 
 from analysis.summary import fmt
 from analysis.table import tidy
+from harness.result import write_text_atomic
 
 KEYS = ["model", "quant", "attention", "engine", "workflow", "bench", "metric", "case"]
 
@@ -36,12 +37,12 @@ def compare(sweeps: list[list[dict[str, Any]]], names: list[str], out: Path) -> 
     merged = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     if merged.empty:
         text = "No matching points (same model, quant, attention, engine, workflow, bench, metric and case).\n"
-        (out / "compare.md").write_text(text)
+        write_text_atomic(out / "compare.md", text)
         return text
     merged["delta_pct"] = 100 * (merged["mean_b"] - merged["mean_a"]) / merged["mean_a"].where(merged["mean_a"] != 0)
     merged["significant"] = [significant(r.mean_a, r.ci95_a, r.mean_b, r.ci95_b) for r in merged.itertuples()]
     columns = [*KEYS, "unit_a", "mean_a", "ci95_a", "mean_b", "ci95_b", "delta_pct", "significant", "against"]
-    merged[columns].to_csv(out / "compare.csv", index=False)
+    write_text_atomic(out / "compare.csv", merged[columns].to_csv(index=False))
     lines = [
         f"# Comparison against {names[0]}\n",
         "Significant: the 95% confidence intervals do not overlap.\n",
@@ -57,5 +58,5 @@ def compare(sweeps: list[list[dict[str, Any]]], names: list[str], out: Path) -> 
             f"{fmt(r.mean_b)}{ci_b} | {fmt(r.delta_pct)} | {'yes' if r.significant else 'no'} |"
         )
     text = "\n".join(lines) + "\n"
-    (out / "compare.md").write_text(text)
+    write_text_atomic(out / "compare.md", text)
     return text

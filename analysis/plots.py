@@ -4,6 +4,7 @@ points' samples.csv) and returns its path, or None when the sweep has nothing fo
 from __future__ import annotations
 
 import csv
+import io
 import itertools
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +16,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from analysis.summary import natural_key
+from harness.result import write_text_atomic
 
 DPI = 110
 
@@ -44,8 +46,12 @@ def _save(fig, folder: Path, name: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.png"
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    image = io.BytesIO()
+    try:
+        fig.savefig(image, format="png", dpi=DPI)
+    finally:
+        plt.close(fig)
+    write_text_atomic(path, image.getvalue())
     return path
 
 
@@ -213,16 +219,16 @@ def _itl_samples(result_path: Path) -> dict[str, list[float]]:
 
 
 def itl_distributions(results: list[dict], folder: Path) -> Path | None:
-    from analysis.table import point_label
+    from analysis.table import point_labels
 
     data, labels = [], []
-    for r in results:
+    for r, label in zip(results, point_labels(results), strict=True):
         if r["status"] != "ok" or r.get("config", {}).get("bench", {}).get("name") != "latency":
             continue
         for case, gaps in sorted(_itl_samples(Path(r["path"])).items()):
             if gaps:
                 data.append(gaps)
-                labels.append(f"{point_label(r)}\n{case}")
+                labels.append(f"{label}\n{case}")
     if not data:
         return None
     fig, ax = plt.subplots(figsize=(max(7, 0.9 * len(data) + 3), 4.8))

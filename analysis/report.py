@@ -10,6 +10,8 @@ from typing import Any
 
 import pandas as pd
 
+from harness.result import write_text_atomic
+
 _STYLE = """
 body { font-family: system-ui, -apple-system, Segoe UI, sans-serif; margin: 2rem auto; max-width: 1300px;
        color: #1d232a; padding: 0 1rem; }
@@ -120,5 +122,5 @@ def write_report(
         parts.append("<p>none</p>")
     parts.append("</body></html>")
     path = folder / "report.html"
-    path.write_text("".join(parts), encoding="utf-8")
+    write_text_atomic(path, "".join(parts))
     return path

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from harness.result import write_text_atomic
+
 # The metrics a person reads first, per bench; other benches show every metric.
 KEY_METRICS = {
     "smoke": ("ttft_ms", "decode_tok_s", "e2e_ms", "output_tokens"),
@@ -38,7 +40,7 @@ KEY_METRICS = {
     ),
     "quality": ("perplexity", "bits_per_byte", "nll_per_token", "scored_tokens"),
 }
-MATCH = ("model", "attention", "engine", "workflow", "bench")
+MATCH = ("model", "attention", "engine", "workflow", "bench", "variant")
 
 
 def fmt(value: float | None) -> str:
@@ -110,12 +112,13 @@ def to_markdown(table: pd.DataFrame) -> str:
 def write_summary(
     frame: pd.DataFrame, failed: list[dict[str, str]], folder: Path, baseline: tuple[str, str]
 ) -> dict[str, tuple[pd.DataFrame, pd.DataFrame]]:
-    frame.to_csv(folder / "summary.csv", index=False)
+    write_text_atomic(folder / "summary.csv", frame.to_csv(index=False))
     tables = {}
     parts = [
         "# Sweep summary\n",
         f"Baseline for ratios: `{baseline[0]}={baseline[1]}` of the same "
-        f"{', '.join(c for c in MATCH if c != baseline[0])}. Cells are mean ± 95% CI half-width, "
+        f"{', '.join(c if c != 'variant' else 'swept fields' for c in MATCH if c != baseline[0])}. "
+        "Cells are mean ± 95% CI half-width, "
         "or mean [95% Wilson interval] for pass rates.\n",
     ]
     for bench in sorted(frame["bench"].dropna().unique()):
@@ -136,5 +139,5 @@ def write_summary(
         )
         for f in failed:
             parts.append(f"| {f['label']} | {f['status']} | {f['type']} | {f['message']} | {f['hint']} |\n")
-    (folder / "summary.md").write_text("".join(parts))
+    write_text_atomic(folder / "summary.md", "".join(parts))
     return tables

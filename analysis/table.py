@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import re
 from pathlib import Path
 from typing import Any
@@ -21,14 +22,68 @@ def split_metric(key: str) -> tuple[str, str]:
     return match.group("name"), match.group("case") or ""
 
 
-def point_label(result: dict[str, Any]) -> str:
-    p = result["point"]
+def _group_label(p: dict[str, Any]) -> str:
     parts = [p.get("model", "?"), f"q={p.get('quant', '?')}"]
     if p.get("attention") not in (None, "auto"):
         parts.append(f"attn={p['attention']}")
     if p.get("workflow") not in (None, "none"):
         parts.append(f"wf={p['workflow']}")
     return " ".join(parts)
+
+
+def point_label(result: dict[str, Any]) -> str:
+    """The group choices and any swept field (seed=2) of a point: what a person reads as its name."""
+    p = result["point"]
+    extra = [f"{k}={v}" for k, v in p.items() if k not in GROUP_COLUMNS]
+    return " ".join([_group_label(p), *extra])
+
+
+# Config fields that change how a point runs or is shown, not what it measures.
+_NOT_IDENTITY = ("print_text", "isolation", "force", "report", "validation")
+
+
+def _flat(data: Any, prefix: str = "") -> dict[str, str]:
+    if not isinstance(data, dict):
+        return {prefix: str(data)}
+    out: dict[str, str] = {}
+    for k, v in data.items():
+        out.update(_flat(v, f"{prefix}{k}."))
+    return {k.rstrip("."): v for k, v in out.items()}
+
+
+def _bench(result: dict[str, Any]) -> str:
+    return str((result.get("config") or {}).get("bench", {}).get("name", result["point"].get("bench")))
+
+
+def point_labels(results: list[dict[str, Any]]) -> list[str]:
+    """A label per result, unique within the list: the point's own label, then (where two points share it, as
+    results written before swept fields were recorded do) the config values that tell them apart, then the
+    folder."""
+    extras = [{k: v for k, v in r["point"].items() if k not in GROUP_COLUMNS} for r in results]
+    # a field swept in this set of results is named; one held at the same value everywhere is not
+    varying = {k for e in extras for k in e if len({str(x.get(k)) for x in extras}) > 1}
+    labels = [
+        " ".join([_group_label(r["point"]), *(f"{k}={v}" for k, v in e.items() if k in varying)])
+        for r, e in zip(results, extras, strict=True)
+    ]
+    # Labels need to be unique within a bench's table (the same label in two benches names two rows of two tables).
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, label in enumerate(labels):
+        groups.setdefault((label, _bench(results[i])), []).append(i)
+    for (label, _), idx in groups.items():
+        if len(idx) < 2:
+            continue
+        flats = [_flat(results[i].get("config") or {}) for i in idx]
+        keys = sorted(
+            k for k in set().union(*flats) if not k.startswith(_NOT_IDENTITY) and len({f.get(k) for f in flats}) > 1
+        )
+        for i, f in zip(idx, flats, strict=True):
+            labels[i] = " ".join([label, *(f"{k}={f.get(k)}" for k in keys[:3])])
+    seen = collections.Counter((label, _bench(r)) for label, r in zip(labels, results, strict=True))
+    for i, r in enumerate(results):
+        if seen[labels[i], _bench(r)] > 1:
+            labels[i] += f" [{'/'.join(Path(r['path']).parts[-3:-1])}]"
+    return labels
 
 
 def point_id(result: dict[str, Any]) -> str:
@@ -38,10 +93,12 @@ def point_id(result: dict[str, Any]) -> str:
 
 def tidy(results: list[dict[str, Any]]) -> pd.DataFrame:
     rows = []
-    for r in results:
+    for r, label in zip(results, point_labels(results), strict=True):
         base = {
             "point": point_id(r),
-            "label": point_label(r),
+            "label": label,
+            # what tells the point apart beyond its group choices (seed=2): ratios compare like with like
+            "variant": label[len(_group_label(r["point"])) :].strip(),
             "status": r["status"],
             "bench": r.get("config", {}).get("bench", {}).get("name", r["point"].get("bench")),
             **{g: r["point"].get(g) for g in GROUP_COLUMNS if g != "bench"},
@@ -60,6 +117,7 @@ def tidy(results: list[dict[str, Any]]) -> pd.DataFrame:
     columns = [
         "point",
         "label",
+        "variant",
         "status",
         *[g for g in GROUP_COLUMNS if g != "bench"],
         "bench",
@@ -76,13 +134,13 @@ def tidy(results: list[dict[str, Any]]) -> pd.DataFrame:
 
 def failures(results: list[dict[str, Any]]) -> list[dict[str, str]]:
     out = []
-    for r in results:
+    for r, label in zip(results, point_labels(results), strict=True):
         if r["status"] != "ok":
             err = r.get("error") or {}
             out.append(
                 {
                     "point": point_id(r),
-                    "label": point_label(r),
+                    "label": label,
                     "status": r["status"],
                     "type": err.get("type", ""),
                     "message": err.get("message", ""),
