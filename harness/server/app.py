@@ -21,11 +21,12 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from harness.engines.base import GenerationParams, Prompt
 from harness.errors import ConfigError, HarnessError, InferenceError
 from harness.models.manager import ModelManager, ModelSpec
-from harness.server.jobs import JobRunner
+from harness.server.jobs import FINISHED, JobRunner
 from harness.server.metrics import CONTENT_TYPE, ServerMetrics
 from harness.server.registry import ModelRegistry, UnknownModel
 from harness.server.schemas import BenchmarkRequest, ChatRequest, CompletionRequest
@@ -108,25 +109,26 @@ class _Gate:
         if length and length.isdigit() and int(length) > limit:
             await self._reply(send, 413, too_large)
             return
-        received = 0
-
-        async def limited() -> Any:
-            nonlocal received
+        # Read the whole body first (chunked bodies carry no length), so an oversized one is refused with 413
+        # before any handler parses a byte of it.
+        chunks, received = [], 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    raise _BodyTooLarge
-            return message
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            received += len(chunks[-1])
+            if received > limit:
+                await self._reply(send, 413, too_large)
+                return
+            if not message.get("more_body"):
+                break
+        pending = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
 
-        try:
-            await self.app(scope, limited, send)
-        except _BodyTooLarge:
-            await self._reply(send, 413, too_large)
+        async def replay() -> Any:
+            return pending.pop() if pending else await receive()
 
-
-class _BodyTooLarge(Exception):
-    pass
+        await self.app(scope, replay, send)
 
 
 class Server:
@@ -138,7 +140,13 @@ class Server:
         self.manager = manager or ModelManager(settings.capacity, budget, cache_dir=settings.cache_dir)
         self.registry = ModelRegistry(settings.model_dirs, settings.allow_remote_code)
         self.worker = ModelWorker(self.manager, settings.max_queue)
-        self.jobs = JobRunner(settings.jobs_dir, settings.max_parallel_jobs)
+        self.jobs = JobRunner(
+            settings.jobs_dir,
+            settings.max_parallel_jobs,
+            cache_dir=settings.cache_dir,
+            allow_remote_code=settings.allow_remote_code,
+            limits=settings.job_limits(),
+        )
         self.metrics = ServerMetrics()
 
     def spec(self, name: str) -> ModelSpec:
@@ -195,11 +203,12 @@ class Server:
         except QueueFull as exc:
             raise APIError(503, f"the server is busy: {exc}; retry later.", kind="server_error") from None
 
-    def submit_stream(self, spec: ModelSpec, prompt: Prompt, params: GenerationParams):
+    def submit_stream(self, spec: ModelSpec, prompt: Prompt, params: GenerationParams, model: str):
         sink: asyncio.Queue = asyncio.Queue()
         cancelled = threading.Event()
         emit = asyncio_emitter(asyncio.get_running_loop(), sink)
-        self.enqueue(lambda: self.worker.stream(spec, prompt, params, emit, cancelled))
+        counter = self.metrics.cancelled.labels(model)
+        self.enqueue(lambda: self.worker.stream(spec, prompt, params, emit, cancelled, on_cancel=counter.inc))
         return sink, cancelled
 
 
@@ -210,7 +219,7 @@ def create_app(settings: ServerSettings | None = None, manager: ModelManager | N
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
-        server.jobs.shutdown()
+        await asyncio.to_thread(server.jobs.shutdown)  # stops the jobs' process groups, marks them interrupted
         await asyncio.to_thread(server.worker.stop)
 
     app = FastAPI(
@@ -225,6 +234,13 @@ def create_app(settings: ServerSettings | None = None, manager: ModelManager | N
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
         return JSONResponse(error_body(exc.message, exc.kind, exc.param), status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Starlette's own answers (no such path, method not allowed) in OpenAI's error shape too."""
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        message = f"{request.method} {request.url.path}: {exc.detail}."
+        return JSONResponse(error_body(message, kind), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -253,15 +269,15 @@ def create_app(settings: ServerSettings | None = None, manager: ModelManager | N
         return {"object": "list", "data": data}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest) -> Any:
+    async def chat_completions(body: ChatRequest, request: Request) -> Any:
         spec = server.spec(body.model)
         messages = [m.model_dump() for m in body.messages]
-        return await _generate(server, "/v1/chat/completions", body, spec, messages)
+        return await _generate(server, request, "/v1/chat/completions", body, spec, messages)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest) -> Any:
+    async def completions(body: CompletionRequest, request: Request) -> Any:
         spec = server.spec(body.model)
-        return await _generate(server, "/v1/completions", body, spec, body.prompt)
+        return await _generate(server, request, "/v1/completions", body, spec, body.prompt)
 
     # -- model management ----------------------------------------------------------------------------------
     @app.get("/models/{name}")
@@ -300,6 +316,17 @@ def create_app(settings: ServerSettings | None = None, manager: ModelManager | N
             raise APIError(404, f"no benchmark job {job_id!r}.", param="job_id")
         return job.describe()
 
+    @app.delete("/benchmarks/{job_id}")
+    async def cancel_benchmark(job_id: str) -> dict[str, Any]:
+        job = server.jobs.get(job_id)
+        if job is None:
+            raise APIError(404, f"no benchmark job {job_id!r}.", param="job_id")
+        if job.status in FINISHED:
+            raise APIError(409, f"benchmark job {job_id!r} has already ended ({job.status}).", param="job_id")
+        job = await asyncio.to_thread(server.jobs.cancel, job_id)
+        assert job is not None
+        return job.describe(with_result=False)
+
     # -- operations ----------------------------------------------------------------------------------------
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -315,11 +342,19 @@ def create_app(settings: ServerSettings | None = None, manager: ModelManager | N
     return app
 
 
-async def _generate(server: Server, endpoint: str, body: Any, spec: ModelSpec, prompt: Prompt) -> Any:
+async def _until_disconnected(request: Request, cancelled: threading.Event, sink: asyncio.Queue) -> None:
+    """Stop a non-streamed generation whose client went away, as a stream's is stopped at its next token."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(0.1)
+    cancelled.set()
+    sink.put_nowait(Failed(InferenceError("the client disconnected.", "nothing: the generation was stopped.")))
+
+
+async def _generate(server: Server, request: Request, endpoint: str, body: Any, spec: ModelSpec, prompt: Prompt) -> Any:
     params = server.params(body)
     chat = endpoint == "/v1/chat/completions"
     t0 = time.perf_counter()
-    sink, cancelled = server.submit_stream(spec, prompt, params)
+    sink, cancelled = server.submit_stream(spec, prompt, params, body.model)
     first = await sink.get()  # before answering: an error here is still a proper 4xx/5xx
     if isinstance(first, Failed):
         raise _harness_error(first.error)
@@ -342,11 +377,15 @@ async def _generate(server: Server, endpoint: str, body: Any, spec: ModelSpec, p
 
     if not body.stream:
         parts, event = [], first
-        while not isinstance(event, Finished):
-            if isinstance(event, Failed):
-                raise _harness_error(event.error)
-            parts.append(event.text)
-            event = await sink.get()
+        watcher = asyncio.create_task(_until_disconnected(request, cancelled, sink))
+        try:
+            while not isinstance(event, Finished):
+                if isinstance(event, Failed):
+                    raise _harness_error(event.error)
+                parts.append(event.text)
+                event = await sink.get()
+        finally:
+            watcher.cancel()
         usage = record(event)
         text, reason = "".join(parts), FINISH.get(event.generation.finish_reason, "stop")
         if chat:

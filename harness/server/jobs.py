@@ -1,75 +1,183 @@
-"""Benchmark jobs over HTTP: a sweep point's overrides, checked like the command line, run by
-runners.execute_point in a background process (one fresh process per point, as in a sweep).
+"""Benchmark jobs over HTTP: one sweep point per job, chosen by overrides, run in a process group of its own.
 
-Only overrides that choose what to measure are accepted: the group options, and fields of bench, quant,
-attention and workflow. Anything that names a path, imports code, enables remote code, changes where files go
-or interpolates (model.path, model.trust_remote_code, bench.name, workflow.cases, quant.calibration,
-cache_dir, hydra.*, ${oc.env:…}) is refused: a client chooses what to measure, not what this machine reads or
-runs.
+The allow-list is structural, not textual. Each override is parsed by Hydra's own override parser and accepted
+only as `group=option` (a known option name) or `field=value` for a field on the list below with a scalar value
+(a list of scalars where the field is a list). Prefixes (`+`, `++`, `~`), packages, sweeps, dicts, functions and
+`${…}` interpolations are refused. The composed point is then compared with the point its group choices alone
+compose: every field a job may not change must be equal (model paths and sources, trust_remote_code, bench.name,
+case files and corpus, cache_dir, isolation), so a way around the parser would still be caught.
+
+A job has limits (wall time, runs, requests, tokens), can be cancelled (its process group is killed), is written
+to `<jobs_dir>/<id>/job.json` at each change and read back when the server starts (a job the server was running
+when it stopped says `interrupted`), and the server's shutdown stops the jobs it is running.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import dataclasses
+import json
+import queue
+import signal
+import subprocess
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.config import GROUPS, HarnessConfig, check_group_choices, compose_config, validate
-from harness.errors import ConfigError
+from hydra.core.override_parser.types import OverrideType
 
-_ALLOWED_FIELDS = ("bench.", "quant.", "attention.", "workflow.", "validation.")
-# Paths this machine would read, and bench.name, which imports and calls any `module:function`.
-_REFUSED_FIELDS = ("workflow.cases", "workflow.corpus", "quant.calibration", "bench.name")
-_ALLOWED_KEYS = (*GROUPS, "seed", "model.device", "model.dtype")
+from harness.config import GROUPS, HarnessConfig, check_group_choices, group_options
+from harness.errors import ConfigError
+from harness.overrides import compose_point as compose_overrides
+from harness.overrides import parse, schema_fields
+from harness.result import write_json_atomic
+
+# The fields a job may set; everything else is fixed by the server or by the chosen group options.
+_FIXED_IN_GROUPS = ("bench.name", "quant.name", "workflow.name", "attention.name", "engine.name")
+_PATH_OR_CODE = ("workflow.cases", "workflow.corpus", "quant.calibration")
+ALLOWED_FIELDS = tuple(
+    sorted(
+        {
+            key
+            for key in schema_fields()
+            if key.startswith(("bench.", "quant.", "attention.", "workflow.", "validation."))
+            and key not in _FIXED_IN_GROUPS + _PATH_OR_CODE
+        }
+        | {"seed", "model.device", "model.dtype"}
+    )
+)
+JOB_STATES = ("queued", "running", "ok", "failed", "cancelled", "interrupted")
+FINISHED = ("ok", "failed", "cancelled", "interrupted")
+JOB_FILE = "job.json"
+LOG_FILE = "job.log"
+
+
+@dataclass(frozen=True)
+class JobLimits:
+    """What one job may ask of this machine; each bound is checked on the composed point before it runs."""
+
+    max_seconds: float = 3600.0  # wall time of the job's process; past it the process group is killed
+    max_runs: int = 200  # bench.max_runs, bench.warmup_runs, and requests per concurrency level
+    max_parallel: int = 64  # bench.concurrency and bench.batch_sizes entries
+    max_prompt_tokens: int = 32768  # bench.prompt_lengths entries
+    max_new_tokens: int = 2048  # bench.max_new_tokens and workflow.max_new_tokens
+    max_ppl_chars: int = 1_000_000  # bench.ppl_chars
+
+    def check(self, cfg: HarnessConfig) -> None:
+        b, w = cfg.bench, cfg.workflow
+        checks = [
+            ("bench.min_seconds", b.min_seconds, self.max_seconds),
+            ("bench.max_runs", b.max_runs, self.max_runs),
+            ("bench.warmup_runs", b.warmup_runs, self.max_runs),
+            ("bench.requests_per_client × max(bench.concurrency)", b.requests_per_client * max(b.concurrency),
+             self.max_runs),
+            ("max(bench.concurrency)", max(b.concurrency), self.max_parallel),
+            ("max(bench.batch_sizes)", max(b.batch_sizes), self.max_parallel),
+            ("max(bench.prompt_lengths)", max(b.prompt_lengths), self.max_prompt_tokens),
+            ("bench.max_new_tokens", b.max_new_tokens, self.max_new_tokens),
+            ("workflow.max_new_tokens", w.max_new_tokens if b.name == "e2e" else 0, self.max_new_tokens),
+            ("bench.ppl_chars", b.ppl_chars, self.max_ppl_chars),
+        ]  # fmt: skip
+        for name, value, limit in checks:
+            if value > limit:
+                raise ConfigError(
+                    f"{name}={value:g} is above this server's limit for a job ({limit:g}).",
+                    "ask for less, or run that point on the command line (python -m harness).",
+                )
+
+
+def _refuse(text: str, why: str, fix: str = "leave it out, or run that point on the command line.") -> ConfigError:
+    return ConfigError(f"override {text!r} is not allowed over HTTP: {why}.", fix)
+
+
+def _has_interpolation(value: Any) -> bool:
+    if isinstance(value, str):
+        return "${" in value
+    if isinstance(value, dict):
+        return any(_has_interpolation(k) or _has_interpolation(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_interpolation(v) for v in value)
+    return False
+
+
+def _scalar(value: Any) -> bool:
+    return value is None or isinstance(value, bool | int | float | str)
 
 
 def check_overrides(overrides: Any) -> list[str]:
     """The overrides, if every one is allowed; ConfigError naming the first that is not."""
     if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
         raise ConfigError('overrides must be a list of strings such as "bench=latency".', "send a JSON list.")
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key or key.startswith(("+", "~", "-")):
-            raise ConfigError(
-                f"override {item!r} is not of the form key=value.", "write it as group=option or a.b=value."
+    fields = schema_fields()
+    for text in overrides:
+        if "${" in text:  # an interpolation could read this server's environment (its token) into the result
+            raise _refuse(text, "it holds an interpolation (${…})", "give a plain value.")
+        o = parse(text)
+        key, value = o.key_or_group, o.value()
+        if o.type != OverrideType.CHANGE:
+            raise _refuse(text, "a job sets existing values only (no +, ++ or ~ prefix)", "write it as key=value.")
+        if o.package:
+            raise _refuse(text, "a job cannot choose a package (@…)", f"write it as {key}=<option>.")
+        if o.is_sweep_override():
+            raise ConfigError(f"override {text!r} sweeps: a job is one point.", "submit one job per point.")
+        if _has_interpolation(value):
+            raise _refuse(text, "it holds an interpolation (${…})", "give a plain value.")
+        if key in GROUPS:
+            if not isinstance(value, str):
+                raise _refuse(text, f"{key} takes an option's name ({', '.join(group_options(key))})")
+            check_group_choices([f"{key}={value}"])
+            continue
+        if key not in ALLOWED_FIELDS:
+            raise _refuse(
+                text,
+                f"a job may choose {', '.join(GROUPS)}, seed, model.device, model.dtype and the fields of bench, "
+                "quant, attention, workflow and validation that name no file or code",
             )
-        if "${" in value:  # an interpolation could read this server's environment (its token) into the result
-            raise ConfigError(
-                f"override {item!r} holds an interpolation (${{…}}), which jobs may not use.", "give a plain value."
-            )
-        allowed = key in _ALLOWED_KEYS or (
-            key.startswith(_ALLOWED_FIELDS) and key not in _REFUSED_FIELDS and not key.endswith(".name")
-        )
-        if not allowed:
-            raise ConfigError(
-                f"override {item!r} is not allowed over HTTP: a job may choose {', '.join(GROUPS)}, seed, "
-                "model.device, model.dtype and fields of bench, quant, attention, workflow and validation.",
-                "leave it out, or run that point on the command line.",
-            )
-        if "," in value and key in GROUPS:
-            raise ConfigError(f"override {item!r} sweeps: a job is one point.", "submit one job per point.")
+        is_list = "list" in str(fields[key])
+        if not (_scalar(value) or (is_list and isinstance(value, list) and all(_scalar(v) for v in value))):
+            raise _refuse(text, f"{key} takes a {'list of plain values' if is_list else 'plain value'}")
     return overrides
 
 
-def compose_point(overrides: list[str]) -> tuple[HarnessConfig, dict[str, str]]:
-    """The validated config of one point and its group choices, as `python -m harness` composes it."""
+def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(data, dict):
+        return {prefix: data}
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def _changed_beyond_allowed(cfg: HarnessConfig, base: HarnessConfig) -> list[str]:
+    """The fields outside the allow-list whose value differs from the group options' own."""
+    ours, theirs = _flat(asdict(cfg)), _flat(asdict(base))
+    return sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k) and k not in ALLOWED_FIELDS)
+
+
+def compose_job(
+    overrides: list[str], cache_dir: str, allow_remote_code: bool, limits: JobLimits
+) -> tuple[HarnessConfig, dict[str, str]]:
+    """The validated config of one job's point and its group choices; ConfigError for anything refused."""
     from runners.point import preflight
 
-    check_group_choices(overrides)
-    try:
-        cfg = compose_config(overrides, with_hydra=True)
-        choices = {g: str(cfg.hydra.runtime.choices.get(g)) for g in GROUPS}
-    except ConfigError:
-        raise
-    except Exception as exc:  # Hydra's own parse and composition errors
-        raise ConfigError(f"the overrides do not compose: {exc}", "fix the override it names.") from None
-    validated = validate(cfg)
-    preflight(validated)
-    return validated, choices
+    cfg, composed = compose_overrides(overrides)
+    choices = {g: str(composed.hydra.runtime.choices.get(g)) for g in GROUPS}
+    base, _ = compose_overrides([f"{g}={choices[g]}" for g in GROUPS])
+    changed = _changed_beyond_allowed(cfg, base)
+    if changed:  # the parser let something through that it should not have: refuse, never run it
+        raise ConfigError(
+            f"the overrides change {', '.join(changed)}, which a job may not change.", "leave those fields alone."
+        )
+    for c in (cfg, base):
+        c.cache_dir, c.isolation, c.force, c.print_text = cache_dir, "process", True, False
+        c.model.trust_remote_code = c.model.trust_remote_code and allow_remote_code
+    preflight(cfg)
+    limits.check(cfg)
+    return cfg, choices
 
 
 @dataclass
@@ -78,10 +186,11 @@ class Job:
     overrides: list[str]
     point: dict[str, str]
     folder: Path
-    status: str = "queued"  # queued | running | ok | failed
+    status: str = "queued"  # see JOB_STATES
     submitted: float = field(default_factory=time.time)
     started: float | None = None
     finished: float | None = None
+    error: dict[str, str] | None = None  # why a job that did not run to its end stopped
     result: dict[str, Any] | None = None
 
     def describe(self, with_result: bool = True) -> dict[str, Any]:
@@ -94,42 +203,172 @@ class Job:
             "submitted": self.submitted,
             "started": self.started,
             "finished": self.finished,
+            "error": self.error,
         }
         if with_result:
             out["result"] = self.result
         return out
 
+    def save(self) -> None:
+        write_json_atomic(self.folder / JOB_FILE, self.describe(with_result=False))
+
+    @classmethod
+    def read(cls, path: Path) -> Job | None:
+        try:
+            data = json.loads(path.read_text())
+            known = {f.name for f in dataclasses.fields(cls)} - {"folder"}
+            job = cls(**{k: v for k, v in data.items() if k in known}, folder=path.parent)
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):  # unreadable, or not a job's record
+            return None
+        well_formed = isinstance(job.id, str) and isinstance(job.overrides, list) and isinstance(job.point, dict)
+        return job if well_formed and job.status in JOB_STATES else None
+
 
 class JobRunner:
-    def __init__(self, jobs_dir: str | Path, max_parallel: int = 1) -> None:
+    """Runs jobs from a queue on `max_parallel` threads, each job in its own process group."""
+
+    def __init__(
+        self,
+        jobs_dir: str | Path,
+        max_parallel: int = 1,
+        cache_dir: str = "~/.cache/harness",
+        allow_remote_code: bool = False,
+        limits: JobLimits | None = None,
+    ) -> None:
         self.jobs_dir = Path(jobs_dir)
+        self.cache_dir, self.allow_remote_code = cache_dir, allow_remote_code
+        self.limits = limits or JobLimits()
         self._jobs: dict[str, Job] = {}
+        self._configs: dict[str, HarnessConfig] = {}
+        self._procs: dict[str, subprocess.Popen] = {}
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=max_parallel, thread_name_prefix="harness-job")
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._stopping = threading.Event()
+        self._reload()
+        self._threads = [
+            threading.Thread(target=self._loop, name=f"harness-job-{i}", daemon=True) for i in range(max_parallel)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def _reload(self) -> None:
+        """Jobs of earlier runs of the server, from their job.json; one it was running when it stopped says so."""
+        if not self.jobs_dir.is_dir():
+            return
+        for path in sorted(self.jobs_dir.glob(f"*/{JOB_FILE}")):
+            job = Job.read(path)
+            if job is None:
+                continue
+            if job.status not in FINISHED:
+                job.status, job.finished = "interrupted", job.finished or time.time()
+                job.error = {
+                    "type": "Interrupted",
+                    "message": "the server stopped before this job finished.",
+                    "hint": "submit the job again.",
+                }
+                with contextlib.suppress(OSError):
+                    job.save()
+            job.result = _read_result_file(job.folder)
+            self._jobs[job.id] = job
 
     def submit(self, overrides: Any) -> Job:
-        cfg, point = compose_point(check_overrides(overrides))
+        if self._stopping.is_set():
+            raise ConfigError("the server is shutting down.", "submit the job to the server once it is back.")
+        cfg, point = compose_job(check_overrides(overrides), self.cache_dir, self.allow_remote_code, self.limits)
         job_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:8]
         job = Job(job_id, list(overrides), point, self.jobs_dir / job_id)
+        job.save()
         with self._lock:
             self._jobs[job_id] = job
-        self._pool.submit(self._run, job, cfg)
+            self._configs[job_id] = cfg
+        self._queue.put(job_id)
         return job
 
-    def _run(self, job: Job, cfg: HarnessConfig) -> None:
-        from runners import execute_point
+    def _loop(self) -> None:
+        while True:
+            job_id = self._queue.get()
+            if job_id is None:
+                return
+            with self._lock:
+                job, cfg = self._jobs[job_id], self._configs.pop(job_id, None)
+            if job.status != "queued" or cfg is None:  # cancelled while it waited
+                continue
+            try:
+                self._run(job, cfg)
+            except Exception as exc:  # the point's own failures are in its result; this is the runner failing
+                job.status, job.error = "failed", {"type": type(exc).__name__, "message": str(exc), "hint": ""}
+            finally:
+                job.finished = time.time()
+                with contextlib.suppress(OSError):
+                    job.save()
 
-        job.status, job.started = "running", time.time()
+    def _run(self, job: Job, cfg: HarnessConfig) -> None:
+        from harness.result import write_result
+        from runners.execute import (
+            _crash_result,
+            _read_result,
+            config_digest,
+            interrupted_result,
+            start_point,
+            stop_point_process,
+        )
+
+        attempt, digest = uuid.uuid4().hex, config_digest(cfg)
+        with self._lock:
+            if job.status != "queued":
+                return
+            job.status, job.started = "running", time.time()
+            job.save()
+            with (job.folder / LOG_FILE).open("w") as log:
+                proc = start_point(cfg, job.folder, job.point, attempt, digest, stdout=log)
+            self._procs[job.id] = proc
         try:
-            cfg.force = True  # a job measures; it never answers from an earlier result
-            result, _ = execute_point(cfg, job.folder, job.point)
-            job.result = result.to_dict()
-            job.status = result.status
-        except Exception as exc:  # the point's own failures are in its result; this is the runner failing
-            job.result = {"error": {"type": type(exc).__name__, "message": str(exc)}}
+            returncode = proc.wait(timeout=self.limits.max_seconds)
+        except subprocess.TimeoutExpired:
+            stop_point_process(proc, signal.SIGTERM, grace_s=10)
             job.status = "failed"
+            job.error = {
+                "type": "JobTimeout",
+                "message": f"the job ran past this server's limit of {self.limits.max_seconds:g} s and was stopped.",
+                "hint": "ask for fewer runs or tokens, or run the point on the command line.",
+            }
+            returncode = proc.returncode
         finally:
-            job.finished = time.time()
+            with self._lock:
+                self._procs.pop(job.id, None)
+        result = _read_result(job.folder, attempt)
+        if job.status in ("cancelled", "interrupted") or job.error:
+            if result is None:
+                result = interrupted_result(cfg, job.point, job.status if job.error is None else "time limit")
+                result.attempt, result.config_digest = attempt, digest
+                write_result(job.folder, result)
+        elif result is None:
+            tail = collections.deque((job.folder / LOG_FILE).read_text(errors="replace").splitlines(True), maxlen=60)
+            result = _crash_result(cfg, job.point, job.folder, returncode, list(tail), attempt, digest)
+            write_result(job.folder, result)
+        job.result = result.to_dict()
+        if job.status == "running":
+            job.status = result.status if result.status in JOB_STATES else "failed"
+
+    def cancel(self, job_id: str) -> Job | None:
+        """Stop a queued or running job (its whole process group); None when there is no such job."""
+        from runners.execute import stop_point_process
+
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None or job.status in FINISHED:
+                return job
+            proc = self._procs.get(job_id)
+            job.status = "cancelled"
+            job.error = {"type": "Cancelled", "message": "the job was cancelled by a client.", "hint": ""}
+            if proc is None:  # still queued: it never starts
+                job.finished = time.time()
+                self._configs.pop(job_id, None)
+            with contextlib.suppress(OSError):
+                job.save()
+        if proc is not None:
+            stop_point_process(proc, signal.SIGTERM, grace_s=10)
+        return job
 
     def get(self, job_id: str) -> Job | None:
         with self._lock:
@@ -145,5 +384,35 @@ class JobRunner:
             counts[job.status] = counts.get(job.status, 0) + 1
         return counts
 
-    def shutdown(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+    def shutdown(self, grace_s: float = 10.0) -> None:
+        """Stop every running job's process group and mark it (and every queued job) interrupted."""
+        from runners.execute import stop_point_process
+
+        self._stopping.set()
+        with self._lock:
+            running = list(self._procs.items())
+            for job in self._jobs.values():
+                if job.status in ("queued", "running"):
+                    job.status = "interrupted"
+                    job.error = {
+                        "type": "Interrupted",
+                        "message": "the server shut down before this job finished.",
+                        "hint": "submit the job again.",
+                    }
+                    if job.id not in self._procs:
+                        job.finished = time.time()
+                        with contextlib.suppress(OSError):
+                            job.save()
+        for _, proc in running:
+            stop_point_process(proc, signal.SIGTERM, grace_s=grace_s)
+        for _ in self._threads:
+            self._queue.put(None)
+        for t in self._threads:
+            t.join(timeout=grace_s + 5)
+
+
+def _read_result_file(folder: Path) -> dict[str, Any] | None:
+    from runners.execute import load_result
+
+    result = load_result(folder)
+    return result.to_dict() if result is not None else None

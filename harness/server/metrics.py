@@ -5,6 +5,8 @@ from __future__ import annotations
 import psutil
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
+from harness.server.jobs import JOB_STATES
+
 disable_created_metrics()  # the *_created series double the output and no dashboard reads them
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -42,6 +44,12 @@ class ServerMetrics:
         self.model_memory = Gauge("harness_model_memory_bytes", "summed footprint of the loaded models", registry=r)
         self.rss = Gauge("harness_process_resident_memory_bytes", "resident memory of the server process", registry=r)
         self.queue_depth = Gauge("harness_queue_depth", "generation requests waiting for the model", registry=r)
+        self.cancelled = Counter(
+            "harness_cancelled_requests_total",
+            "generations stopped before their end because the client went away",
+            ["model"],
+            registry=r,
+        )
         self.jobs = Gauge("harness_benchmark_jobs", "benchmark jobs by status", ["status"], registry=r)
 
     def render(self, loaded: int, model_bytes: int, queue_depth: int, jobs: dict[str, int]) -> bytes:
@@ -49,6 +57,6 @@ class ServerMetrics:
         self.model_memory.set(model_bytes)
         self.rss.set(psutil.Process().memory_info().rss)
         self.queue_depth.set(queue_depth)
-        for status in ("queued", "running", "ok", "failed"):
+        for status in JOB_STATES:
             self.jobs.labels(status).set(jobs.get(status, 0))
         return generate_latest(self.registry)

@@ -3,9 +3,23 @@ are answered 400 with the field named), and the harness's own bodies."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictStr
+
+
+def _whole_characters(text: str) -> str:
+    """JSON may carry a lone UTF-16 surrogate (\\ud800), which is no character: no tokenizer can encode it."""
+    for i, ch in enumerate(text):
+        if "\ud800" <= ch <= "\udfff":
+            raise ValueError(
+                f"the text holds a lone UTF-16 surrogate (U+{ord(ch):04X}) at character {i}, which is not a "
+                "character; send valid Unicode (a pair of surrogates encodes one character)"
+            )
+    return text
+
+
+Text = Annotated[StrictStr, AfterValidator(_whole_characters)]
 
 
 class _Body(BaseModel):
@@ -19,11 +33,11 @@ class StreamOptions(_Body):
 
 
 class _Sampling(_Body):
-    model: StrictStr
+    model: Text
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
-    stop: StrictStr | list[StrictStr] | None = None
+    stop: Text | list[Text] | None = None
     seed: int | None = Field(default=None, ge=0)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
@@ -40,7 +54,7 @@ class _Sampling(_Body):
 
 class ChatMessage(_Body):
     role: Literal["system", "user", "assistant"]
-    content: StrictStr
+    content: Text
 
 
 class ChatRequest(_Sampling):
@@ -49,7 +63,7 @@ class ChatRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: StrictStr = Field(min_length=1)
+    prompt: Text = Field(min_length=1)
 
 
 class BenchmarkRequest(_Body):

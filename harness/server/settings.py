@@ -28,6 +28,8 @@ class ServerSettings:
     cache_dir: str = "~/.cache/harness"
     jobs_dir: str = "outputs/api-jobs"
     max_parallel_jobs: int = 1  # benchmark jobs run one at a time by default: parallel timings disturb each other
+    job_max_seconds: float = 3600.0  # a job's wall time; past it its process group is killed
+    job_max_runs: int = 200  # bench.max_runs, warm-up runs and requests per concurrency level of a job
 
     def __post_init__(self) -> None:
         if self.token is None:
@@ -42,6 +44,8 @@ class ServerSettings:
             (self.max_body_bytes >= 1024, "max_body_bytes", ">= 1024"),
             (self.max_queue >= 1, "max_queue", ">= 1"),
             (self.max_parallel_jobs >= 1, "max_parallel_jobs", ">= 1"),
+            (self.job_max_seconds > 0, "job_max_seconds", "> 0"),
+            (self.job_max_runs >= 1, "job_max_runs", ">= 1"),
         ]
         for ok, name, rule in checks:
             if not ok:
@@ -49,6 +53,13 @@ class ServerSettings:
         for folder in self.model_dirs:
             if not Path(folder).expanduser().is_dir():
                 raise ConfigError(f"--model-dir {folder} is not a folder.", "give a folder of model checkpoints.")
+
+    def job_limits(self):
+        from harness.server.jobs import JobLimits
+
+        return JobLimits(
+            max_seconds=self.job_max_seconds, max_runs=self.job_max_runs, max_new_tokens=self.max_tokens_limit
+        )
 
     @property
     def loopback(self) -> bool:

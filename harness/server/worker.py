@@ -172,8 +172,10 @@ class ModelWorker:
         params: GenerationParams,
         emit: Callable[[Any], None],
         cancelled: threading.Event,
+        on_cancel: Callable[[], None] | None = None,
     ) -> Future:
-        """Generate, calling emit(TextDelta) per new text, then emit(Finished) or emit(Failed)."""
+        """Generate, calling emit(TextDelta) per new text, then emit(Finished) or emit(Failed); once cancelled
+        is set, stop at the next token and call on_cancel."""
 
         def run() -> None:
             try:
@@ -186,6 +188,8 @@ class ModelWorker:
                         first = (event.t_ns - stream.start_ns) / 1e9
                     if cancelled.is_set():
                         stream.close()
+                        if on_cancel is not None:
+                            on_cancel()
                         return
                     delta = decoder.push(event.token_id)
                     if delta:

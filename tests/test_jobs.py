@@ -1,0 +1,321 @@
+"""Benchmark jobs: the structural allow-list (hand-picked escapes, a property test over generated overrides, and a
+schemathesis fuzz of the running server), limits, cancel, persistence across restarts and a clean shutdown."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+from dataclasses import asdict
+
+import psutil
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import TOKEN, Http, serving
+from harness.config import GROUPS, group_options
+from harness.errors import ConfigError
+from harness.server import ServerSettings, create_app
+from harness.server.jobs import ALLOWED_FIELDS, JobLimits, JobRunner, check_overrides, compose_job
+
+LONG_JOB = ["model=tiny-gpt2", "bench=latency", "bench.min_seconds=120", "bench.max_runs=200",
+            "bench.target_rel_ci=0.0001", "bench.prompt_lengths=[256]", "bench.max_new_tokens=64"]  # fmt: skip
+# Fields that decide what this machine reads, runs or trusts: a job must never change them.
+PROTECTED = {
+    "model.path": None,
+    "model.source": None,
+    "model.hub_id": None,
+    "model.gguf_package": None,
+    "model.gguf_file": None,
+    "model.trust_remote_code": None,
+    "model.architecture": None,
+    "bench.name": None,
+    "workflow.cases": None,
+    "workflow.corpus": None,
+    "quant.calibration": None,
+    "cache_dir": None,
+    "isolation": None,
+    "point_memory_limit_mb": None,
+}
+
+
+def compose(overrides, cache_dir="/tmp/harness-job-cache"):
+    return compose_job(check_overrides(overrides), cache_dir, False, JobLimits(max_new_tokens=64))
+
+
+def flat(data, prefix=""):
+    if not isinstance(data, dict):
+        return {prefix: data}
+    out = {}
+    for k, v in data.items():
+        out.update(flat(v, f"{prefix}.{k}" if prefix else k))
+    return out
+
+
+def assert_only_allowed_changes(cfg, point):
+    """The invariant: a job's config equals its group options' own except in allowed fields, and the fields that
+    name files or code are exactly the entry's."""
+    base, _ = compose([f"{g}={point[g]}" for g in GROUPS])
+    ours, theirs = flat(asdict(cfg)), flat(asdict(base))
+    changed = {k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k)}
+    assert changed <= set(ALLOWED_FIELDS), changed - set(ALLOWED_FIELDS)
+    for key in PROTECTED:
+        assert ours.get(key) == theirs.get(key), key
+    assert cfg.model.trust_remote_code is False and cfg.bench.name == point["bench"]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("bench={name:'os:system'}", "takes an option's name"),
+        ("bench={name:'this:x'}", "takes an option's name"),
+        ("model={path:'/etc'}", "takes an option's name"),
+        ("model={trust_remote_code:true}", "takes an option's name"),
+        ("workflow={cases:'/etc/passwd'}", "takes an option's name"),
+        ("+bench.name=os:system", "no +, ++ or ~"),
+        ("++model.path=/etc", "no +, ++ or ~"),
+        ("~model.path", "no +, ++ or ~"),
+        ("model@bench=tiny-gpt2", "package"),
+        ("bench.prompt_lengths={a:1}", "list of plain values"),
+        ("bench.prompt=[a,b]", "plain value"),
+        ("bench.prompt='${oc.env:HARNESS_API_TOKEN}'", "interpolation"),
+        ('bench.prompt="${oc.env:HARNESS_API_TOKEN}"', "interpolation"),
+        ("seed=range(1,3)", "a job is one point"),
+        ("bench.prompt=choice(a,b)", "a job is one point"),
+        ("cache_dir=/tmp/elsewhere", "not allowed over HTTP"),
+        ("isolation=inline", "not allowed over HTTP"),
+        ("model.source=path", "not allowed over HTTP"),
+        ("model.gguf_package=os", "not allowed over HTTP"),
+        ("model.architecture.n_layer=99", "not allowed over HTTP"),
+        ("hydra.job.chdir=true", "not allowed over HTTP"),
+        ("experiment=quant_sweep", "not allowed over HTTP"),
+        ("workflow.corpus=/etc", "not allowed over HTTP"),
+        ("quant.name=x", "not allowed over HTTP"),
+        ("bench.max_runs=100000", "limit for a job"),
+        ("bench.min_seconds=1e9", "limit for a job"),
+        ("bench.concurrency=[1000]", "limit for a job"),
+        ("bench.max_new_tokens=65", "limit for a job"),
+        ("model=tiny-gpt2 bench=latency", "does not parse"),
+    ],
+)
+def test_escapes_and_excess_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message.replace("+", r"\+").replace("(", r"\(")):
+        compose(["model=tiny-gpt2", override])
+
+
+def test_an_allowed_job_composes_only_what_it_may_change():
+    cfg, point = compose(["model=tiny-gpt2", "bench=latency", "bench.prompt_lengths=[16,32]", "seed=3",
+                          "quant.llm_int8_threshold=5.0", "model.dtype=float32", "attention=eager"])  # fmt: skip
+    assert cfg.bench.prompt_lengths == [16, 32] and cfg.seed == 3 and point["attention"] == "eager"
+    assert cfg.cache_dir == "/tmp/harness-job-cache" and cfg.isolation == "process" and cfg.force
+    assert_only_allowed_changes(cfg, point)
+
+
+_KEYS = st.sampled_from(
+    [*GROUPS, *ALLOWED_FIELDS, *PROTECTED, "hydra.run.dir", "experiment", "print_text", "model", "bench.x", "a.b"]
+)
+_SCALARS = st.one_of(
+    st.sampled_from([o for g in GROUPS for o in group_options(g)]),
+    st.integers(-10, 10**6).map(str),
+    st.sampled_from(["true", "null", "1e9", "os:system", "/etc/passwd", "~", "..", "'a b'", "\\'", '"x"']),
+    st.text(min_size=0, max_size=40),
+    st.text(alphabet="ab:/._-", min_size=200, max_size=400),
+)
+_VALUES = st.one_of(
+    _SCALARS,
+    st.lists(_SCALARS, max_size=3).map(lambda v: "[" + ",".join(v) + "]"),
+    st.tuples(st.sampled_from(["name", "path", "cases", "trust_remote_code"]), _SCALARS).map(
+        lambda kv: "{" + f"{kv[0]}:{kv[1]}" + "}"
+    ),
+    _SCALARS.map(lambda v: "${" + v + "}"),
+    _SCALARS.map(lambda v: "${oc.env:" + v + "}"),
+    st.lists(_SCALARS, min_size=2, max_size=3).map(",".join),
+    _SCALARS.map(lambda v: f"choice({v})"),
+)
+_OVERRIDES = st.tuples(st.sampled_from(["", "", "", "+", "++", "~"]), _KEYS, st.sampled_from(["=", "@x=", "", "=="]),
+                       _VALUES).map(lambda t: f"{t[0]}{t[1]}{t[2]}{t[3]}")  # fmt: skip
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(_OVERRIDES, min_size=1, max_size=3))
+def test_no_generated_override_escapes_the_allow_list(overrides):
+    try:
+        cfg, point = compose(["model=tiny-gpt2", *overrides])
+    except ConfigError:
+        return
+    assert_only_allowed_changes(cfg, point)
+
+
+# -- the running server ----------------------------------------------------------------------------------------
+def wait_for(check, timeout=120, step=0.2):
+    deadline = time.time() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.time() < deadline, "timed out"
+        time.sleep(step)
+
+
+@pytest.fixture()
+def job_server(tmp_path):
+    settings = ServerSettings(
+        token=TOKEN, max_tokens_limit=64, default_max_tokens=16, jobs_dir=str(tmp_path / "jobs"), job_max_seconds=600
+    )
+    app = create_app(settings)
+    with serving(app) as base:
+        yield {"http": Http(base), "app": app, "jobs": tmp_path / "jobs"}
+
+
+def point_process(job_folder):
+    """The live `python -m runners <job folder>` process, or None."""
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if cmd[-2:] == ["runners", str(job_folder)]:
+            return p
+    return None
+
+
+def test_a_running_job_is_cancelled_with_its_whole_process_group(job_server):
+    http = job_server["http"]
+    status, job = http.json("POST", "/benchmarks", {"overrides": LONG_JOB})
+    assert status == 202, job
+    folder = job_server["jobs"] / job["id"]
+    wait_for(lambda: http.json("GET", f"/benchmarks/{job['id']}")[1]["status"] == "running")
+    child = wait_for(lambda: point_process(folder))
+    time.sleep(3)  # inside its bench
+    status, cancelled = http.json("DELETE", f"/benchmarks/{job['id']}")
+    assert status == 200 and cancelled["status"] == "cancelled"
+    done = wait_for(lambda: (j := http.json("GET", f"/benchmarks/{job['id']}")[1])["finished"] and j)
+    assert done["status"] == "cancelled" and done["result"]["error"]["type"] == "Interrupted"
+    assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+    saved = json.loads((folder / "job.json").read_text())
+    assert saved["status"] == "cancelled"
+    status, again = http.json("DELETE", f"/benchmarks/{job['id']}")
+    assert status == 409 and "already ended" in again["error"]["message"]
+    assert http.json("DELETE", "/benchmarks/nope")[0] == 404
+
+
+def test_a_job_past_its_time_limit_is_stopped(tmp_path):
+    runner = JobRunner(tmp_path / "jobs", limits=JobLimits(max_seconds=8))
+    try:
+        # bench.min_seconds may equal the limit; loading the model on top of it runs past the limit
+        job = runner.submit([o for o in LONG_JOB if "min_seconds" not in o] + ["bench.min_seconds=8"])
+        wait_for(lambda: runner.get(job.id).finished, timeout=120)
+        assert job.status == "failed" and job.error["type"] == "JobTimeout"
+        assert not point_process(job.folder)
+    finally:
+        runner.shutdown()
+
+
+def test_jobs_survive_a_restart_and_say_when_they_were_interrupted(tmp_path):
+    jobs = tmp_path / "jobs"
+    (jobs / "old-running").mkdir(parents=True)
+    (jobs / "old-running" / "job.json").write_text(json.dumps(
+        {"id": "old-running", "status": "running", "overrides": ["model=tiny-gpt2"], "point": {}, "submitted": 1.0}
+    ))  # fmt: skip
+    (jobs / "old-ok").mkdir()
+    (jobs / "old-ok" / "job.json").write_text(json.dumps(
+        {"id": "old-ok", "status": "ok", "overrides": [], "point": {}, "submitted": 2.0, "finished": 3.0}
+    ))  # fmt: skip
+    (jobs / "junk").mkdir()
+    (jobs / "junk" / "job.json").write_text("[1]")
+    runner = JobRunner(jobs)
+    try:
+        assert [j.id for j in runner.all()] == ["old-running", "old-ok"]
+        assert runner.get("old-running").status == "interrupted" and runner.get("old-ok").status == "ok"
+        assert "stopped before this job finished" in runner.get("old-running").error["message"]
+        assert json.loads((jobs / "old-running" / "job.json").read_text())["status"] == "interrupted"
+    finally:
+        runner.shutdown()
+
+
+def test_server_shutdown_stops_its_jobs_and_leaves_no_process(tmp_path):
+    from test_server import free_port
+
+    port, jobs = free_port(), tmp_path / "jobs"
+    cmd = [sys.executable, "-m", "harness.cli", "serve", "--port", str(port), "--jobs-dir", str(jobs)]
+    env = {**os.environ, "HARNESS_API_TOKEN": TOKEN}
+    server = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    http = Http(f"http://127.0.0.1:{port}")
+    try:
+
+        def up():
+            try:
+                return http("GET", "/health", token=None)[0] == 200
+            except urllib.error.URLError:
+                return False
+
+        wait_for(up, timeout=60)
+        status, job = http.json("POST", "/benchmarks", {"overrides": LONG_JOB})
+        assert status == 202, job
+        child = wait_for(lambda: point_process(jobs / job["id"]))
+        time.sleep(2)
+        t0 = time.time()
+        server.send_signal(signal.SIGTERM)
+        server.communicate(timeout=60)
+        assert time.time() - t0 < 30, "the server took too long to stop"
+        wait_for(lambda: not child.is_running() or child.status() == psutil.STATUS_ZOMBIE, timeout=15)
+        saved = json.loads((jobs / job["id"] / "job.json").read_text())
+        assert saved["status"] == "interrupted"
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+    again = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_for(up, timeout=60)
+        listed = http.json("GET", "/benchmarks")[1]["data"]
+        assert [(j["id"], j["status"]) for j in listed] == [(job["id"], "interrupted")]
+    finally:
+        again.send_signal(signal.SIGINT)
+        again.communicate(timeout=60)
+    assert again.returncode == 0
+
+
+# -- schemathesis: the whole API against its own OpenAPI schema -----------------------------------------------------
+def _fuzzer(op, http, accepted, failures):
+    """A hypothesis test of one operation: no 5xx, every error in OpenAI's shape, accepted jobs recorded (and
+    cancelled at once: the fuzz checks what the server accepts, not the points it would measure)."""
+
+    @settings(max_examples=40 if op.path == "/benchmarks" else 15, deadline=None,
+              suppress_health_check=list(HealthCheck))  # fmt: skip
+    @given(case=op.as_strategy())
+    def fuzz(case):
+        case.headers = {**(case.headers or {}), "Authorization": f"Bearer {TOKEN}"}
+        response = case.call(base_url=http.base, timeout=60)
+        where = (op.method, op.path, case.body, case.path_parameters, response.status_code)
+        if response.status_code >= 500:
+            failures.append((*where, response.text[:300]))
+        try:
+            body = json.loads(response.content)
+        except ValueError:  # /metrics answers Prometheus text
+            body = {}
+        if response.status_code >= 400 and not (isinstance(body, dict) and "message" in body.get("error", {})):
+            failures.append((*where, "not OpenAI's error shape: " + response.text[:200]))
+        if op.path == "/benchmarks" and op.method.upper() == "POST" and response.status_code == 202:
+            accepted.append(case.body.get("overrides", []))
+            http("DELETE", f"/benchmarks/{body['id']}")
+
+    return fuzz
+
+
+def test_fuzz_the_api_with_schemathesis(job_server):
+    schemathesis = pytest.importorskip("schemathesis")
+    http = job_server["http"]
+    schema = schemathesis.openapi.from_url(http.base + "/openapi.json")
+    accepted, failures, fuzzed = [], [], []
+    for operation in schema.get_all_operations():
+        op = operation.ok()
+        if op.path.startswith("/models/") and op.method.upper() == "POST":
+            continue  # loading models by generated names: 404s only, and slow when a name happens to exist
+        _fuzzer(op, http, accepted, failures)()
+        fuzzed.append(f"{op.method.upper()} {op.path}")
+    assert "POST /benchmarks" in fuzzed and "DELETE /benchmarks/{job_id}" in fuzzed
+    assert not failures, failures[:5]
+    for overrides in accepted:  # whatever the server accepted composes within the allow-list
+        cfg, point = compose(overrides)
+        assert_only_allowed_changes(cfg, point)
