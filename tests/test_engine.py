@@ -39,6 +39,20 @@ def test_context_window_is_enforced():
     GenerationParams(max_new_tokens=40).validate(context_window=100, prompt_tokens=60)
 
 
+@pytest.mark.parametrize(
+    ("max_new", "prompt", "fix"),
+    [
+        (50, 60, "lower max_new_tokens to at most 40"),
+        (50, 120, "shorten the prompt to at most 50 tokens"),  # the prompt alone fills the window
+        (150, 120, "lower max_new_tokens below the context window (100)"),
+    ],
+)
+def test_context_window_fix_is_always_one_that_works(max_new, prompt, fix):
+    with pytest.raises(InferenceError) as caught:
+        GenerationParams(max_new_tokens=max_new).validate(context_window=100, prompt_tokens=prompt)
+    assert fix in caught.value.fix and "at most 0" not in caught.value.fix and "at most -" not in caught.value.fix
+
+
 def test_unknown_engine(load):
     with pytest.raises(ConfigError, match="transformers"):
         create_engine("vllm", load("tiny-gpt2"))
