@@ -57,6 +57,17 @@ def availability(cfg: ModelConfig) -> Availability:
         found = packaged_gguf(cfg.gguf_package, cfg.gguf_file)
         if found is not None:
             return Availability(True, f"GGUF file from the package {cfg.gguf_package}", found.stat().st_size)
+    if cfg.gguf_parts:
+        from harness.models.sources import split_parts
+        from harness.models.split_gguf import install_command, locate_parts
+
+        parts = split_parts(cfg)
+        _, missing = locate_parts(parts)
+        if not missing:
+            return Availability(True, f"GGUF split across {len(parts)} installed packages", cfg.gguf_size)
+        return Availability(
+            False, f"not installed: {install_command(parts)} ({(cfg.gguf_size or 0) / 1e6:.0f} MB)", cfg.gguf_size
+        )
     if cfg.hub_id:
         how = f"hub download ({cfg.hub_id})"
         if cfg.architecture:

@@ -61,6 +61,11 @@ class ModelConfig:
     revision: str | None = None
     gguf_package: str | None = None  # installed distribution that ships a GGUF file
     gguf_file: str | None = None  # that file's name inside the distribution
+    # A GGUF file split across installed distributions, in join order: [{package, file, size?, sha256?}, …],
+    # with the joined file's size (bytes) and SHA-256; joined once into the cache and verified before use.
+    gguf_parts: list[dict[str, Any]] | None = None
+    gguf_size: int | None = None
+    gguf_sha256: str | None = None
     random_weights: bool = False  # build `architecture` with random weights (nothing to download)
     architecture: dict[str, Any] | None = None  # the real config (model_type + fields) for random weights
     tokenizer: dict[str, Any] | None = None  # locally built tokenizer spec for random weights
@@ -86,6 +91,10 @@ class ModelConfig:
                 f"model.random_weights=true but model '{self.name}' has no built-in architecture to build.",
                 "use an entry that has one (gpt2, qwen, smollm2, tiny-*), or give model.architecture.",
             )
+        if self.gguf_parts is not None:
+            from harness.models.split_gguf import parse_parts
+
+            parse_parts(self.name, list(self.gguf_parts), self.gguf_size, self.gguf_sha256)
         if self.source == "path" and not self.path:
             raise ConfigError("model.source=path but model.path is not set.", "add model.path=<folder or .gguf>.")
 

@@ -46,9 +46,10 @@ def check_gguf(path: Path) -> dict[str, Any]:
     return {"gguf_version": version, "tensors": n_tensors, "bytes": size}
 
 
-def materialize_gguf(path: Path, cache_dir: Path) -> tuple[Path, bool]:
-    """Return (checkpoint folder, built_now) for a GGUF file, dequantizing it only the first time."""
-    digest = file_digest(path)
+def materialize_gguf(path: Path, cache_dir: Path, digest: str | None = None) -> tuple[Path, bool]:
+    """Return (checkpoint folder, built_now) for a GGUF file, dequantizing it only the first time (digest: its
+    SHA-256 when already known and verified, else it is computed)."""
+    digest = digest or file_digest(path)
     target = cache_dir / "gguf" / f"{path.stem}-{digest[:16]}"
 
     def build(tmp: Path) -> dict[str, Any]:

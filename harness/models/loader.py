@@ -22,7 +22,8 @@ from harness.models.attention import AttentionChoice, choose_attention, model_cl
 from harness.models.cache import COMPLETE, build_once, spec_digest
 from harness.models.gguf import materialize_gguf
 from harness.models.random_weights import build_random_checkpoint
-from harness.models.sources import Source, hub_cache_dir, resolve_source
+from harness.models.sources import Source, hub_cache_dir, resolve_source, split_parts
+from harness.models.split_gguf import join_parts
 
 log = logging.getLogger(__name__)
 
@@ -107,12 +108,19 @@ def _checkpoint_for(
     source: Source, cfg: ModelConfig, cache_dir: Path, seed: int, events: list[str]
 ) -> tuple[str, dict[str, Any]]:
     """Turn a source into something from_pretrained reads, building cached folders where needed."""
-    if source.kind == "gguf":
+    if source.kind in ("gguf", "gguf_parts"):
+        path, digest, joined = Path(source.location), None, {}
+        if source.kind == "gguf_parts":
+            assert cfg.gguf_sha256 is not None and cfg.gguf_size is not None
+            path, joined = join_parts(cfg.name, split_parts(cfg), cfg.gguf_size, cfg.gguf_sha256, cache_dir)
+            digest = cfg.gguf_sha256  # verified while joining: no need to hash the file again
+            if joined["joined"]:
+                events.append(f"joined and verified the GGUF parts once into {path} in {joined['join_s']:.1f} s")
         t0 = time.perf_counter()
-        folder, built = materialize_gguf(Path(source.location), cache_dir)
+        folder, built = materialize_gguf(path, cache_dir, digest)
         if built:
             events.append(f"dequantized the GGUF file once into {folder} in {time.perf_counter() - t0:.1f} s")
-        return str(folder), _provenance(folder)
+        return str(folder), {**_provenance(folder), **({"gguf_file": str(path)} if joined else {})}
     if source.kind == "random":
         assert cfg.architecture is not None
         t0 = time.perf_counter()

