@@ -59,13 +59,13 @@ def _point(cfg: DictConfig) -> None:
 
         stopped = load_result(out_dir)
         if stopped is not None:
-            _outcomes.append(("interrupted", summary_line(stopped, out_dir)))
+            _outcomes.append(("interrupted", summary_line(stopped, out_dir, _swept_keys)))
         raise Interrupted(getattr(stop, "signum", signal.SIGINT)) from None
     except StorageError as exc:  # the disk refused a write: nothing more can be recorded
         print(format_error(exc), file=sys.stderr)
         _outcomes.append(("failed", f"[failed] {' '.join(f'{k}={v}' for k, v in point.items())}: {exc.cause}"))
         raise SystemExit(1) from None
-    line = summary_line(result, out_dir)
+    line = summary_line(result, out_dir, _swept_keys)
     if skipped:
         line = "[skipped: already ok] " + line.split("] ", 1)[1]
     elif result.status == "ok" and validated.print_text and result.outputs and validated.bench.name == "smoke":
@@ -92,6 +92,8 @@ def swept_fields(task_overrides: list[str]) -> dict[str, str]:
     return fields
 
 
+# The fields a sweep command varies (seed=1,2,3): the summary lines name them.
+_swept_keys: set[str] = set()
 # Overrides that change how a point runs or is shown, not what it measures.
 _NOT_IDENTITY = ("hydra", "force", "print_text", "isolation", "report", "validation")
 _received: list[int] = []
@@ -168,6 +170,13 @@ def main() -> int:
             file=sys.stderr,
         )
 
+    from harness.overrides import is_hydra_key, parse
+
+    for a in args:
+        if "=" in a and not a.startswith("-") and not is_hydra_key(a.split("=")[0].lstrip("+~")):
+            o = parse(a)
+            if o.is_sweep_override():
+                _swept_keys.add(o.key_or_group)
     # The same sweep command writes to the same folder, so running it again resumes it.
     os.environ["HARNESS_SWEEP_ID"] = sweep_id(args)
     register_schemas()

@@ -170,10 +170,11 @@ def run_point(
     return result
 
 
-def summary_line(result: Result, out_dir: Path) -> str:
+def summary_line(result: Result, out_dir: Path, swept: set[str] | None = None) -> str:
+    """One line for a person; beyond the groups it names the point's fields in `swept` (all when None)."""
     p = result.point
     bench = result.config.get("bench", {}).get("name", p.get("bench"))
-    swept = "".join(f" {k}={v}" for k, v in p.items() if k not in GROUPS)
+    swept = "".join(f" {k}={v}" for k, v in p.items() if k not in GROUPS and (swept is None or k in swept))
     head = (
         f"[{result.status}] model={p.get('model')} quant={p.get('quant')} attention={p.get('attention')} bench={bench}"
         + swept
