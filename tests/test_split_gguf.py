@@ -74,7 +74,7 @@ def test_a_wrong_whole_hash_names_both_hashes_and_keeps_nothing(parts, tmp_path)
     with pytest.raises(ModelLoadError, match="0{64}") as caught:
         _join(fields, tmp_path / "cache")
     assert "fake-model-part1" in caught.value.cause and "--force-reinstall" in caught.value.fix
-    assert list((tmp_path / "cache" / "gguf-joined").iterdir()) == []  # no half-joined or wrong file
+    assert not list((tmp_path / "cache" / "gguf-joined").rglob("*"))  # no half-joined or wrong file
 
 
 def test_a_corrupt_part_is_named(parts, tmp_path):
@@ -86,7 +86,7 @@ def test_a_corrupt_part_is_named(parts, tmp_path):
     bad.write_bytes(bytes(data))
     with pytest.raises(ModelLoadError, match="part02.bin from the package fake-model-part2 has SHA-256"):
         _join(fields, tmp_path / "cache")
-    assert list((tmp_path / "cache" / "gguf-joined").iterdir()) == []
+    assert not list((tmp_path / "cache" / "gguf-joined").rglob("*"))
 
 
 def test_a_missing_part_names_the_package_and_the_command(parts, tmp_path):
@@ -126,7 +126,7 @@ def test_a_disk_too_small_to_join_is_refused_before_writing(parts, tmp_path):
         with pytest.raises(ModelLoadError, match=f"needs {len(whole):,} bytes") as caught:
             _join(fields, folder)
         assert "cache_dir" in caught.value.fix
-        assert [p for p in (folder / "gguf-joined").iterdir()] == []
+        assert not list((folder / "gguf-joined").rglob("*"))
 
 
 def test_a_disk_that_fills_while_joining_leaves_no_partial_file(parts, tmp_path, monkeypatch):
@@ -140,7 +140,7 @@ def test_a_disk_that_fills_while_joining_leaves_no_partial_file(parts, tmp_path,
         monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=10**9))  # the check is fooled
         with pytest.raises(StorageError, match="No space left on device"):
             _join(fields, folder)
-        assert [p for p in (folder / "gguf-joined").iterdir()] == []
+        assert not list((folder / "gguf-joined").rglob("*"))
 
 
 @needs_smollm2

@@ -9,6 +9,7 @@ later loads check its size instead of hashing it again.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import itertools
@@ -108,7 +109,9 @@ def _verified(target: Path, size: int, sha256: str) -> bool:
 
 
 def joined_path(name: str, sha256: str, cache_dir: Path) -> Path:
-    return cache_dir / "gguf-joined" / f"{name}-{sha256[:16]}.gguf"
+    """<cache>/gguf-joined/<hash prefix>/<name>.gguf: the file keeps the entry's name (materialization names its
+    folder after it), the folder the content's hash."""
+    return cache_dir / "gguf-joined" / sha256[:16] / f"{name}.gguf"
 
 
 def join_parts(name: str, parts: list[Part], size: int, sha256: str, cache_dir: Path) -> tuple[Path, dict[str, Any]]:
@@ -126,6 +129,8 @@ def join_parts(name: str, parts: list[Part], size: int, sha256: str, cache_dir: 
     target.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(target.parent).free
     if free < size:
+        with contextlib.suppress(OSError):
+            target.parent.rmdir()
         raise ModelLoadError(
             f"joining model '{name}' needs {size:,} bytes in {target.parent}, which has {free:,} bytes free.",
             "free space there, or set cache_dir (or HARNESS_CACHE_DIR) to a folder on a larger disk.",
@@ -162,6 +167,8 @@ def join_parts(name: str, parts: list[Part], size: int, sha256: str, cache_dir: 
         raise
     finally:
         tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a failed first join leaves no empty folder behind
+            target.parent.rmdir()
     seconds = time.perf_counter() - t0
     return target, {"joined": True, "path": str(target), "join_s": round(seconds, 3), "bytes": written}
 
