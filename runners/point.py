@@ -73,7 +73,7 @@ def resolve_bench(name: str) -> Callable[[BenchContext], BenchOutput]:
         module_name, _, attribute = name.partition(":")
         try:
             return getattr(importlib.import_module(module_name), attribute)
-        except (ImportError, AttributeError) as exc:
+        except Exception as exc:  # not found, an empty name, or the user's module failing as it imports
             raise ConfigError(
                 f"bench.name={name!r} names no importable function ({exc}).",
                 "give `package.module:function` of a function that takes a BenchContext.",

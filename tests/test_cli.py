@@ -28,6 +28,7 @@ def results_under(folder: Path) -> list[dict]:
         (["+bench.max_new_token=5"], 2, "Did you mean 'bench.max_new_tokens'"),
         (["+bench.max_new_tokens=5"], 2, "drop the '+'"),
         (["~bench.prompt"], 2, "a field the schema needs"),
+        (["bench.name=:x"], 2, "names no importable function (Empty module name)"),
         (["seed=1,2"], 2, "add -m"),
         (["-m", "model=tiny-gpt2", "bench.max_new_tokens=4,0"], 2, "bench.max_new_tokens=0 is not valid"),
         (["model=tiny-gpt2", "model.chat_format=template"], 2, "has no chat template"),
