@@ -92,7 +92,7 @@ def interrupted_result(cfg: HarnessConfig, point: dict[str, str], how: str) -> R
     )
 
 
-def _read_result(out_dir: Path, attempt: str) -> Result | None:
+def attempt_result(out_dir: Path, attempt: str) -> Result | None:
     """This attempt's result; None when the file is from an earlier attempt (this one never wrote its own)."""
     result = load_result(out_dir)
     return result if result and result.attempt == attempt else None
@@ -110,7 +110,7 @@ def set_memory_limit(limit_mb: int | None) -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
-def _crash_result(
+def crash_result(
     cfg: HarnessConfig,
     point: dict[str, str],
     out_dir: Path,
@@ -230,15 +230,15 @@ def _execute(cfg: HarnessConfig, out_dir: Path, point: dict[str, str]) -> tuple[
         signum = getattr(stop, "signum", signal.SIGINT)
         stop_point_process(proc, signum)
         reader.join(timeout=5)
-        if _read_result(out_dir, attempt) is None:  # it was killed before it could say so itself
+        if attempt_result(out_dir, attempt) is None:  # it was killed before it could say so itself
             result = interrupted_result(cfg, point, signal.Signals(signum).name)
             result.attempt, result.config_digest = attempt, digest
             write_result(out_dir, result)
         raise
     finally:
         reader.join(timeout=5)
-    result = _read_result(out_dir, attempt)
+    result = attempt_result(out_dir, attempt)
     if result is None:
-        result = _crash_result(cfg, point, out_dir, returncode, list(tail), attempt, digest)
+        result = crash_result(cfg, point, out_dir, returncode, list(tail), attempt, digest)
         write_result(out_dir, result)
     return result, False

@@ -305,9 +305,9 @@ class JobRunner:
     def _run(self, job: Job, cfg: HarnessConfig) -> None:
         from harness.result import write_result
         from runners.execute import (
-            _crash_result,
-            _read_result,
+            attempt_result,
             config_digest,
+            crash_result,
             interrupted_result,
             start_point,
             stop_point_process,
@@ -336,7 +336,7 @@ class JobRunner:
         finally:
             with self._lock:
                 self._procs.pop(job.id, None)
-        result = _read_result(job.folder, attempt)
+        result = attempt_result(job.folder, attempt)
         if job.status in ("cancelled", "interrupted") or job.error:
             if result is None:
                 result = interrupted_result(cfg, job.point, job.status if job.error is None else "time limit")
@@ -344,7 +344,7 @@ class JobRunner:
                 write_result(job.folder, result)
         elif result is None:
             tail = collections.deque((job.folder / LOG_FILE).read_text(errors="replace").splitlines(True), maxlen=60)
-            result = _crash_result(cfg, job.point, job.folder, returncode, list(tail), attempt, digest)
+            result = crash_result(cfg, job.point, job.folder, returncode, list(tail), attempt, digest)
             write_result(job.folder, result)
         job.result = result.to_dict()
         if job.status == "running":
