@@ -9,6 +9,8 @@ from typing import Any
 
 import pandas as pd
 
+from harness.config import NOT_MEASURED, flatten
+
 GROUP_COLUMNS = ("model", "quant", "attention", "engine", "workflow", "bench")
 # ci95_low/ci95_high: the bounds of an asymmetric interval (the Wilson interval of a pass rate), else empty.
 STAT_COLUMNS = ("n", "mean", "stdev", "min", "p50", "p90", "p95", "p99", "max", "ci95", "ci95_low", "ci95_high")
@@ -38,19 +40,6 @@ def point_label(result: dict[str, Any]) -> str:
     return " ".join([_group_label(p), *extra])
 
 
-# Config fields that change how a point runs or is shown, not what it measures.
-_NOT_IDENTITY = ("print_text", "isolation", "force", "report", "validation")
-
-
-def _flat(data: Any, prefix: str = "") -> dict[str, str]:
-    if not isinstance(data, dict):
-        return {prefix: str(data)}
-    out: dict[str, str] = {}
-    for k, v in data.items():
-        out.update(_flat(v, f"{prefix}{k}."))
-    return {k.rstrip("."): v for k, v in out.items()}
-
-
 def _bench(result: dict[str, Any]) -> str:
     return str((result.get("config") or {}).get("bench", {}).get("name", result["point"].get("bench")))
 
@@ -73,9 +62,9 @@ def point_labels(results: list[dict[str, Any]]) -> list[str]:
     for (label, _), idx in groups.items():
         if len(idx) < 2:
             continue
-        flats = [_flat(results[i].get("config") or {}) for i in idx]
+        flats = [{k: str(v) for k, v in flatten(results[i].get("config") or {}).items()} for i in idx]
         keys = sorted(
-            k for k in set().union(*flats) if not k.startswith(_NOT_IDENTITY) and len({f.get(k) for f in flats}) > 1
+            k for k in set().union(*flats) if not k.startswith(NOT_MEASURED) and len({f.get(k) for f in flats}) > 1
         )
         for i, f in zip(idx, flats, strict=True):
             labels[i] = " ".join([label, *(f"{k}={f.get(k)}" for k in keys[:3])])

@@ -17,7 +17,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from harness.config import GROUPS, conf_dir, register_schemas, validate
+from harness.config import GROUPS, NOT_MEASURED, conf_dir, register_schemas, validate
 from harness.errors import ConfigError, HarnessError, Interrupted, StorageError, format_error
 
 _outcomes: list[tuple[str, str]] = []  # (status, summary line) of each point run in this process
@@ -86,16 +86,14 @@ def swept_fields(task_overrides: list[str]) -> dict[str, str]:
     for text in task_overrides:
         o = parse(text)
         key = o.key_or_group
-        if key in GROUPS or key == "experiment" or key.startswith(_NOT_IDENTITY):
+        if key in GROUPS or key == "experiment" or key.startswith(("hydra", *NOT_MEASURED)):
             continue
         fields[key] = text.split("=", 1)[1] if "=" in text else "null"  # as typed
     return fields
 
 
-# The fields a sweep command varies (seed=1,2,3): the summary lines name them.
+# The fields a sweep command varies (seed=1,2,3), as the pre-check found them: the summary lines name them.
 _swept_keys: set[str] = set()
-# Overrides that change how a point runs or is shown, not what it measures.
-_NOT_IDENTITY = ("hydra", "force", "print_text", "isolation", "report", "validation")
 _received: list[int] = []
 
 
@@ -114,7 +112,7 @@ def _precheck(args: list[str]) -> int | None:
     from runners.sweep import check_output_folder
 
     try:
-        precheck(args, multirun=any(a in ("-m", "--multirun") for a in args))
+        _swept_keys.update(precheck(args, multirun=any(a in ("-m", "--multirun") for a in args)))
         check_output_folder(args)
     except ConfigError as exc:
         print(format_error(exc), file=sys.stderr)
@@ -170,13 +168,6 @@ def main() -> int:
             file=sys.stderr,
         )
 
-    from harness.overrides import is_hydra_key, parse
-
-    for a in args:
-        if "=" in a and not a.startswith("-") and not is_hydra_key(a.split("=")[0].lstrip("+~")):
-            o = parse(a)
-            if o.is_sweep_override():
-                _swept_keys.add(o.key_or_group)
     # The same sweep command writes to the same folder, so running it again resumes it.
     os.environ["HARNESS_SWEEP_ID"] = sweep_id(args)
     register_schemas()

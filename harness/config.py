@@ -19,6 +19,9 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from harness.errors import ConfigError
 
 GROUPS = ("model", "quant", "attention", "engine", "workflow", "bench")
+# Top-level fields that change how a point runs or is shown, not what it measures: kept out of the config digest,
+# the sweep id, the folder name and a point's identity.
+NOT_MEASURED = ("print_text", "isolation", "force", "report", "validation")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 SOURCES = ("auto", "path", "hub", "gguf", "random")
 CHAT_FORMATS = ("auto", "template", "chatml", "plain")
@@ -291,6 +294,16 @@ class HarnessConfig:
     @property
     def cache_path(self) -> Path:
         return Path(self.cache_dir)
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as {'bench.max_new_tokens': 32, …}; lists and scalars are leaves."""
+    if not isinstance(data, dict):
+        return {prefix: data}
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
 
 
 def register_schemas() -> None:

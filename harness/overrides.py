@@ -124,7 +124,7 @@ def expand(args: list[str]) -> list[list[str]]:
     Hydra's own settings."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
-    parsed = [parse(a) for a in args if not is_hydra_key(parse(a).key_or_group)]
+    parsed = [o for o in map(parse, args) if not is_hydra_key(o.key_or_group)]
     if not any(o.is_sweep_override() for o in parsed):
         return [[o.input_line for o in parsed]]  # as given, repeated keys included (Hydra applies each)
     try:
@@ -185,18 +185,18 @@ def _preset_sweep(overrides: list[str]) -> list[str]:
     return [f"{key}={value}" for key, value in params.items()]
 
 
-def precheck(args: list[str], multirun: bool) -> int:
-    """Check a command line before Hydra runs anything; returns the number of points. Raises ConfigError."""
+def precheck(args: list[str], multirun: bool) -> set[str]:
+    """Check a command line before Hydra runs anything; returns the keys it sweeps. Raises ConfigError."""
     from runners.point import resolve_bench
 
     overrides = [a for a in args if not a.startswith("-") and ("=" in a or a.startswith("~"))]
     check_group_choices(overrides)
     parsed = [parse(a) for a in overrides]
     check_keys(parsed)
-    sweeps = [o.input_line for o in parsed if o.is_sweep_override() and not is_hydra_key(o.key_or_group)]
+    sweeps = [o for o in parsed if o.is_sweep_override() and not is_hydra_key(o.key_or_group)]
     if sweeps and not multirun:
         raise ConfigError(
-            f"{sweeps[0]!r} sweeps over several values, but the command runs a single point.",
+            f"{sweeps[0].input_line!r} sweeps over several values, but the command runs a single point.",
             "add -m (python -m harness -m ...) to run a sweep, or give one value.",
         )
     if multirun:
@@ -205,4 +205,4 @@ def precheck(args: list[str], multirun: bool) -> int:
     for point in points:
         validated, _ = compose_point(point)
         resolve_bench(validated.bench.name)
-    return len(points)
+    return {o.key_or_group for o in sweeps}

@@ -22,16 +22,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from harness.config import HarnessConfig
+from harness.config import NOT_MEASURED, HarnessConfig
 from harness.errors import is_storage_error, storage_error
 from harness.models.cache import spec_digest
 from harness.result import Result, write_json_atomic, write_result
 
 POINT_FILE = "point.json"
 FAULT_LOG = "faulthandler.log"
-# Fields that change how a point is run or shown, not what it measures: they do not invalidate a result.
-_NOT_MEASURED = ("print_text", "isolation", "force", "report", "validation")
-
 _SIGNAL_HINTS = {
     "SIGKILL": "a kill the process could not catch; on Linux most often the OOM killer (see `dmesg`): give the "
     "point more memory, a smaller model or batch, or a quantized model",
@@ -43,7 +40,7 @@ _SIGNAL_HINTS = {
 
 def config_digest(cfg: HarnessConfig) -> str:
     data = asdict(cfg)
-    for key in _NOT_MEASURED:
+    for key in NOT_MEASURED:
         data.pop(key, None)
     return spec_digest(data)
 

@@ -9,11 +9,12 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
+from harness.config import NOT_MEASURED
 from harness.result import Result
 
 # Overrides that change how a sweep runs, not what it measures: the same sweep with or without them resumes
 # in the same folder.
-_NOT_PART_OF_SWEEP = ("force", "print_text", "isolation", "report", "validation", "hydra/launcher", "hydra.launcher")
+_NOT_PART_OF_SWEEP = (*NOT_MEASURED, "hydra/launcher", "hydra.launcher")
 
 last_sweep_dir: list[Path] = []
 

@@ -30,7 +30,7 @@ from typing import Any
 
 from hydra.core.override_parser.types import OverrideType
 
-from harness.config import GROUPS, HarnessConfig, check_group_choices, group_options
+from harness.config import GROUPS, HarnessConfig, check_group_choices, flatten, group_options
 from harness.errors import ConfigError
 from harness.overrides import compose_point as compose_overrides
 from harness.overrides import parse, schema_fields
@@ -143,18 +143,9 @@ def check_overrides(overrides: Any) -> list[str]:
     return overrides
 
 
-def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(data, dict):
-        return {prefix: data}
-    out: dict[str, Any] = {}
-    for k, v in data.items():
-        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
-
-
 def _changed_beyond_allowed(cfg: HarnessConfig, base: HarnessConfig) -> list[str]:
     """The fields outside the allow-list whose value differs from the group options' own."""
-    ours, theirs = _flat(asdict(cfg)), _flat(asdict(base))
+    ours, theirs = flatten(asdict(cfg)), flatten(asdict(base))
     return sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k) and k not in ALLOWED_FIELDS)
 
 
