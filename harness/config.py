@@ -162,13 +162,14 @@ class WorkflowConfig:
     limit: int | None = None  # run only the first N cases
     max_new_tokens: int = 128
     system_prompt: str | None = None  # None = the workflow's own
+    example_turn: bool = True  # search_qa, lesson_pack: one worked exchange (on an unrelated topic) first
     corpus: str = "builtin"  # search_qa: builtin (pydoc_data.topics) or a folder of .md/.txt/.jsonl
     top_k: int = 3  # search_qa: passages given to the model
     chunk_words: int = 120  # search_qa: passage length in words
     chunk_overlap: int = 20
     min_exercises: int = 3  # lesson_pack, unless a case sets its own
     min_words: int = 150  # lesson_pack length bounds
-    max_words: int = 1500
+    max_words: int = 500
     context_budget: int | None = None  # chat: prompt tokens kept; None = context window - max_new_tokens
 
     def __post_init__(self) -> None:
@@ -233,6 +234,7 @@ class BenchConfig:
     min_seconds: float = 1.0
     target_rel_ci: float = 0.02  # stop when the 95% CI half-width of the primary metric is within 2% of its mean
     primary_metric: str = "e2e_ms"
+    perplexity: bool = False  # e2e: also score perplexity and bits per byte at this point, as bench=quality does
     ppl_chars: int = 16000  # quality: characters of the built-in corpus scored (the same text for every model)
     ppl_window: int = 512  # quality: tokens per forward pass (capped at the context window)
     ppl_stride: int = 256  # quality: new tokens scored per window; the rest is context

@@ -17,6 +17,7 @@ from harness.stats import summarize, summarize_proportion
 from harness.workflows import CaseResult, Workflow, create_workflow
 from harness.workflows.checks import Check
 from runners.measure import REQUEST_UNITS, BenchContext, BenchOutput, case_key, generation_params, request_metrics
+from runners.quality import run_quality
 
 CASES_FILE = "cases.jsonl"
 _REQUEST_METRICS = {**REQUEST_UNITS, "output_tokens": ("output_tokens", "tokens", 1.0)}
@@ -87,6 +88,13 @@ def run_e2e(ctx: BenchContext) -> BenchOutput:
         "records": CASES_FILE,
         "max_new_tokens": params.max_new_tokens,
     }
+    if cfg.bench.perplexity:
+        # The same scoring as bench=quality, so one sweep over models and quantizations gives the pass rates and
+        # the perplexity of each point side by side (docs/real_model_guide.md's quality table).
+        scored = run_quality(ctx)
+        out.metrics.update(scored.metrics)
+        out.samples.extend(scored.samples)
+        out.details["perplexity"] = scored.details
     out.outputs = [
         {"id": r.id, "passed": r.passed, "text": r.output if isinstance(r.output, str) else "\n".join(r.output)}
         for r in results

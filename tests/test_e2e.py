@@ -108,7 +108,8 @@ def test_search_qa_counts_a_good_answer_as_passed(compose, tmp_path, monkeypatch
 
 def test_lesson_pack_e2e_records_structure_scores(compose, tmp_path):
     cfg = compose(
-        "model=tiny-qwen2", "bench=e2e", "workflow=lesson_pack", "workflow.limit=1", "workflow.max_new_tokens=16"
+        "model=tiny-qwen2", "bench=e2e", "workflow=lesson_pack", "workflow.limit=1", "workflow.max_new_tokens=16",
+        "workflow.example_turn=false",  # the worked lesson alone overflows the tiny model's 512-token window
     )
     result = run_point(cfg, tmp_path, point(workflow="lesson_pack", bench="e2e", model="tiny-qwen2"))
     assert result.status == "ok", result.error
@@ -190,6 +191,21 @@ def test_quality_bench_on_a_random_model_is_near_its_vocabulary_size(compose, tm
     assert m["bits_per_byte"]["mean"] == pytest.approx(
         math.log(m["perplexity"]["mean"], 2) * m["scored_tokens"]["mean"] / d["text_bytes"], rel=1e-6
     )
+
+
+def test_e2e_with_perplexity_scores_the_same_text_as_the_quality_bench(compose, tmp_path):
+    common = ("model=tiny-gpt2", "bench.ppl_chars=2000", "bench.ppl_window=128", "bench.ppl_stride=64")
+    alone = run_point(compose(*common, "bench=quality"), tmp_path / "quality", point(bench="quality"))
+    cfg = compose(*common, "bench=e2e", "bench.perplexity=true", "workflow=chat", "workflow.limit=1",
+                  "workflow.max_new_tokens=4")  # fmt: skip
+    both = run_point(cfg, tmp_path / "e2e", point(bench="e2e", workflow="chat"))
+    assert both.status == "ok", both.error
+    assert "pass_rate" in both.metrics and both.details["perplexity"]["tokens"] == alone.details["tokens"]
+    for name in ("perplexity", "bits_per_byte"):
+        assert both.metrics[name]["mean"] == pytest.approx(alone.metrics[name]["mean"], rel=1e-5)
+    off = run_point(compose(*common, "bench=e2e", "workflow=chat", "workflow.limit=1", "workflow.max_new_tokens=4"),
+                    tmp_path / "off", point(bench="e2e", workflow="chat"))  # fmt: skip
+    assert "perplexity" not in off.metrics
 
 
 def test_quality_window_is_capped_at_the_context_window(compose, tmp_path):

@@ -45,10 +45,18 @@ def complete(finish_reason: str) -> Check:
     return Check("complete", True, f"ended by {finish_reason}")
 
 
+def _whole(keyword: str) -> str:
+    # A boundary is asked for only on a side where the keyword has a word character: "%" must match in "25%",
+    # and "<a" in "<a href", while "in" must still not match inside "loop".
+    before = r"(?<!\w)" if re.match(r"\w", keyword) else ""
+    after = r"(?!\w)" if re.search(r"\w$", keyword) else ""
+    return before + re.escape(keyword) + after
+
+
 def _keyword_pattern(keyword: str) -> re.Pattern[str]:
     # A keyword matches as a whole word (or phrase), case-insensitively; "a|b" accepts either alternative.
-    alternatives = [re.escape(k.strip()) for k in keyword.split("|") if k.strip()]
-    return re.compile(r"(?<!\w)(?:" + "|".join(alternatives) + r")(?!\w)", re.IGNORECASE)
+    alternatives = [_whole(k.strip()) for k in keyword.split("|") if k.strip()]
+    return re.compile("|".join(alternatives), re.IGNORECASE)
 
 
 def keyword_hits(text: str, keywords: list[str]) -> tuple[list[str], list[str]]:

@@ -26,14 +26,57 @@ SYSTEM_PROMPT = "You are a teacher who writes clear, correct lessons in Markdown
 _ANSWER = re.compile(r"^\W*answers?\b", re.IGNORECASE | re.MULTILINE)
 
 
-def build_prompt(topic: str, level: str, language: str, min_exercises: int) -> str:
+def build_prompt(topic: str, level: str, language: str, min_exercises: int, max_words: int) -> str:
     headings = ", ".join(f"## {s}" for s in SECTIONS)
     return (
         f"Write a {level} lesson in {language} about: {topic}.\n"
         f"Use Markdown with these level-2 headings, in this order: {headings}.\n"
         f"Under Exercises, write at least {min_exercises} numbered exercises; after each one, give its answer on "
-        "a line that starts with 'Answer:'. Put any code in fenced code blocks."
+        "a line that starts with 'Answer:'. Put any code in fenced code blocks. "
+        f"Keep the lesson under {max_words} words."
     )
+
+
+# A worked exchange on a topic far from every case (boiling an egg), shown before the real request when
+# workflow.example_turn is true: it shows the layout (headings, numbered exercises, an 'Answer:' line after
+# each) and a length that fits the output budget, without writing any case's lesson.
+EXAMPLE_TOPIC = "boiling an egg"
+EXAMPLE_LESSON = """## Objectives
+- Boil an egg to the firmness you want.
+- Know how long soft and hard eggs take.
+
+## Explanation
+Heat sets the egg white first and the yolk later. The longer the egg stays in boiling water, the firmer the
+yolk becomes. Starting from boiling water makes the timing repeatable.
+
+## Examples
+1. A soft-boiled egg: lower it into boiling water for 6 minutes; the yolk stays runny.
+2. A hard-boiled egg: boil it for 10 minutes, then cool it in cold water so it peels easily.
+
+## Exercises
+1. How long do you boil an egg for a runny yolk?
+Answer: About 6 minutes.
+2. Why do you put a hard-boiled egg in cold water?
+Answer: It stops the cooking and makes the egg easier to peel.
+3. Which part of the egg sets first?
+Answer: The white.
+
+## Summary
+Time decides how firm the egg is: about 6 minutes gives a soft egg and 10 minutes a hard one. Cooling it in
+cold water stops the cooking."""
+
+
+def build_messages(
+    topic: str, level: str, language: str, min_exercises: int, max_words: int, system: str, example_turn: bool
+) -> list[dict[str, str]]:
+    # The word limit asked for is the one the length check applies, so the prompt and the judge agree.
+    messages = [{"role": "system", "content": system}]
+    if example_turn:
+        messages += [
+            {"role": "user", "content": build_prompt(EXAMPLE_TOPIC, "beginner", "English", 3, max_words)},
+            {"role": "assistant", "content": EXAMPLE_LESSON},
+        ]
+    return [*messages, {"role": "user", "content": build_prompt(topic, level, language, min_exercises, max_words)}]
 
 
 @dataclass(frozen=True)
@@ -164,10 +207,10 @@ class LessonPack(Workflow):
     ) -> CaseResult:
         level, language = case.get("level", "beginner"), case.get("language", "English")
         n_ex = case.get("min_exercises", self.cfg.min_exercises)
-        messages = [
-            {"role": "system", "content": self.cfg.system_prompt or SYSTEM_PROMPT},
-            {"role": "user", "content": build_prompt(case["topic"], level, language, n_ex)},
-        ]
+        system = self.cfg.system_prompt or SYSTEM_PROMPT
+        messages = build_messages(
+            case["topic"], level, language, n_ex, self.cfg.max_words, system, self.cfg.example_turn
+        )
         g = streamed(engine, messages, params)
         result = judge(
             g.text,

@@ -39,7 +39,47 @@ def citations(text: str) -> list[int]:
 
 def build_prompt(question: str, sources: list[Passage]) -> str:
     numbered = "\n\n".join(f"[{i}] {p.title}\n{p.text}" for i, p in enumerate(sources, start=1))
-    return f"Sources:\n\n{numbered}\n\nQuestion: {question}\nAnswer, citing the sources by number:"
+    # The instruction is repeated last, next to where the answer starts: small models follow the end of the user
+    # turn far more than the system prompt (docs/real_model_guide.md has the before/after figures).
+    return (
+        f"Sources:\n\n{numbered}\n\nQuestion: {question}\n\n"
+        "Answer in two or three sentences, using only the sources above. End each sentence with the number of "
+        "the source it comes from in square brackets, like this: [1]."
+    )
+
+
+# A worked exchange on a topic far from any case (tea, not Python), shown before the real question when
+# workflow.example_turn is true: it shows the answer format without giving away any answer.
+EXAMPLE_SOURCES = [
+    Passage(
+        id="example-tea#0",
+        doc_id="example-tea",
+        title="Green tea",
+        text="Green tea is made from leaves that are steamed or pan-fired soon after picking. The heat stops the "
+        "leaves from oxidizing, which keeps them green.",
+    ),
+    Passage(
+        id="example-coffee#0",
+        doc_id="example-coffee",
+        title="Coffee roasting",
+        text="Light roasts keep more of the bean's acidity, while dark roasts taste more bitter.",
+    ),
+]
+EXAMPLE_QUESTION = "Why does green tea stay green?"
+EXAMPLE_ANSWER = (
+    "Green tea leaves are steamed or pan-fired soon after they are picked [1]. The heat stops them from "
+    "oxidizing, so they stay green [1]."
+)
+
+
+def build_messages(question: str, sources: list[Passage], system: str, example_turn: bool) -> list[dict[str, str]]:
+    messages = [{"role": "system", "content": system}]
+    if example_turn:
+        messages += [
+            {"role": "user", "content": build_prompt(EXAMPLE_QUESTION, EXAMPLE_SOURCES)},
+            {"role": "assistant", "content": EXAMPLE_ANSWER},
+        ]
+    return [*messages, {"role": "user", "content": build_prompt(question, sources)}]
 
 
 def judge(answer: str, finish_reason: str, case: dict[str, Any], sources: list[Passage]) -> list[Check]:
@@ -98,10 +138,8 @@ class SearchQA(Workflow):
         self, case: dict[str, Any], engine: Engine, loaded: LoadedModel, params: GenerationParams
     ) -> CaseResult:
         sources = [p for p, _ in self.index.search(case["question"], self.cfg.top_k)]
-        messages = [
-            {"role": "system", "content": self.cfg.system_prompt or SYSTEM_PROMPT},
-            {"role": "user", "content": build_prompt(case["question"], sources)},
-        ]
+        system = self.cfg.system_prompt or SYSTEM_PROMPT
+        messages = build_messages(case["question"], sources, system, self.cfg.example_turn)
         g = streamed(engine, messages, params)
         return CaseResult(
             id=case["id"],
