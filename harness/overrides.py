@@ -200,7 +200,9 @@ def precheck(args: list[str], multirun: bool) -> set[str]:
             "add -m (python -m harness -m ...) to run a sweep, or give one value.",
         )
     if multirun:
-        overrides = _preset_sweep(overrides) + overrides
+        preset = _preset_sweep(overrides)
+        sweeps += [o for o in map(parse, preset) if o.is_sweep_override()]
+        overrides = preset + overrides
     points = expand(overrides)
     for point in points:
         validated, _ = compose_point(point)

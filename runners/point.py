@@ -175,8 +175,10 @@ def summary_line(result: Result, out_dir: Path, swept: set[str] | None = None) -
     p = result.point
     bench = result.config.get("bench", {}).get("name", p.get("bench"))
     swept = "".join(f" {k}={v}" for k, v in p.items() if k not in GROUPS and (swept is None or k in swept))
+    workflow = f" workflow={p['workflow']}" if p.get("workflow") not in (None, "none") else ""
     head = (
         f"[{result.status}] model={p.get('model')} quant={p.get('quant')} attention={p.get('attention')} bench={bench}"
+        + workflow
         + swept
     )
     if result.status != "ok":

@@ -76,3 +76,9 @@ def test_the_command_line_never_ends_in_a_traceback(tmp_path_factory, overrides,
     if proc.returncode == 1:  # the point ran and failed: its cause is one the harness names, with the fix
         (result,) = [json.loads(p.read_text()) for p in cwd.rglob("result.json")]
         assert result["status"] == "failed" and "unexpected error" not in result["error"]["hint"], result["error"]
+
+
+def test_precheck_reports_the_keys_an_experiment_preset_sweeps():
+    # The summary lines name the swept keys: a preset's own sweep counts as much as the command line's.
+    assert precheck(["experiment=model_quality"], multirun=True) >= {"model", "quant", "workflow"}
+    assert precheck(["model=tiny-gpt2", "seed=1,2"], multirun=True) == {"seed"}

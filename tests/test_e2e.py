@@ -68,7 +68,8 @@ def test_a_search_prompt_too_long_for_the_model_fails_its_case_with_the_reason(c
     assert not row["passed"] and row["checks"][0]["name"] == "generated"
     assert "context window of 512 tokens" in row["checks"][0]["why"]
     assert result.metrics["pass_rate"]["mean"] == 0
-    assert "(1 could not be generated: the reason is in cases.jsonl)" in summary_line(result, tmp_path)
+    line = summary_line(result, tmp_path)
+    assert "(1 could not be generated: the reason is in cases.jsonl)" in line and "workflow=search_qa" in line
 
 
 def test_other_benches_say_they_ignored_the_workflow(compose, tmp_path):
