@@ -108,10 +108,9 @@ def test_search_qa_counts_a_good_answer_as_passed(compose, tmp_path, monkeypatch
 
 
 def test_lesson_pack_e2e_records_structure_scores(compose, tmp_path):
-    cfg = compose(
-        "model=tiny-qwen2", "bench=e2e", "workflow=lesson_pack", "workflow.limit=1", "workflow.max_new_tokens=16",
-        "workflow.example_turn=false",  # the worked lesson alone overflows the tiny model's 512-token window
-    )
+    # workflow.example_turn=false: the worked lesson alone overflows the tiny model's 512-token window
+    cfg = compose("model=tiny-qwen2", "bench=e2e", "workflow=lesson_pack", "workflow.limit=1",
+                  "workflow.max_new_tokens=16", "workflow.example_turn=false")  # fmt: skip
     result = run_point(cfg, tmp_path, point(workflow="lesson_pack", bench="e2e", model="tiny-qwen2"))
     assert result.status == "ok", result.error
     (row,) = records(tmp_path)
