@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     from analysis.compare import compare
     from analysis.plots import all_plots
+    from analysis.quality import model_quality_table
     from analysis.report import write_report
     from analysis.summary import write_summary
     from analysis.table import failures, tidy
@@ -78,7 +79,7 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     frame = tidy(results)
     failed = failures(results)
-    tables = write_summary(frame, failed, out, args.baseline)
+    tables = write_summary(frame, failed, out, args.baseline, model_quality_table(results))
     plots = all_plots(frame, results, out / "plots")
     commands = [p.read_text().strip() for f in args.folders if (p := f / "command.txt").is_file()]
     report = write_report(out, results, tables, plots, failed, args.baseline, commands)

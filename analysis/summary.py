@@ -110,8 +110,13 @@ def to_markdown(table: pd.DataFrame) -> str:
 
 
 def write_summary(
-    frame: pd.DataFrame, failed: list[dict[str, str]], folder: Path, baseline: tuple[str, str]
+    frame: pd.DataFrame,
+    failed: list[dict[str, str]],
+    folder: Path,
+    baseline: tuple[str, str],
+    quality: pd.DataFrame | None = None,
 ) -> dict[str, tuple[pd.DataFrame, pd.DataFrame]]:
+    """quality: the model-quality table (analysis.quality), shown first when the sweep ran workflows."""
     write_text_atomic(folder / "summary.csv", frame.to_csv(index=False))
     tables = {}
     parts = [
@@ -121,6 +126,13 @@ def write_summary(
         "Cells are mean ± 95% CI half-width, "
         "or mean [95% Wilson interval] for pass rates.\n",
     ]
+    if quality is not None and not quality.empty:
+        tables["model quality"] = (quality, pd.DataFrame())
+        parts.append(
+            "\n## Model quality\n\nPass rates as passed/cases = rate [Wilson 95% interval]; perplexity and bits per "
+            "byte of the built-in text; decode tok/s over every workflow request; weights as loaded.\n\n"
+            + to_markdown(quality)
+        )
     for bench in sorted(frame["bench"].dropna().unique()):
         rows = frame[frame["bench"] == bench]
         # Workflows judge different things: one table each, so a column never mixes two workflows' checks.

@@ -220,3 +220,54 @@ def test_module_entry_point(sweep, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "report.html").is_file()
+
+
+def _e2e(model, quant, workflow, passed, n, decode=None, ppl=None, status="ok", bench="e2e"):
+    metrics = {}
+    if bench == "e2e" and n:
+        from harness.stats import summarize_proportion
+
+        metrics["pass_rate"] = summarize_proportion([True] * passed + [False] * (n - passed))
+    if decode:
+        metrics["decode_tok_s"] = {"unit": "tok/s", "mean": decode[0], "n": decode[1]}
+    if ppl:
+        metrics["perplexity"] = {"unit": "ppl", "mean": ppl}
+        metrics["bits_per_byte"] = {"unit": "bits/byte", "mean": ppl / 10}
+    return {
+        "status": status,
+        "point": {
+            "model": model,
+            "quant": quant,
+            "attention": "auto",
+            "engine": "transformers",
+            "workflow": workflow,
+            "bench": bench,
+        },
+        "config": {"bench": {"name": bench}},
+        "metrics": metrics if status == "ok" else {},
+        "resolved": {"dtype": "bfloat16", "quantization": {"name": quant}, "footprint_bytes": 3 * 2**20},
+        "path": f"/s/{model}-{quant}-{workflow}-{bench}/result.json",
+    }
+
+
+def test_model_quality_table_pools_decode_and_keeps_one_row_per_model_and_quant():
+    from analysis.quality import model_quality_table
+
+    results = [
+        _e2e("m", "none", "chat", 9, 10, decode=(10.0, 30), ppl=8.0),
+        _e2e("m", "none", "search_qa", 0, 24, decode=(20.0, 10), ppl=8.0),
+        _e2e("m", "4bit", "chat", 10, 10, decode=(5.0, 4)),
+        _e2e("m", "4bit", "none", 0, 0, ppl=9.5, bench="quality"),  # perplexity from a quality point of the row
+        _e2e("m", "4bit", "search_qa", 0, 0, status="failed"),  # a failed point leaves its cell empty
+        _e2e("other", "none", "none", 0, 0, ppl=3.0, bench="quality"),  # no workflow ran: no row
+    ]
+    table = model_quality_table(results)
+    assert list(table.index) == ["m q=none", "m q=4bit"]
+    none, four = table.loc["m q=none"], table.loc["m q=4bit"]
+    assert none["chat pass rate"] == "9/10 = 0.9 [0.5958, 0.9821]" and none["search_qa pass rate"].startswith(
+        "0/24 = 0 [0,"
+    )
+    assert none["decode tok/s"] == "12.5" and none["perplexity"] == "8" and none["bits per byte"] == "0.8"
+    assert four["chat pass rate"] == "10/10 = 1 [0.7225, 1]" and four["search_qa pass rate"] == "–"
+    assert four["perplexity"] == "9.5" and four["dtype"] == "4bit (bfloat16 compute)" and four["weights MiB"] == "3"
+    assert model_quality_table([_e2e("m", "none", "none", 0, 0, ppl=3.0, bench="quality")]).empty

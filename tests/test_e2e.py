@@ -118,15 +118,20 @@ def test_lesson_pack_e2e_records_structure_scores(compose, tmp_path):
     assert "structure_score" in result.metrics
 
 
-def test_summary_has_a_table_per_workflow(compose, tmp_path):
+def test_summary_has_a_table_per_workflow_and_the_model_quality_table(compose, tmp_path):
     for workflow in ("chat", "lesson_pack"):
         cfg = compose("model=tiny-gpt2", "bench=e2e", f"workflow={workflow}", "workflow.limit=1",
-                      "workflow.max_new_tokens=4")  # fmt: skip
+                      "workflow.max_new_tokens=4", "bench.perplexity=true", "bench.ppl_chars=1000")  # fmt: skip
         assert run_point(cfg, tmp_path / f"workflow={workflow}", point(workflow=workflow, bench="e2e")).status == "ok"
     assert analysis_main([str(tmp_path)]) == 0
     summary = (tmp_path / "summary.md").read_text()
     assert "## e2e: chat" in summary and "## e2e: lesson_pack" in summary
     assert "tiny-gpt2 q=none wf=chat" in summary
+    quality = summary[summary.index("## Model quality") : summary.index("## e2e: chat")]
+    (row,) = [line for line in quality.splitlines() if line.startswith("| tiny-gpt2 q=none |")]
+    ppl = json.loads((tmp_path / "workflow=chat" / "result.json").read_text())["metrics"]["perplexity"]["mean"]
+    assert "| 0/1 = 0 [0, 0.7935] | 0/1 = 0 [0, 0.7935] |" in row and f"| {ppl:.4g} |" in row
+    assert "Model quality" in (tmp_path / "report.html").read_text()
 
 
 def test_release_gate_exit_status(tmp_path):

@@ -1,0 +1,76 @@
+"""The model-quality table: one row per model × quantization, with every workflow's pass rate beside the
+perplexity, bits per byte, decode rate and weights memory of the same point (docs/real_model_guide.md).
+
+It is built from bench=e2e results (perplexity from their `bench.perplexity=true` scoring, or from a
+bench=quality point of the same model and quantization) and is absent from a sweep that has no e2e point.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+
+from analysis.summary import fmt
+from analysis.table import point_labels
+
+
+def _row_key(label: str) -> str:
+    # A row is a point's label without its workflow: model, quantization, attention and any swept field, so
+    # bf16 and fp32 of one model (model.dtype swept) stay two rows.
+    return " ".join(part for part in label.split() if not part.startswith("wf="))
+
+
+def _bench(result: dict[str, Any]) -> str:
+    return result.get("config", {}).get("bench", {}).get("name", result["point"].get("bench", ""))
+
+
+def _pass_cell(stat: dict[str, Any]) -> str:
+    n = int(stat["n"])
+    return f"{round(stat['mean'] * n)}/{n} = {fmt(stat['mean'])} [{fmt(stat['ci95_low'])}, {fmt(stat['ci95_high'])}]"
+
+
+def _dtype(result: dict[str, Any]) -> str:
+    resolved = result.get("resolved") or {}
+    quant = (resolved.get("quantization") or {}).get("name", "none")
+    return resolved.get("dtype", "?") if quant == "none" else f"{quant} ({resolved.get('dtype', '?')} compute)"
+
+
+def model_quality_table(results: list[dict[str, Any]]) -> pd.DataFrame:
+    """Rows: model and quantization; columns: each workflow's pass rate (passed/n = rate [Wilson 95%]),
+    perplexity and bits per byte, decode tok/s over every workflow request, and weights memory."""
+    rows: dict[str, dict[str, Any]] = {}
+    workflows: set[str] = set()
+    for r, label in zip(results, point_labels(results), strict=True):
+        if r.get("status") != "ok" or _bench(r) not in ("e2e", "quality"):
+            continue
+        row = rows.setdefault(_row_key(label), {"decode": [], "ppl": [], "bpb": []})
+        m = r.get("metrics") or {}
+        if "perplexity" in m:
+            row["ppl"].append(m["perplexity"]["mean"])
+            row["bpb"].append(m["bits_per_byte"]["mean"])
+        if _bench(r) != "e2e":
+            continue
+        workflow = r["point"].get("workflow", "?")
+        workflows.add(workflow)
+        row[workflow] = _pass_cell(m["pass_rate"])
+        if "decode_tok_s" in m:
+            row["decode"].append((m["decode_tok_s"]["mean"], m["decode_tok_s"]["n"]))
+        footprint = (r.get("resolved") or {}).get("footprint_bytes")
+        if footprint:
+            row["weights"] = footprint / 2**20
+        row["dtype"] = _dtype(r)
+    table: dict[str, dict[str, str]] = {}
+    for key, row in rows.items():
+        if not any(w in row for w in workflows):
+            continue  # a quality point alone, with no workflow run beside it
+        cells = {"dtype": row.get("dtype", "–")}
+        cells.update({f"{w} pass rate": row.get(w, "–") for w in sorted(workflows)})
+        # The same text is scored at every e2e point of a row: the values agree, and the first is shown.
+        cells["perplexity"] = fmt(row["ppl"][0]) if row["ppl"] else "–"
+        cells["bits per byte"] = fmt(row["bpb"][0]) if row["bpb"] else "–"
+        n = sum(count for _, count in row["decode"])
+        cells["decode tok/s"] = fmt(sum(mean * count for mean, count in row["decode"]) / n) if n else "–"
+        cells["weights MiB"] = fmt(row["weights"]) if "weights" in row else "–"
+        table[key] = cells
+    return pd.DataFrame.from_dict(table, orient="index").rename_axis("point")
