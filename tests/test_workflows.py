@@ -282,6 +282,62 @@ def test_the_lesson_example_passes_every_check_and_shows_the_asked_layout():
     assert len(lesson_pack.build_messages("sets", "beginner", "English", 4, 500, "sys", example_turn=False)) == 2
 
 
+FRACTIONS_EXERCISES = """## Objectives
+- Add fractions.
+
+## Explanation
+Fractions with one denominator add by their numerators.
+
+## Examples
+1. 1/4 + 1/4 = 2/4 = 1/2.
+
+## Exercises
+{exercises}
+
+## Summary
+Make the denominators equal, then add the numerators.
+"""
+
+
+@pytest.mark.parametrize(
+    ("exercises", "answers"),
+    [
+        # Qwen2.5-Coder-1.5B's exercises, answered on the exercise's own line: counted 0 before the fix.
+        (
+            "1. Add 1/5 and 2/5: Answer: 3/5.\n2. Add 1/6 and 1/6: Answer: 2/6 = 1/3.\n"
+            "3. Add 1/3 and 1/4: Answer: 7/12.",
+            3,
+        ),
+        ("1. Add 1/5 and 2/5. **Answer:** 3/5\n2. Add 1/6 and 1/6.\nAnswer: 1/3\n3. Add 1/3 and 1/4.", 2),
+        # hand-written: the word without the label, or no answer at all, is not an answer
+        ("1. Add 1/5 and 2/5, then write the answer in your notebook.\n2. Add 1/6 and 1/6.\n3. Add 1/3 and 1/4.", 0),
+        ("1. Add 1/5 and 2/5 (the answer is 3/5).\n2. Add 1/6 and 1/6.\n3. Add 1/3 and 1/4.", 0),
+    ],
+)
+def test_an_answer_is_a_labelled_answer_on_its_own_line_or_after_the_exercise(exercises, answers):
+    checks = {c.name: c for c in lesson_checks(FRACTIONS_EXERCISES.format(exercises=exercises), min_words=10,
+                                                expected_keywords=["denominator"])}  # fmt: skip
+    assert checks["answers"].why.startswith(f"{answers} answer(s)") and checks["answers"].passed is (answers >= 3)
+
+
+def test_a_code_answer_opened_on_the_answer_line_is_broken_markdown_and_fails():
+    # Qwen2.5-Coder-1.5B wrote "Answer: ```sql" (the prompt then asked for both an Answer: line and fenced code):
+    # CommonMark renders that as text and pairs the fences wrongly, and the lesson stays a failure.
+    broken = (
+        "1. Select every row.\nAnswer: ```sql\nSELECT * FROM t;\n```\n2. Count rows.\nAnswer: ```sql\nSELECT 1;\n```"
+    )
+    # the layout the prompt now asks for; before the counting fix its second exercise was not counted either
+    fixed = (
+        "1. Select every row.\nAnswer:\n```sql\nSELECT * FROM t;\n```\n2. Count rows.\nAnswer:\n```sql\nSELECT 1;\n```"
+    )
+    judge = {"min_exercises": 2, "min_words": 10, "expected_keywords": ["SELECT"]}
+    assert not case_passed(lesson_checks(FRACTIONS_EXERCISES.format(exercises=broken), **judge))
+    assert failed(lesson_checks(FRACTIONS_EXERCISES.format(exercises=fixed), **judge)) == set()
+    assert "when an answer is code, write 'Answer:' alone on its line" in lesson_pack.build_prompt(
+        "x", "a", "b", 3, 500
+    )
+
+
 def test_answers_in_their_own_section_count():
     text = GOOD_LESSON.replace("   Answer: ", "   ").replace(
         "## Summary", "## Answers\n1. Answer: one.\n2. Answer: two.\n3. Answer: three.\n\n## Summary"

@@ -23,7 +23,14 @@ from harness.workflows.checks import Check
 SECTIONS = ("Objectives", "Explanation", "Examples", "Exercises", "Summary")
 STRUCTURAL = ("sections", "section_order", "exercises", "answers", "code_fences", "length")
 SYSTEM_PROMPT = "You are a teacher who writes clear, correct lessons in Markdown."
-_ANSWER = re.compile(r"^\W*answers?\b", re.IGNORECASE | re.MULTILINE)
+# An answer is a line that starts with "Answer", or a line that carries an "Answer:" label after the exercise
+# text ("1. Add 1/5 and 2/5: Answer: 3/5."); "write the answer down" (no label) is no answer.
+_ANSWER_LINE = re.compile(r"^\W*answers?\b", re.IGNORECASE)
+_ANSWER_LABEL = re.compile(r"\banswers?\W{0,2}:", re.IGNORECASE)
+
+
+def _answer_count(body: str) -> int:
+    return sum(bool(_ANSWER_LINE.match(line) or _ANSWER_LABEL.search(line)) for line in body.splitlines())
 
 
 def build_prompt(topic: str, level: str, language: str, min_exercises: int, max_words: int) -> str:
@@ -32,7 +39,8 @@ def build_prompt(topic: str, level: str, language: str, min_exercises: int, max_
         f"Write a {level} lesson in {language} about: {topic}.\n"
         f"Use Markdown with these level-2 headings, in this order: {headings}.\n"
         f"Under Exercises, write at least {min_exercises} numbered exercises; after each one, give its answer on "
-        "a line that starts with 'Answer:'. Put any code in fenced code blocks. "
+        "a line that starts with 'Answer:'. Put any code in fenced code blocks; when an answer is code, write "
+        "'Answer:' alone on its line and the fenced block under it (a fence must start its own line). "
         f"Keep the lesson under {max_words} words."
     )
 
@@ -117,12 +125,14 @@ def _exercise_count(tokens: list[Any], section: Section) -> int:
     items = subheads = 0
     depth = 0
     for tok in tokens:
-        if not tok.map or not section.start <= tok.map[0] < section.end:
-            continue
+        # Depth follows every list token: closing tokens carry no source lines, and skipping them left the depth
+        # raised, so a second list (exercises split by a code block) was taken as nested and not counted.
         if tok.type in ("bullet_list_open", "ordered_list_open"):
             depth += 1
         elif tok.type in ("bullet_list_close", "ordered_list_close"):
             depth -= 1
+        if not tok.map or not section.start <= tok.map[0] < section.end:
+            continue
         if tok.type == "list_item_open" and depth == 1:
             items += 1
         elif tok.type == "heading_open" and int(tok.tag[1]) > section.level:
@@ -175,9 +185,9 @@ def judge(
         body = "\n".join(lines[exercises.start : exercises.end])
         answers_section = _find(sections, "Answers")
         if answers_section and answers_section is not exercises:
-            n_answers = max(len(_ANSWER.findall(body)), _exercise_count(tokens, answers_section))
+            n_answers = max(_answer_count(body), _exercise_count(tokens, answers_section))
         else:
-            n_answers = len(_ANSWER.findall(body))
+            n_answers = _answer_count(body)
     else:
         n_answers = 0
     need = max(n_ex, min_exercises)
