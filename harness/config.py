@@ -313,6 +313,9 @@ def register_schemas() -> None:
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(name="harness_schema", node=HarnessConfig)
+    # A point's folder is named by its overrides; a path among them (workflow.cases=tests/x.json) must not
+    # become nested folders, where two points would share a folder name. "/" is written as "%2F".
+    OmegaConf.register_new_resolver("folder_name", lambda text: str(text).replace("/", "%2F"), replace=True)
 
 
 def validate(cfg: DictConfig | HarnessConfig) -> HarnessConfig:

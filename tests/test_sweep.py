@@ -267,3 +267,17 @@ def test_a_full_disk_loses_nothing_and_names_the_path(tmp_path):
         assert json.loads(result.read_text()) == json.loads(before)  # the last good result is still whole
         written = [p for p in (folder / "outputs").rglob("*") if p.is_file() and p.name != "__main__.log"]
         assert not [p for p in written if p.suffix == ".tmp" or p.stat().st_size == 0], written  # (Hydra's log may be)
+
+
+def test_a_path_in_the_overrides_names_one_flat_folder_per_point(tmp_path):
+    # workflow.cases=dir/file.json used to nest folders, and both points were named "file.json,workflow=chat".
+    cases = tmp_path / "mine" / "chat.json"
+    cases.parent.mkdir()
+    cases.write_text(json.dumps({"workflow": "chat", "cases": [{"id": "a", "turns": [{"user": "Hi"}]}]}))
+    proc = run_harness(tmp_path, "-m", "model=tiny-gpt2,tiny-qwen2", "bench=e2e", "workflow=chat",
+                       f"workflow.cases={cases}", "workflow.max_new_tokens=2")  # fmt: skip
+    assert proc.returncode in (0, 3), proc.stdout + proc.stderr
+    sweep = next((tmp_path / "outputs" / "multirun").iterdir())
+    points = sorted(p.parent for p in sweep.rglob("result.json"))
+    assert [p.parent for p in points] == [sweep, sweep] and len({p.name for p in points}) == 2
+    assert all(f"workflow.cases={str(cases).replace('/', '%2F')}" in p.name for p in points)
