@@ -131,7 +131,7 @@ def test_summary_has_a_table_per_workflow_and_the_model_quality_table(compose, t
     (row,) = [line for line in quality.splitlines() if line.startswith("| tiny-gpt2 q=none |")]
     ppl = json.loads((tmp_path / "workflow=chat" / "result.json").read_text())["metrics"]["perplexity"]["mean"]
     assert "| 0/1 = 0 [0, 0.7935] | 0/1 = 0 [0, 0.7935] |" in row and f"| {ppl:.4g} |" in row
-    assert "Model quality" in (tmp_path / "report.html").read_text()
+    assert "<h2>model quality</h2>" in (tmp_path / "report.html").read_text()
 
 
 def test_release_gate_exit_status(tmp_path):
