@@ -12,17 +12,13 @@ from typing import Any
 import pandas as pd
 
 from analysis.summary import fmt
-from analysis.table import point_labels
+from analysis.table import bench_of, point_labels
 
 
 def _row_key(label: str) -> str:
     # A row is a point's label without its workflow: model, quantization, attention and any swept field, so
     # bf16 and fp32 of one model (model.dtype swept) stay two rows.
     return " ".join(part for part in label.split() if not part.startswith("wf="))
-
-
-def _bench(result: dict[str, Any]) -> str:
-    return result.get("config", {}).get("bench", {}).get("name", result["point"].get("bench", ""))
 
 
 def _pass_cell(stat: dict[str, Any]) -> str:
@@ -42,14 +38,14 @@ def model_quality_table(results: list[dict[str, Any]]) -> pd.DataFrame:
     rows: dict[str, dict[str, Any]] = {}
     workflows: set[str] = set()
     for r, label in zip(results, point_labels(results), strict=True):
-        if r.get("status") != "ok" or _bench(r) not in ("e2e", "quality"):
+        if r.get("status") != "ok" or bench_of(r) not in ("e2e", "quality"):
             continue
         row = rows.setdefault(_row_key(label), {"decode": [], "ppl": [], "bpb": []})
         m = r.get("metrics") or {}
         if "perplexity" in m:
             row["ppl"].append(m["perplexity"]["mean"])
             row["bpb"].append(m["bits_per_byte"]["mean"])
-        if _bench(r) != "e2e":
+        if bench_of(r) != "e2e":
             continue
         workflow = r["point"].get("workflow", "?")
         workflows.add(workflow)

@@ -40,7 +40,7 @@ def point_label(result: dict[str, Any]) -> str:
     return " ".join([_group_label(p), *extra])
 
 
-def _bench(result: dict[str, Any]) -> str:
+def bench_of(result: dict[str, Any]) -> str:
     return str((result.get("config") or {}).get("bench", {}).get("name", result["point"].get("bench")))
 
 
@@ -58,7 +58,7 @@ def point_labels(results: list[dict[str, Any]]) -> list[str]:
     # Labels need to be unique within a bench's table (the same label in two benches names two rows of two tables).
     groups: dict[tuple[str, str], list[int]] = {}
     for i, label in enumerate(labels):
-        groups.setdefault((label, _bench(results[i])), []).append(i)
+        groups.setdefault((label, bench_of(results[i])), []).append(i)
     for (label, _), idx in groups.items():
         if len(idx) < 2:
             continue
@@ -68,9 +68,9 @@ def point_labels(results: list[dict[str, Any]]) -> list[str]:
         )
         for i, f in zip(idx, flats, strict=True):
             labels[i] = " ".join([label, *(f"{k}={f.get(k)}" for k in keys[:3])])
-    seen = collections.Counter((label, _bench(r)) for label, r in zip(labels, results, strict=True))
+    seen = collections.Counter((label, bench_of(r)) for label, r in zip(labels, results, strict=True))
     for i, r in enumerate(results):
-        if seen[labels[i], _bench(r)] > 1:
+        if seen[labels[i], bench_of(r)] > 1:
             labels[i] += f" [{'/'.join(Path(r['path']).parts[-3:-1])}]"
     return labels
 

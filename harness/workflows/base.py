@@ -15,6 +15,12 @@ from harness.workflows.checks import Check, case_passed
 from harness.workflows.fixtures import load_cases
 
 
+def with_example(system: str, example: tuple[str, str] | None, request: str) -> list[dict[str, str]]:
+    """The messages of one request: the system prompt, then (when given) a worked exchange, then the request."""
+    shown = [{"role": "user", "content": example[0]}, {"role": "assistant", "content": example[1]}] if example else []
+    return [{"role": "system", "content": system}, *shown, {"role": "user", "content": request}]
+
+
 def default_cases_file(workflow: str) -> Path:
     """The built-in cases of a workflow: tests/fixtures/<workflow>_cases.json beside conf/."""
     return conf_dir().parent / "tests" / "fixtures" / f"{workflow}_cases.json"

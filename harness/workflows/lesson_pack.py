@@ -17,7 +17,7 @@ from markdown_it import MarkdownIt
 from harness.engines.base import Engine, GenerationParams, streamed
 from harness.models.loader import LoadedModel
 from harness.workflows import checks
-from harness.workflows.base import CaseResult, Workflow
+from harness.workflows.base import CaseResult, Workflow, with_example
 from harness.workflows.checks import Check
 
 SECTIONS = ("Objectives", "Explanation", "Examples", "Exercises", "Summary")
@@ -78,13 +78,10 @@ def build_messages(
     topic: str, level: str, language: str, min_exercises: int, max_words: int, system: str, example_turn: bool
 ) -> list[dict[str, str]]:
     # The word limit asked for is the one the length check applies, so the prompt and the judge agree.
-    messages = [{"role": "system", "content": system}]
-    if example_turn:
-        messages += [
-            {"role": "user", "content": build_prompt(EXAMPLE_TOPIC, "beginner", "English", 3, max_words)},
-            {"role": "assistant", "content": EXAMPLE_LESSON},
-        ]
-    return [*messages, {"role": "user", "content": build_prompt(topic, level, language, min_exercises, max_words)}]
+    example = (
+        (build_prompt(EXAMPLE_TOPIC, "beginner", "English", 3, max_words), EXAMPLE_LESSON) if example_turn else None
+    )
+    return with_example(system, example, build_prompt(topic, level, language, min_exercises, max_words))
 
 
 @dataclass(frozen=True)

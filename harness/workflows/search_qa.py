@@ -17,7 +17,7 @@ from harness.engines.base import Engine, GenerationParams, streamed
 from harness.errors import ConfigError
 from harness.models.loader import LoadedModel
 from harness.workflows import checks
-from harness.workflows.base import CaseResult, Workflow
+from harness.workflows.base import CaseResult, Workflow, with_example
 from harness.workflows.checks import Check
 from harness.workflows.corpus import BM25Index, Passage, chunk, load_documents
 
@@ -73,13 +73,8 @@ EXAMPLE_ANSWER = (
 
 
 def build_messages(question: str, sources: list[Passage], system: str, example_turn: bool) -> list[dict[str, str]]:
-    messages = [{"role": "system", "content": system}]
-    if example_turn:
-        messages += [
-            {"role": "user", "content": build_prompt(EXAMPLE_QUESTION, EXAMPLE_SOURCES)},
-            {"role": "assistant", "content": EXAMPLE_ANSWER},
-        ]
-    return [*messages, {"role": "user", "content": build_prompt(question, sources)}]
+    example = (build_prompt(EXAMPLE_QUESTION, EXAMPLE_SOURCES), EXAMPLE_ANSWER) if example_turn else None
+    return with_example(system, example, build_prompt(question, sources))
 
 
 def judge(answer: str, finish_reason: str, case: dict[str, Any], sources: list[Passage]) -> list[Check]:
