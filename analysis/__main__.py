@@ -32,7 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("folders", nargs="+", type=Path, help="sweep (or run) folders holding result.json files")
     parser.add_argument("--compare", action="store_true", help="deltas of each folder against the first")
-    parser.add_argument("--baseline", type=_baseline, default=("quant", "none"), help="group=option (quant=none)")
+    parser.add_argument(
+        "--baseline",
+        type=_baseline,
+        default=None,
+        help="group=option (default quant=none; engine=transformers where the results compare engines)",
+    )
     parser.add_argument("--out", type=Path, help="where to write (default: the first folder)")
     args = parser.parse_args(argv)
     try:
@@ -54,7 +59,7 @@ def _run(args: argparse.Namespace) -> int:
     from analysis.plots import all_plots
     from analysis.quality import model_quality_table
     from analysis.report import write_report
-    from analysis.summary import write_summary
+    from analysis.summary import default_baseline, write_summary
     from analysis.table import failures, tidy
 
     for folder in args.folders:
@@ -79,10 +84,11 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     frame = tidy(results)
     failed = failures(results)
-    tables = write_summary(frame, failed, out, args.baseline, model_quality_table(results))
+    baseline = args.baseline or default_baseline(frame)
+    tables = write_summary(frame, failed, out, baseline, model_quality_table(results))
     plots = all_plots(frame, results, out / "plots")
     commands = [p.read_text().strip() for f in args.folders if (p := f / "command.txt").is_file()]
-    report = write_report(out, results, tables, plots, failed, args.baseline, commands)
+    report = write_report(out, results, tables, plots, failed, baseline, commands)
     print(
         f"{len(results)} points ({len(failed)} not ok), {len(plots)} plots\n"
         f"  {out / 'summary.csv'}\n  {out / 'summary.md'}\n  {report}"

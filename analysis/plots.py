@@ -292,15 +292,16 @@ QUALITY = (("pass_rate", "higher"), ("perplexity", "lower"))
 def pareto(frame: pd.DataFrame, folder: Path) -> Path | None:
     """Speed against quality where the sweep has quality metrics, else speed against memory; Pareto front marked."""
     ok = frame[frame["status"] == "ok"]
-    speed = ok[(ok["metric"] == "decode_tok_s")].groupby(["model", "quant", "attention"])["mean"].max()
+    keys = ["model", "quant", "attention", "engine"]
+    speed = ok[(ok["metric"] == "decode_tok_s")].groupby(keys)["mean"].max()
     other, better, xlabel = None, "lower", ""
     for metric, direction in QUALITY:
-        found = ok[ok["metric"] == metric].groupby(["model", "quant", "attention"])["mean"].mean()
+        found = ok[ok["metric"] == metric].groupby(keys)["mean"].mean()
         if not found.empty:
             other, better, xlabel = found, direction, metric.replace("_", " ")
             break
     if other is None:
-        other = ok[ok["metric"] == "weights_mib"].groupby(["model", "quant", "attention"])["mean"].mean()
+        other = ok[ok["metric"] == "weights_mib"].groupby(keys)["mean"].mean()
         xlabel = "weights (MiB)"
     both = pd.concat([speed.rename("speed"), other.rename("x")], axis=1).dropna()
     if len(both) < 2:
@@ -321,7 +322,9 @@ def pareto(frame: pd.DataFrame, folder: Path) -> Path | None:
             s=70 if on else 35,
             color="C3" if on else "C0",
             zorder=3,
-            label=f"{i}: {key[0]} q={key[1]}" + (" (front)" if on else ""),
+            label=f"{i}: {key[0]} q={key[1]}"
+            + (f" {key[3]}" if key[3] != "transformers" else "")
+            + (" (front)" if on else ""),
         )
         ax.annotate(str(i), (row["x"], row["speed"]), textcoords="offset points", xytext=(5, 5), fontsize=9)
     fx = [both.loc[k, "x"] for k in front]

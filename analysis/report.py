@@ -10,6 +10,7 @@ from typing import Any
 
 import pandas as pd
 
+from analysis.summary import describe_baseline
 from harness.result import write_text_atomic
 
 _STYLE = """
@@ -89,8 +90,7 @@ def write_report(
         f"<style>{_STYLE}</style></head><body>",
         "<h1>Sweep report</h1>",
         f"<p>{n_ok} of {len(results)} points ok. Cells are mean ± 95% CI half-width; ratios are against "
-        f"<code>{html.escape(baseline[0])}={html.escape(baseline[1])}</code> of the same model, attention and "
-        "bench.</p>",
+        f"{html.escape(describe_baseline(baseline))}.</p>",
     ]
     if commands:
         parts.append("<h2>Command</h2>" + "".join(f"<pre>{html.escape(c)}</pre>" for c in commands))

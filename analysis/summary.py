@@ -1,5 +1,6 @@
 """summary.csv and summary.md: one table per bench, points as rows, key metrics as columns, and ratios against
-a baseline point (by default quant=none of the same model, attention and bench)."""
+a baseline point (by default quant=none of the same model, attention and bench; engine=transformers where the
+results compare engines)."""
 
 from __future__ import annotations
 
@@ -84,14 +85,40 @@ def bench_table(frame: pd.DataFrame, bench: str) -> pd.DataFrame:
     return pd.DataFrame.from_dict(table, orient="index").rename_axis("point")
 
 
+def _match_columns(key: str) -> list[str]:
+    # An engine baseline compares every engine and quantization with that engine's quant=none point: the other
+    # engines' quantization and attention choices are their own, so they are not matched.
+    drop = {"engine", "quant", "attention"} if key == "engine" else {key}
+    return [c for c in MATCH if c not in drop]
+
+
+def default_baseline(frame: pd.DataFrame) -> tuple[str, str]:
+    """quant=none, unless the results compare engines: then engine=transformers (or the first engine by name)."""
+    engines = sorted(frame["engine"].dropna().unique())
+    if len(engines) > 1:
+        return "engine", "transformers" if "transformers" in engines else engines[0]
+    return "quant", "none"
+
+
+def describe_baseline(baseline: tuple[str, str]) -> str:
+    key, value = baseline
+    if key == "engine":
+        return f"engine={value} quant=none of the same model, workflow, bench and swept fields"
+    return f"{key}={value} of the same " + ", ".join(
+        c if c != "variant" else "swept fields" for c in _match_columns(key)
+    )
+
+
 def ratios(frame: pd.DataFrame, bench: str, baseline: tuple[str, str]) -> pd.DataFrame:
     """mean / baseline mean for each key metric, where the point's baseline (same MATCH groups) exists."""
     key, value = baseline
     rows = _ordered(frame[(frame["bench"] == bench) & (frame["status"] == "ok")], bench)
     base = rows[rows[key] == value]
-    other = [c for c in MATCH if c != key]
+    if key == "engine":
+        base = base[base["quant"] == "none"]
+    other = _match_columns(key)
     merged = rows.merge(base, on=[*other, "metric", "case"], suffixes=("", "_base"), sort=False)
-    merged = merged[merged[key] != value]
+    merged = merged[merged["point"] != merged["point_base"]]
     table: dict[str, dict[str, str]] = {}
     for _, r in merged.iterrows():
         if r["mean_base"]:
@@ -121,9 +148,7 @@ def write_summary(
     tables = {}
     parts = [
         "# Sweep summary\n",
-        f"Baseline for ratios: `{baseline[0]}={baseline[1]}` of the same "
-        f"{', '.join(c if c != 'variant' else 'swept fields' for c in MATCH if c != baseline[0])}. "
-        "Cells are mean ± 95% CI half-width, "
+        f"Baseline for ratios: {describe_baseline(baseline)}. Cells are mean ± 95% CI half-width, "
         "or mean [95% Wilson interval] for pass rates.\n",
     ]
     if quality is not None and not quality.empty:

@@ -24,8 +24,19 @@ def split_metric(key: str) -> tuple[str, str]:
     return match.group("name"), match.group("case") or ""
 
 
-def _group_label(p: dict[str, Any]) -> str:
-    parts = [p.get("model", "?"), f"q={p.get('quant', '?')}"]
+def quant_used(result: dict[str, Any]) -> str | None:
+    """What another engine's quant choice ran as: the GGUF file type (llama.cpp) or the ONNX precision."""
+    q = (result.get("resolved") or {}).get("quantization") or {}
+    used = q.get("file_type") or q.get("precision")
+    return str(used) if used and str(used).lower() != str(result["point"].get("quant")).lower() else None
+
+
+def _group_label(result: dict[str, Any]) -> str:
+    p = result["point"]
+    used = quant_used(result)
+    parts = [p.get("model", "?"), f"q={p.get('quant', '?')}" + (f" ({used})" if used else "")]
+    if p.get("engine") not in (None, "transformers"):
+        parts.append(f"engine={p['engine']}")
     if p.get("attention") not in (None, "auto"):
         parts.append(f"attn={p['attention']}")
     if p.get("workflow") not in (None, "none"):
@@ -37,7 +48,7 @@ def point_label(result: dict[str, Any]) -> str:
     """The group choices and any swept field (seed=2) of a point: what a person reads as its name."""
     p = result["point"]
     extra = [f"{k}={v}" for k, v in p.items() if k not in GROUP_COLUMNS]
-    return " ".join([_group_label(p), *extra])
+    return " ".join([_group_label(result), *extra])
 
 
 def bench_of(result: dict[str, Any]) -> str:
@@ -52,7 +63,7 @@ def point_labels(results: list[dict[str, Any]]) -> list[str]:
     # a field swept in this set of results is named; one held at the same value everywhere is not
     varying = {k for e in extras for k in e if len({str(x.get(k)) for x in extras}) > 1}
     labels = [
-        " ".join([_group_label(r["point"]), *(f"{k}={v}" for k, v in e.items() if k in varying)])
+        " ".join([_group_label(r), *(f"{k}={v}" for k, v in e.items() if k in varying)])
         for r, e in zip(results, extras, strict=True)
     ]
     # Labels need to be unique within a bench's table (the same label in two benches names two rows of two tables).
@@ -87,7 +98,7 @@ def tidy(results: list[dict[str, Any]]) -> pd.DataFrame:
             "point": point_id(r),
             "label": label,
             # what tells the point apart beyond its group choices (seed=2): ratios compare like with like
-            "variant": label[len(_group_label(r["point"])) :].strip(),
+            "variant": label[len(_group_label(r)) :].strip(),
             "status": r["status"],
             "bench": r.get("config", {}).get("bench", {}).get("name", r["point"].get("bench")),
             **{g: r["point"].get(g) for g in GROUP_COLUMNS if g != "bench"},

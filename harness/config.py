@@ -25,7 +25,24 @@ NOT_MEASURED = ("print_text", "isolation", "force", "report", "validation")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 SOURCES = ("auto", "path", "hub", "gguf", "random")
 CHAT_FORMATS = ("auto", "template", "chatml", "plain")
-QUANT_METHODS = ("none", "bitsandbytes", "gptq")
+QUANT_METHODS = ("none", "bitsandbytes", "gptq", "gguf", "onnx")
+ENGINE_CHOICES = ("transformers", "llamacpp", "onnxruntime")
+# Which engines run each quantization method (checked before any point runs).
+QUANT_ENGINES = {
+    "none": ENGINE_CHOICES,
+    "bitsandbytes": ("transformers",),
+    "gptq": ("transformers",),
+    "gguf": ("llamacpp",),
+    "onnx": ("onnxruntime",),
+}
+# llama.cpp types the harness requantizes to (llama.cpp's own quantize, from an F32/F16/BF16 GGUF).
+GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_0", "Q4_K_M", "Q4_0", "Q4_1", "Q3_K_M", "Q2_K")
+ONNX_PRECISIONS = ("int4", "int8", "fp16", "bf16", "fp32")
+_QUANT_HINT = {
+    "transformers": "quant=none, 8bit, 4bit or gptq",
+    "llamacpp": "quant=none or gguf for the file as shipped, q8_0 or q4_k_m to requantize an F16/F32 GGUF",
+    "onnxruntime": "quant=none for model.dtype's precision, int4",
+}
 ATTENTION_CHOICES = ("auto", "eager", "sdpa", "flash2")
 
 
@@ -115,9 +132,15 @@ class QuantConfig:
     desc_act: bool = False  # gptq activation-order quantization
     calibration: str | None = None  # gptq: a text file, one sample per blank-line-separated block
     calibration_samples: int = 64
+    gguf_type: str | None = None  # gguf: the llama.cpp type to requantize to; None = the file as shipped
+    onnx_precision: str = "int4"  # onnx: the precision onnxruntime-genai's model builder converts to
 
     def __post_init__(self) -> None:
         _one_of("quant.method", self.method, QUANT_METHODS)
+        if self.gguf_type is not None:
+            self.gguf_type = str(self.gguf_type).upper()
+            _one_of("quant.gguf_type", self.gguf_type, GGUF_TYPES)
+        _one_of("quant.onnx_precision", self.onnx_precision, ONNX_PRECISIONS)
         _one_of("quant.quant_type", self.quant_type, ("nf4", "fp4"))
         _one_of("quant.compute_dtype", self.compute_dtype, DTYPES)
         if self.method == "bitsandbytes":
@@ -144,10 +167,27 @@ class AttentionConfig:
 
 @dataclass
 class EngineConfig:
+    """The inference engine and its own knobs; each engine reads its fields (see conf/engine/*.yaml)."""
+
     name: str = "transformers"
+    threads: int | None = None  # llamacpp, onnxruntime: CPU threads; None = the engine's default (recorded)
+    # llamacpp
+    n_ctx: int = 0  # context (KV cache) length; 0 = the model's training context
+    n_batch: int = 512  # prompt tokens per llama_decode call
+    flash_attn: str = "auto"  # auto | on | off
+    n_gpu_layers: int = 0  # layers offloaded to a GPU (-1 = all); needs a CUDA/Metal build of llama-cpp-python
+    # onnxruntime
+    provider: str = "auto"  # auto (cuda when the model is placed there, else cpu) | cpu | cuda
 
     def __post_init__(self) -> None:
-        _one_of("engine.name", self.name, ("transformers",))
+        _one_of("engine.name", self.name, ENGINE_CHOICES)
+        _check(self.threads is None or self.threads >= 1, "engine.threads", self.threads, "null or an integer >= 1")
+        _check(self.n_ctx >= 0, "engine.n_ctx", self.n_ctx, "0 (the model's context) or a positive integer")
+        _check(self.n_batch >= 1, "engine.n_batch", self.n_batch, "an integer >= 1")
+        _one_of("engine.flash_attn", str(self.flash_attn).lower(), ("auto", "on", "off"))
+        self.flash_attn = str(self.flash_attn).lower()
+        _check(self.n_gpu_layers >= -1, "engine.n_gpu_layers", self.n_gpu_layers, "-1 (all) or an integer >= 0")
+        _one_of("engine.provider", self.provider, ("auto", "cpu", "cuda"))
 
 
 WORKFLOW_CHOICES = ("none", "search_qa", "lesson_pack", "chat")
@@ -292,6 +332,31 @@ class HarnessConfig:
         _one_of("isolation", self.isolation, ("process", "inline"))
         if self.point_memory_limit_mb is not None:
             _check(self.point_memory_limit_mb >= 64, "point_memory_limit_mb", self.point_memory_limit_mb, ">= 64")
+        self._check_engine_fits()
+
+    def _check_engine_fits(self) -> None:
+        """Quantization, attention and dtype choices that only some engines run are refused before any work."""
+        engine, method = self.engine.name, self.quant.method
+        if engine not in QUANT_ENGINES[method]:
+            runs_here = sorted(m for m, engines in QUANT_ENGINES.items() if engine in engines)
+            raise ConfigError(
+                f"quant={self.quant.name} (method {method}) runs only on engine={'|'.join(QUANT_ENGINES[method])}, "
+                f"not on engine={engine}, which runs the quantization methods: {', '.join(runs_here)}.",
+                f"pick a quantization engine={engine} runs ({_QUANT_HINT[engine]}), or a matching engine; a sweep "
+                "over both axes must be split into one command per engine.",
+            )
+        if engine != "transformers" and self.attention.name != "auto":
+            raise ConfigError(
+                f"attention={self.attention.name} picks a transformers attention kernel; engine={engine} has its own.",
+                "leave attention=auto"
+                + ("; llama.cpp's flash attention is engine.flash_attn=auto|on|off." if engine == "llamacpp" else "."),
+            )
+        if engine == "llamacpp" and self.model.dtype != "auto":
+            raise ConfigError(
+                f"model.dtype={self.model.dtype} does not apply to engine=llamacpp: it computes in the GGUF's own "
+                "tensor types.",
+                "leave model.dtype=auto, and requantize with quant=q8_0 or q4_k_m (or quant.gguf_type=F16).",
+            )
 
     @property
     def cache_path(self) -> Path:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from harness.bandwidth import kv_bytes_per_position, mbu, peak_bandwidth
+from harness.bandwidth import mbu, peak_bandwidth
 from harness.engines import GenerationParams
 from harness.engines.base import TokenPrompt, streamed
 from harness.stats import summarize
@@ -68,7 +68,7 @@ def run_latency(ctx: BenchContext) -> BenchOutput:
     params = generation_params(bench, ctx.cfg.seed)
     out = BenchOutput()
     peak = peak_bandwidth(loaded.placement.device, ctx.cfg.cache_path)
-    kv_pos = kv_bytes_per_position(loaded.model.config, loaded.model.dtype.itemsize)
+    kv_pos = loaded.kv_bytes_per_position
     out.details = {"stop_rule": vars(StopRule.of(bench)), "peak_bandwidth": peak, "cases": {}, "length_mismatches": 0}
     for index, p_len in enumerate(bench.prompt_lengths):
         prompt = exact_prompt(loaded, p_len)

@@ -22,7 +22,7 @@ def run_memory(ctx: BenchContext) -> BenchOutput:
     bench, loaded, engine = ctx.cfg.bench, ctx.loaded, ctx.engine
     out = BenchOutput()
     load = ctx.load_memory
-    weights = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+    weights = loaded.weights_bytes
     figures = {
         "weights_mib": weights,
         "footprint_mib": loaded.footprint_bytes,
@@ -50,6 +50,9 @@ def run_memory(ctx: BenchContext) -> BenchOutput:
     cases = {}
     for p_len in bench.prompt_lengths:
         for batch in bench.batch_sizes:
+            if batch > 1 and not engine.batches:
+                cases[f"prompt={p_len},batch={batch}"] = {"not_run": f"engine={engine.name} does not batch"}
+                continue
             ctx.progress(f"memory prompt={p_len} batch={batch}")
             prompts = [exact_prompt(loaded, p_len, offset=i) for i in range(batch)]
             gc.collect()

@@ -20,11 +20,10 @@ from typing import Any
 import torch
 
 from harness.config import GROUPS, HarnessConfig
-from harness.engines import create_engine
+from harness.engines import create_engine, load_for_engine
 from harness.environment import capture_environment
 from harness.errors import ConfigError, HarnessError, OutOfMemoryError, format_error, is_storage_error, storage_error
 from harness.memory import MemoryMonitor
-from harness.models import load_model
 from harness.result import Result, check_writable, write_result
 from harness.workflows import Workflow, create_workflow
 from runners.e2e import run_e2e
@@ -126,10 +125,10 @@ def run_point(
         bench = resolve_bench(cfg.bench.name)
         workflow = preflight(cfg)
         with MemoryMonitor() as load_memory:
-            loaded = load_model(cfg.model, cfg.quant, cfg.attention, cfg.cache_path, cfg.seed)
+            loaded = load_for_engine(cfg)
         result.timings["load_s"] = loaded.load_seconds
         result.resolved = loaded.resolved()
-        engine = create_engine(cfg.engine.name, loaded)
+        engine = create_engine(cfg.engine.name, loaded, cfg)
         result.resolved["engine"] = engine.describe()
         t_measure = time.perf_counter()
         progress = _Progress(f"{point.get('model')} {point.get('quant')} {cfg.bench.name}")
@@ -176,8 +175,11 @@ def summary_line(result: Result, out_dir: Path, swept: set[str] | None = None) -
     bench = result.config.get("bench", {}).get("name", p.get("bench"))
     swept = "".join(f" {k}={v}" for k, v in p.items() if k not in GROUPS and (swept is None or k in swept))
     workflow = f" workflow={p['workflow']}" if p.get("workflow") not in (None, "none") else ""
+    engine = f" engine={p['engine']}" if p.get("engine") not in (None, "transformers") else ""
     head = (
-        f"[{result.status}] model={p.get('model')} quant={p.get('quant')} attention={p.get('attention')} bench={bench}"
+        f"[{result.status}] model={p.get('model')} quant={p.get('quant')} attention={p.get('attention')}"
+        + engine
+        + f" bench={bench}"
         + workflow
         + swept
     )

@@ -44,8 +44,11 @@ def run_throughput(ctx: BenchContext) -> BenchOutput:
     out.metrics["single_output_tok_s"] = summarize(values, "tok/s")
 
     # Batches: one generate() call over `batch` prompts of the same length.
-    cases = {"single": how_single}
+    cases: dict[str, object] = {"single": how_single}
     for batch in bench.batch_sizes:
+        if batch > 1 and not engine.batches:
+            cases[f"batch={batch}"] = {"not_run": f"engine={engine.name} does not batch: {engine.describe()['batch']}"}
+            continue
         prompts = [exact_prompt(loaded, p_len, offset=i) for i in range(batch)]
         engine.batch(prompts, params)  # warm-up at this shape
         latencies: list[float] = []

@@ -1,9 +1,11 @@
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from harness.config import (
     GROUPS,
+    QUANT_ENGINES,
     AttentionConfig,
     BenchConfig,
     HarnessConfig,
@@ -25,7 +27,11 @@ def test_every_group_has_options():
 
 @pytest.mark.parametrize(("group", "option"), ALL_OPTIONS)
 def test_every_option_composes_and_validates(compose, group, option):
-    cfg = compose(f"{group}={option}")
+    extra = []
+    if group == "quant":  # a quantization composes with an engine that runs it
+        method = OmegaConf.load(conf_dir() / "quant" / f"{option}.yaml").method
+        extra = [f"engine={QUANT_ENGINES[method][0]}"]
+    cfg = compose(f"{group}={option}", *extra)
     assert isinstance(cfg, HarnessConfig)
     assert getattr(cfg, group).name == option
 

@@ -2,19 +2,59 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from harness.config import ENGINE_CHOICES
 from harness.engines.base import Engine, Generation, GenerationParams, TokenEvent, TokenStream
 from harness.errors import ConfigError
 from harness.models.loader import LoadedModel
 
-ENGINES = ("transformers",)
+if TYPE_CHECKING:
+    from harness.config import HarnessConfig
+
+ENGINES = ENGINE_CHOICES
 
 
-def create_engine(name: str, loaded: LoadedModel) -> Engine:
+def load_for_engine(cfg: HarnessConfig) -> LoadedModel:
+    """Load the point's model in the form its engine runs: a transformers module, a GGUF file in llama.cpp,
+    or an ONNX model converted once from the checkpoint."""
+    if cfg.engine.name == "llamacpp":
+        from harness.engines.llamacpp import load_llamacpp_model
+
+        return load_llamacpp_model(cfg)
+    if cfg.engine.name == "onnxruntime":
+        from harness.engines.onnxruntime import load_onnx_model
+
+        return load_onnx_model(cfg)
+    from harness.models import load_model
+
+    return load_model(cfg.model, cfg.quant, cfg.attention, cfg.cache_path, cfg.seed)
+
+
+def create_engine(name: str, loaded: LoadedModel, cfg: HarnessConfig | None = None) -> Engine:
     if name == "transformers":
         from harness.engines.transformers import TransformersEngine
 
         return TransformersEngine(loaded)
+    if name == "llamacpp":
+        from harness.config import EngineConfig
+        from harness.engines.llamacpp import LlamaCppEngine
+
+        return LlamaCppEngine(loaded, cfg.engine if cfg else EngineConfig(name="llamacpp"))
+    if name == "onnxruntime":
+        from harness.engines.onnxruntime import OnnxRuntimeEngine
+
+        return OnnxRuntimeEngine(loaded, cfg.engine.threads if cfg else None)
     raise ConfigError(f"engine={name!r} is not known; the engines are: {', '.join(ENGINES)}.", "pick one of those.")
 
 
-__all__ = ["ENGINES", "Engine", "Generation", "GenerationParams", "TokenEvent", "TokenStream", "create_engine"]
+__all__ = [
+    "ENGINES",
+    "Engine",
+    "Generation",
+    "GenerationParams",
+    "TokenEvent",
+    "TokenStream",
+    "create_engine",
+    "load_for_engine",
+]

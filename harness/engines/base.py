@@ -128,6 +128,8 @@ class Engine(ABC):
     """An inference backend bound to one loaded model."""
 
     name: str
+    # False: batch() takes one prompt at a time (it refuses more); benches record larger batch sizes as not run.
+    batches: bool = True
 
     @abstractmethod
     def generate(self, prompt: Prompt, params: GenerationParams) -> Generation: ...

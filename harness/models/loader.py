@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class LoadedModel:
+    """A model ready for its engine: `model` is the engine's own object (a transformers module, a llama.cpp
+    model, an ONNX Runtime GenAI model) and `tokenizer` a transformers tokenizer of the same vocabulary, which
+    every engine shares so prompts of an exact length and chat formatting are the same on each."""
+
     name: str
     model: Any
     tokenizer: Any
@@ -44,8 +48,12 @@ class LoadedModel:
     context_window: int | None
     load_seconds: float
     footprint_bytes: int
+    parameters: int = 0
+    weights_bytes: int = 0  # bytes of the weights as stored for inference (what decoding reads per token)
+    kv_bytes_per_position: int = 0  # K and V cache bytes per sequence position, all layers
     events: list[str] = field(default_factory=list)  # what happened on the way (built caches, fallbacks)
     provenance: dict[str, Any] = field(default_factory=dict)
+    close: Any = None  # releases an engine's native model (llama.cpp frees its buffers explicitly)
 
     def resolved(self) -> dict[str, Any]:
         """The `resolved` block of result.json."""
@@ -65,7 +73,7 @@ class LoadedModel:
             "chat_format": self.chat_format,
             "trust_remote_code": self.trust_remote_code,
             "context_window": self.context_window,
-            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "parameters": self.parameters,
             "footprint_bytes": self.footprint_bytes,
             "events": list(self.events),
             "provenance": self.provenance,
@@ -74,6 +82,9 @@ class LoadedModel:
     def release(self) -> None:
         """Drop the weights and give their memory back (CUDA caches emptied)."""
         device = self.placement.device
+        if self.close is not None:
+            self.close()
+            self.close = None
         self.model = None
         self.tokenizer = None
         gc.collect()
@@ -104,23 +115,28 @@ def context_window_of(config) -> int | None:
     return None
 
 
-def _checkpoint_for(
+def gguf_file_for(source: Source, cfg: ModelConfig, cache_dir: Path, events: list[str]) -> tuple[Path, str | None]:
+    """The GGUF file of a gguf or gguf_parts source (parts joined and verified once), and its SHA-256 when known."""
+    if source.kind == "gguf_parts":
+        assert cfg.gguf_sha256 is not None and cfg.gguf_size is not None
+        path, joined = join_parts(cfg.name, split_parts(cfg), cfg.gguf_size, cfg.gguf_sha256, cache_dir)
+        if joined["joined"]:
+            events.append(f"joined and verified the GGUF parts once into {path} in {joined['join_s']:.1f} s")
+        return path, cfg.gguf_sha256  # verified while joining: no need to hash the file again
+    return Path(source.location), None
+
+
+def checkpoint_for(
     source: Source, cfg: ModelConfig, cache_dir: Path, seed: int, events: list[str]
 ) -> tuple[str, dict[str, Any]]:
     """Turn a source into something from_pretrained reads, building cached folders where needed."""
     if source.kind in ("gguf", "gguf_parts"):
-        path, digest, joined = Path(source.location), None, {}
-        if source.kind == "gguf_parts":
-            assert cfg.gguf_sha256 is not None and cfg.gguf_size is not None
-            path, joined = join_parts(cfg.name, split_parts(cfg), cfg.gguf_size, cfg.gguf_sha256, cache_dir)
-            digest = cfg.gguf_sha256  # verified while joining: no need to hash the file again
-            if joined["joined"]:
-                events.append(f"joined and verified the GGUF parts once into {path} in {joined['join_s']:.1f} s")
+        path, digest = gguf_file_for(source, cfg, cache_dir, events)
         t0 = time.perf_counter()
         folder, built = materialize_gguf(path, cache_dir, digest)
         if built:
             events.append(f"dequantized the GGUF file once into {folder} in {time.perf_counter() - t0:.1f} s")
-        return str(folder), {**_provenance(folder), **({"gguf_file": str(path)} if joined else {})}
+        return str(folder), {**_provenance(folder), **({"gguf_file": str(path)} if digest else {})}
     if source.kind == "random":
         assert cfg.architecture is not None
         t0 = time.perf_counter()
@@ -212,7 +228,20 @@ def _from_pretrained(
         ) from exc
 
 
-def _load_tokenizer(checkpoint: str, cfg: ModelConfig, source: Source):
+def effective_chat_format(cfg: ModelConfig, tokenizer) -> str:
+    """model.chat_format with auto resolved; template without a template is refused."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if cfg.chat_format == "template" and not has_template:
+        raise ConfigError(
+            f"model.chat_format=template, but the tokenizer of model '{cfg.name}' has no chat template.",
+            "use model.chat_format=auto (the template where there is one, else a plain transcript), chatml or plain.",
+        )
+    if cfg.chat_format == "auto":
+        return "template" if has_template else "plain"
+    return cfg.chat_format
+
+
+def load_tokenizer(checkpoint: str, cfg: ModelConfig, source: Source):
     from transformers import AutoTokenizer
 
     try:
@@ -258,15 +287,11 @@ def _load_once(
 ) -> LoadedModel:
     t0 = time.perf_counter()
     source = resolve_source(cfg)
-    checkpoint, provenance = _checkpoint_for(source, cfg, cache_dir, seed, events)
+    checkpoint, provenance = checkpoint_for(source, cfg, cache_dir, seed, events)
     config = _read_config(checkpoint, cfg, source)
     attention = choose_attention(attention_cfg, model_class_for(config), placement)
-    tokenizer = _load_tokenizer(checkpoint, cfg, source)
-    if cfg.chat_format == "template" and not getattr(tokenizer, "chat_template", None):
-        raise ConfigError(
-            f"model.chat_format=template, but the tokenizer of model '{cfg.name}' has no chat template.",
-            "use model.chat_format=auto (the template where there is one, else a plain transcript), chatml or plain.",
-        )
+    tokenizer = load_tokenizer(checkpoint, cfg, source)
+    effective_chat_format(cfg, tokenizer)  # refuses template without one before the weights load
     prequantized = quant.method == "gptq" and _is_gptq_checkpoint(config)
     quant_config = quantization.quantization_config(quant, placement, tokenizer, prequantized)
     if quant.method == "gptq" and not prequantized:
@@ -291,9 +316,8 @@ def _load_once(
         footprint = int(model.get_memory_footprint())
     except Exception:
         footprint = sum(p.numel() * p.element_size() for p in model.parameters())
-    chat_format = cfg.chat_format
-    if chat_format == "auto":
-        chat_format = "template" if getattr(tokenizer, "chat_template", None) else "plain"
+    from harness.bandwidth import kv_bytes_per_position
+
     return LoadedModel(
         name=cfg.name,
         model=model,
@@ -304,11 +328,14 @@ def _load_once(
         attention=attention,
         attention_used=str(getattr(model.config, "_attn_implementation", None) or attention.implementation),
         quant=quantization.describe(quant, prequantized),
-        chat_format=chat_format,
+        chat_format=effective_chat_format(cfg, tokenizer),
         trust_remote_code=cfg.trust_remote_code,
         context_window=context_window_of(model.config),
         load_seconds=time.perf_counter() - t0,
         footprint_bytes=footprint,
+        parameters=sum(p.numel() for p in model.parameters()),
+        weights_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
+        kv_bytes_per_position=kv_bytes_per_position(model.config, model.dtype.itemsize),
         events=events,
         provenance=provenance,
     )

@@ -1,0 +1,135 @@
+"""What the harness adds on top of an engine's own Python API: its engine (tokenizer prompt, stop and EOS handling,
+per-token stamps) against a bare loop over the same library, interleaved in one process on the same model file.
+
+    python benchmarks/engine_overhead.py --engine llamacpp
+    python benchmarks/engine_overhead.py --engine onnxruntime --quant int4
+
+Both sides get the same prompt ids (an exact-length prompt from the built-in text), force the same output
+length, and compute decode tok/s = (n - 1) / (t_last - t_first) and TTFT = t_first - t_start, as DESIGN.md
+defines them. Runs alternate harness / bare so drift on a shared machine hits both alike. Prints medians and the
+ratio harness / bare; --json writes every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+
+def _rates(start_ns: int, stamps: list[int]) -> tuple[float, float]:
+    ttft_ms = (stamps[0] - start_ns) / 1e6
+    decode = (len(stamps) - 1) / ((stamps[-1] - stamps[0]) / 1e9)
+    return ttft_ms, decode
+
+
+def bare_llamacpp(loaded, threads: int, n_batch: int):
+    """A plain llama-cpp-python loop: Llama.generate, greedy, the KV cache cleared before each request."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(
+        model_path=loaded.checkpoint,
+        n_ctx=loaded.context_window,
+        n_batch=n_batch,
+        n_ubatch=n_batch,
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+    )
+
+    def run(ids: list[int], n_out: int) -> tuple[int, list[int]]:
+        llm.reset()
+        stamps: list[int] = []
+        start = time.perf_counter_ns()
+        for _ in llm.generate(ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0):
+            stamps.append(time.perf_counter_ns())
+            if len(stamps) == n_out:
+                break
+        return start, stamps
+
+    return run
+
+
+def bare_onnxruntime(loaded):
+    """A plain onnxruntime-genai pull loop over og.Generator on the same converted folder."""
+    import numpy as np
+    import onnxruntime_genai as og
+
+    model = og.Model(loaded.checkpoint)
+
+    def run(ids: list[int], n_out: int) -> tuple[int, list[int]]:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + n_out, min_length=len(ids) + n_out, do_sample=False)
+        generator = og.Generator(model, params)
+        stamps: list[int] = []
+        start = time.perf_counter_ns()
+        generator.append_tokens(np.asarray([ids], dtype=np.int32))
+        while not generator.is_done():
+            generator.generate_next_token()
+            generator.get_next_tokens()
+            stamps.append(time.perf_counter_ns())
+        del generator
+        return start, stamps
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--engine", choices=("llamacpp", "onnxruntime"), required=True)
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--quant", default="none")
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+
+    from harness.config import load_config
+    from harness.engines import create_engine, load_for_engine
+    from harness.engines.base import GenerationParams, streamed
+    from runners.measure import exact_prompt
+
+    cfg = load_config([f"model={args.model}", f"engine={args.engine}", f"quant={args.quant}"])
+    loaded = load_for_engine(cfg)
+    engine = create_engine(cfg.engine.name, loaded, cfg)
+    if args.engine == "llamacpp":
+        bare = bare_llamacpp(loaded, engine.threads, cfg.engine.n_batch)
+    else:
+        bare = bare_onnxruntime(loaded)
+    prompt = exact_prompt(loaded, args.prompt)
+    params = GenerationParams(max_new_tokens=args.tokens, min_new_tokens=args.tokens)
+
+    def harness_run() -> tuple[float, float]:
+        g = streamed(engine, prompt, params)
+        assert g.output_tokens == args.tokens
+        return _rates(g.start_ns, g.token_ns)
+
+    def bare_run() -> tuple[float, float]:
+        start, stamps = bare(list(prompt.ids), args.tokens)
+        assert len(stamps) == args.tokens, len(stamps)
+        return _rates(start, stamps)
+
+    harness_run(), bare_run()  # warm-up, both
+    runs: dict[str, list[tuple[float, float]]] = {"harness": [], "bare": []}
+    for i in range(args.runs):
+        order = (("harness", harness_run), ("bare", bare_run))
+        for name, fn in order if i % 2 == 0 else order[::-1]:
+            runs[name].append(fn())
+    med = {k: (statistics.median(t for t, _ in v), statistics.median(d for _, d in v)) for k, v in runs.items()}
+    label = f"{args.model} {args.engine} quant={args.quant} ({loaded.placement.dtype})"
+    print(f"{label}, prompt {args.prompt}, {args.tokens} tokens, {args.runs} interleaved runs each (medians)")
+    print(f"  {'':8} {'TTFT ms':>9} {'decode tok/s':>13}")
+    for name, (ttft, decode) in med.items():
+        print(f"  {name:8} {ttft:9.1f} {decode:13.1f}")
+    ratio = med["harness"][1] / med["bare"][1]
+    print(f"  decode harness/bare = {ratio:.3f}; TTFT harness/bare = {med['harness'][0] / med['bare'][0]:.3f}")
+    if args.json:
+        args.json.write_text(json.dumps({"label": label, "runs": runs, "medians": med, "decode_ratio": ratio}))
+    loaded.release()
+
+
+if __name__ == "__main__":
+    main()

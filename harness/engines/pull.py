@@ -1,0 +1,168 @@
+"""What llama.cpp and ONNX Runtime GenAI share: engines driven by a pull loop that yields one token per step.
+
+The prompt is encoded with the model's transformers tokenizer (the same ids on every engine, so a 128-token prompt
+is 128 tokens everywhere; chat messages go through the same chat template), timed apart. The request starts at
+the first next(): the backend's prefill runs inside it, and every token is stamped with time.perf_counter_ns() as
+its id reaches Python. Stop strings and end-of-sequence ids end a stream the way transformers ends one: the stop
+token is kept in `token_ids`, the text is cut before the stop string.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import abstractmethod
+from collections.abc import Iterator, Sequence
+
+from harness.chat import adds_special_tokens, format_chat
+from harness.engines.base import Engine, Generation, GenerationParams, Prompt, TokenEvent, TokenPrompt, TokenStream
+from harness.errors import InferenceError, OutOfMemoryError
+from harness.models.loader import LoadedModel
+
+
+class PullEngine(Engine):
+    """An engine whose backend produces tokens one at a time from `_token_ids(prompt_ids, params)`."""
+
+    batches = False
+
+    def __init__(self, loaded: LoadedModel, eos_ids: set[int]) -> None:
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        self.eos_ids = eos_ids
+
+    @abstractmethod
+    def _token_ids(self, prompt_ids: list[int], params: GenerationParams) -> Iterator[int]:
+        """New token ids, one per next(); the prefill runs inside the first. Closing it stops the backend."""
+
+    @abstractmethod
+    def _wrap_error(self, exc: Exception, what: str) -> Exception: ...
+
+    # -- preparing requests -------------------------------------------------------------------------------
+    def _encode(self, prompt: Prompt, params: GenerationParams) -> tuple[list[int], tuple[str, ...], int]:
+        t0 = time.perf_counter_ns()
+        if isinstance(prompt, TokenPrompt):
+            ids, stop = list(prompt.ids), ()
+        elif isinstance(prompt, str):
+            ids, stop = self.tokenizer(prompt, add_special_tokens=True)["input_ids"], ()
+        else:
+            text, stop = format_chat(prompt, self.loaded.chat_format, self.tokenizer)
+            ids = self.tokenizer(text, add_special_tokens=adds_special_tokens(self.loaded.chat_format))["input_ids"]
+        tokenize_ns = time.perf_counter_ns() - t0
+        if not ids:
+            raise InferenceError("a prompt encodes to no tokens.", "give each prompt some text.")
+        params.validate(self.loaded.context_window, len(ids))
+        return list(ids), tuple(stop) + tuple(params.stop), tokenize_ns
+
+    # -- the entry points ---------------------------------------------------------------------------------
+    def stream(self, prompt: Prompt, params: GenerationParams) -> TokenStream:
+        ids, stop, tokenize_ns = self._encode(prompt, params)
+        return _PullStream(self, ids, stop, tokenize_ns, params)
+
+    def generate(self, prompt: Prompt, params: GenerationParams) -> Generation:
+        stream = self.stream(prompt, params)
+        for _ in stream:
+            pass
+        assert stream.generation is not None
+        return stream.generation
+
+    def batch(self, prompts: Sequence[Prompt], params: GenerationParams) -> list[Generation]:
+        if len(prompts) != 1:
+            raise InferenceError(
+                f"engine={self.name} generates one sequence at a time through its Python API; a batch of "
+                f"{len(prompts)} would be {len(prompts)} requests in a row, which is not a batch.",
+                "use bench.batch_sizes=[1] on this engine (bench.concurrency measures requests in turn).",
+            )
+        return [self.generate(prompts[0], params)]
+
+    def decode(self, ids: list[int], stop: tuple[str, ...]) -> tuple[str, str]:
+        """Text (cut before a stop string) and finish reason (stop | eos | length)."""
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        if stop:
+            raw = self.tokenizer.decode(ids, skip_special_tokens=False)
+            for s in stop:
+                if s in raw:
+                    cut = text.find(s)
+                    return (text[:cut] if cut >= 0 else text), "stop"
+        if ids and ids[-1] in self.eos_ids:
+            return text, "eos"
+        return text, "length"
+
+
+class _PullStream(TokenStream):
+    def __init__(
+        self, engine: PullEngine, ids: list[int], stop: tuple[str, ...], tokenize_ns: int, params: GenerationParams
+    ) -> None:
+        self._engine = engine
+        self._ids = ids
+        self._params = params
+        self.stop = stop
+        self.prompt_tokens = len(ids)
+        self.tokenize_ns = tokenize_ns
+        self.start_ns = 0
+        self._source: Iterator[int] | None = None
+        self._events: list[TokenEvent] = []
+        self._done = False
+
+    def __next__(self) -> TokenEvent:
+        if self._done:
+            raise StopIteration
+        if self._source is None:
+            self.start_ns = time.perf_counter_ns()
+            self._source = self._engine._token_ids(self._ids, self._params)
+        try:
+            token_id = next(self._source)
+        except StopIteration:
+            self._finish()
+            raise
+        except Exception as exc:
+            self._done = True
+            self._close_source()
+            raise self._engine._wrap_error(exc, "streaming generation") from exc
+        t_ns = time.perf_counter_ns()
+        event = TokenEvent(int(token_id), t_ns)
+        self._events.append(event)
+        if self._ended(event.token_id):
+            self._finish()
+        return event
+
+    def _ended(self, token_id: int) -> bool:
+        n = len(self._events)
+        if n >= self._params.max_new_tokens:
+            return True
+        if token_id in self._engine.eos_ids and n >= self._params.min_new_tokens:
+            return True
+        if self.stop:  # as transformers' stop strings: checked on the text so far, whatever min_new_tokens says
+            raw = self._engine.tokenizer.decode([e.token_id for e in self._events], skip_special_tokens=False)
+            return any(s in raw for s in self.stop)
+        return False
+
+    def _close_source(self) -> None:
+        if self._source is not None and hasattr(self._source, "close"):
+            self._source.close()
+
+    def _finish(self) -> None:
+        self._done = True
+        self._close_source()
+        ids = [e.token_id for e in self._events]
+        token_ns = [e.t_ns for e in self._events]
+        text, reason = self._engine.decode(ids, self.stop)
+        self.generation = Generation(
+            text=text,
+            token_ids=ids,
+            prompt_tokens=self.prompt_tokens,
+            finish_reason=reason,
+            start_ns=self.start_ns,
+            end_ns=token_ns[-1] if token_ns else time.perf_counter_ns(),
+            tokenize_ns=self.tokenize_ns,
+            token_ns=token_ns,
+        )
+
+    def close(self) -> None:
+        if not self._done:
+            self._finish()
+
+
+def out_of_memory(exc: BaseException, what: str) -> OutOfMemoryError:
+    return OutOfMemoryError(
+        f"{what} ran out of memory ({str(exc).splitlines()[0] if str(exc) else 'no detail'}).",
+        "lower max_new_tokens, engine.n_ctx or the model size, or free memory held by other processes.",
+    )
