@@ -289,29 +289,47 @@ def perplexity(frame: pd.DataFrame, folder: Path) -> Path | None:
 QUALITY = (("pass_rate", "higher"), ("perplexity", "lower"))
 
 
+def _front(both: pd.DataFrame, better: str) -> list:
+    """Points no other point beats: at least as fast and at least as good on x, better on one. x values within
+    0.01% of each other count as equal (two engines' perplexities of the same weights differ in the 6th digit)."""
+    sign = 1 if better == "lower" else -1
+
+    def no_worse(a: float, b: float) -> bool:  # a is at least as good as b on x
+        return sign * (a - b) <= 1e-4 * max(abs(a), abs(b))
+
+    front = []
+    for key, row in both.iterrows():
+        beaten = any(
+            other_key != key
+            and no_worse(other["x"], row["x"])
+            and other["speed"] >= row["speed"]
+            and (other["speed"] > row["speed"] or not no_worse(row["x"], other["x"]))
+            for other_key, other in both.iterrows()
+        )
+        if not beaten:
+            front.append(key)
+    return sorted(front, key=lambda k: both.loc[k, "x"])
+
+
 def pareto(frame: pd.DataFrame, folder: Path) -> Path | None:
-    """Speed against quality where the sweep has quality metrics, else speed against memory; Pareto front marked."""
+    """Speed against quality where the sweep has quality metrics, else speed against memory; Pareto front marked.
+    A point is a label (model, quantization as run, engine, attention, swept fields), so engines and
+    quantizations of one model are separate points."""
     ok = frame[frame["status"] == "ok"]
-    keys = ["model", "quant", "attention", "engine"]
-    speed = ok[(ok["metric"] == "decode_tok_s")].groupby(keys)["mean"].max()
+    speed = ok[(ok["metric"] == "decode_tok_s")].groupby("label")["mean"].max()
     other, better, xlabel = None, "lower", ""
     for metric, direction in QUALITY:
-        found = ok[ok["metric"] == metric].groupby(keys)["mean"].mean()
+        found = ok[ok["metric"] == metric].groupby("label")["mean"].mean()
         if not found.empty:
             other, better, xlabel = found, direction, metric.replace("_", " ")
             break
     if other is None:
-        other = ok[ok["metric"] == "weights_mib"].groupby(keys)["mean"].mean()
+        other = ok[ok["metric"] == "weights_mib"].groupby("label")["mean"].mean()
         xlabel = "weights (MiB)"
     both = pd.concat([speed.rename("speed"), other.rename("x")], axis=1).dropna()
     if len(both) < 2:
         return None
-    sign = 1 if better == "lower" else -1
-    front, best = [], float("-inf")
-    for key, row in both.sort_values("x", key=lambda s: sign * s).iterrows():
-        if row["speed"] > best:
-            front.append(key)
-            best = row["speed"]
+    front = _front(both, better)
     fig, ax = plt.subplots(figsize=(9.5, 5.5))
     # Points are numbered on the chart and named in the legend: names written beside close points collide.
     for i, (key, row) in enumerate(both.sort_values("x").iterrows(), start=1):
@@ -322,9 +340,7 @@ def pareto(frame: pd.DataFrame, folder: Path) -> Path | None:
             s=70 if on else 35,
             color="C3" if on else "C0",
             zorder=3,
-            label=f"{i}: {key[0]} q={key[1]}"
-            + (f" {key[3]}" if key[3] != "transformers" else "")
-            + (" (front)" if on else ""),
+            label=f"{i}: {key}" + (" (front)" if on else ""),
         )
         ax.annotate(str(i), (row["x"], row["speed"]), textcoords="offset points", xytext=(5, 5), fontsize=9)
     fx = [both.loc[k, "x"] for k in front]

@@ -15,7 +15,7 @@ from harness.result import write_text_atomic
 # The metrics a person reads first, per bench; other benches show every metric.
 KEY_METRICS = {
     "smoke": ("ttft_ms", "decode_tok_s", "e2e_ms", "output_tokens"),
-    "latency": ("ttft_ms", "tpot_ms", "decode_tok_s", "e2e_ms", "mbu"),
+    "latency": ("ttft_ms", "tpot_ms", "decode_tok_s", "e2e_ms", "mbu", "weights_mib", "load_rss_peak_mib"),
     "memory": (
         "weights_mib",
         "load_rss_peak_mib",

@@ -1,13 +1,17 @@
 """What the harness adds on top of an engine's own Python API: its engine (tokenizer prompt, stop and EOS handling,
-per-token stamps) against a bare loop over the same library, interleaved in one process on the same model file.
+per-token stamps) against a bare loop over the same library, on the very same loaded model, interleaved.
 
     python benchmarks/engine_overhead.py --engine llamacpp
     python benchmarks/engine_overhead.py --engine onnxruntime --quant int4
 
 Both sides get the same prompt ids (an exact-length prompt from the built-in text), force the same output
-length, and compute decode tok/s = (n - 1) / (t_last - t_first) and TTFT = t_first - t_start, as DESIGN.md
-defines them. Runs alternate harness / bare so drift on a shared machine hits both alike. Prints medians and the
-ratio harness / bare; --json writes every run.
+length, and compute decode tok/s = (n - 1) / (t_last - t_first) and TTFT = t_first - t_start as DESIGN.md defines
+them, a request's own set-up (KV cache reset, generator) inside TTFT on both. The bare loop drives the engine's
+own llama.cpp context or ONNX Runtime GenAI model: a second model in the process, or a second process, adds
+its own noise (two ORT sessions in one process slow each other by up to 8%, their thread pools spinning after
+each run; separate processes on this machine differ by ±4% from one start to the next), which would swamp the
+few microseconds per token being measured. Runs alternate which side goes first. Prints medians and the ratio
+harness / bare; --json writes every run.
 """
 
 from __future__ import annotations
@@ -25,24 +29,13 @@ def _rates(start_ns: int, stamps: list[int]) -> tuple[float, float]:
     return ttft_ms, decode
 
 
-def bare_llamacpp(loaded, threads: int, n_batch: int):
+def bare_llamacpp(llm):
     """A plain llama-cpp-python loop: Llama.generate, greedy, the KV cache cleared before each request."""
-    import llama_cpp
-
-    llm = llama_cpp.Llama(
-        model_path=loaded.checkpoint,
-        n_ctx=loaded.context_window,
-        n_batch=n_batch,
-        n_ubatch=n_batch,
-        n_threads=threads,
-        n_threads_batch=threads,
-        verbose=False,
-    )
 
     def run(ids: list[int], n_out: int) -> tuple[int, list[int]]:
+        start = time.perf_counter_ns()
         llm.reset()
         stamps: list[int] = []
-        start = time.perf_counter_ns()
         for _ in llm.generate(ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0):
             stamps.append(time.perf_counter_ns())
             if len(stamps) == n_out:
@@ -52,19 +45,17 @@ def bare_llamacpp(loaded, threads: int, n_batch: int):
     return run
 
 
-def bare_onnxruntime(loaded):
-    """A plain onnxruntime-genai pull loop over og.Generator on the same converted folder."""
+def bare_onnxruntime(model):
+    """A plain onnxruntime-genai pull loop over og.Generator."""
     import numpy as np
     import onnxruntime_genai as og
 
-    model = og.Model(loaded.checkpoint)
-
     def run(ids: list[int], n_out: int) -> tuple[int, list[int]]:
+        start = time.perf_counter_ns()
         params = og.GeneratorParams(model)
         params.set_search_options(max_length=len(ids) + n_out, min_length=len(ids) + n_out, do_sample=False)
         generator = og.Generator(model, params)
         stamps: list[int] = []
-        start = time.perf_counter_ns()
         generator.append_tokens(np.asarray([ids], dtype=np.int32))
         while not generator.is_done():
             generator.generate_next_token()
@@ -83,7 +74,7 @@ def main() -> None:
     parser.add_argument("--quant", default="none")
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--runs", type=int, default=12)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -95,10 +86,7 @@ def main() -> None:
     cfg = load_config([f"model={args.model}", f"engine={args.engine}", f"quant={args.quant}"])
     loaded = load_for_engine(cfg)
     engine = create_engine(cfg.engine.name, loaded, cfg)
-    if args.engine == "llamacpp":
-        bare = bare_llamacpp(loaded, engine.threads, cfg.engine.n_batch)
-    else:
-        bare = bare_onnxruntime(loaded)
+    bare = bare_llamacpp(engine.llama) if args.engine == "llamacpp" else bare_onnxruntime(engine.model)
     prompt = exact_prompt(loaded, args.prompt)
     params = GenerationParams(max_new_tokens=args.tokens, min_new_tokens=args.tokens)
 
@@ -119,8 +107,8 @@ def main() -> None:
         for name, fn in order if i % 2 == 0 else order[::-1]:
             runs[name].append(fn())
     med = {k: (statistics.median(t for t, _ in v), statistics.median(d for _, d in v)) for k, v in runs.items()}
-    label = f"{args.model} {args.engine} quant={args.quant} ({loaded.placement.dtype})"
-    print(f"{label}, prompt {args.prompt}, {args.tokens} tokens, {args.runs} interleaved runs each (medians)")
+    label = f"{args.model} engine={args.engine} quant={args.quant} ({loaded.placement.dtype})"
+    print(f"{label}, prompt {args.prompt}, {args.tokens} tokens, {args.runs} interleaved runs per side (medians)")
     print(f"  {'':8} {'TTFT ms':>9} {'decode tok/s':>13}")
     for name, (ttft, decode) in med.items():
         print(f"  {name:8} {ttft:9.1f} {decode:13.1f}")

@@ -99,6 +99,11 @@ def run_latency(ctx: BenchContext) -> BenchOutput:
             "output_tokens": params.max_new_tokens,
         }
         out.details["length_mismatches"] += data.mismatches
+    # What the point holds beside how fast it runs, so a speed table compares engines and quantizations on
+    # memory too (bench=memory measures growth per prompt and batch).
+    out.metrics["weights_mib"] = summarize([loaded.weights_bytes / 2**20], "MiB")
+    if ctx.load_memory.get("rss_peak_bytes"):
+        out.metrics["load_rss_peak_mib"] = summarize([ctx.load_memory["rss_peak_bytes"] / 2**20], "MiB")
     if out.details["length_mismatches"]:
         out.details["warning"] = (
             f"{out.details['length_mismatches']} requests did not produce the forced output "

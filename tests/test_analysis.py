@@ -271,3 +271,17 @@ def test_model_quality_table_pools_decode_and_keeps_one_row_per_model_and_quant(
     assert four["chat pass rate"] == "10/10 = 1 [0.7225, 1]" and four["search_qa pass rate"] == "–"
     assert four["perplexity"] == "9.5" and four["dtype"] == "4bit (bfloat16 compute)" and four["weights MiB"] == "3"
     assert model_quality_table([_e2e("m", "none", "none", 0, 0, ppl=3.0, bench="quality")]).empty
+
+
+def test_pareto_front_treats_equal_quality_as_a_tie():
+    import pandas as pd
+
+    from analysis.plots import _front
+
+    both = pd.DataFrame(
+        {"speed": [24.6, 60.6, 153.0, 50.0], "x": [13.08865, 13.08867, 13.134, 13.2]},
+        index=["transformers", "onnxruntime", "llamacpp", "slow and worse"],
+    )
+    # the same perplexity (to 0.01%) and faster beats transformers; worse and slower than llamacpp is beaten
+    assert _front(both, "lower") == ["onnxruntime", "llamacpp"]
+    assert set(_front(both.assign(x=-both["x"]), "higher")) == {"onnxruntime", "llamacpp"}
