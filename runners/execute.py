@@ -120,6 +120,13 @@ def crash_result(
         name = signal.Signals(-returncode).name
         how = f"was killed by {name}"
         hint = _SIGNAL_HINTS.get(name, "see error.log for the last lines it printed")
+        if cfg.engine.name == "llamacpp" and name in ("SIGSEGV", "SIGABRT"):
+            hint += (
+                "; with engine=llamacpp: a CUDA build of llama-cpp-python has crashed while loading in every process "
+                "that had imported a CUDA build of torch (seen with llama-cpp-python 0.3.36 on CUDA 13.0 beside "
+                "torch 2.11+cu130), and a harness point always imports torch: install a CPU build of "
+                "llama-cpp-python there, or run llama.cpp as a server"
+            )
     else:
         how, hint = f"exited with status {returncode}", "see the last lines it printed in error.log"
     message = f"the point's process {how} before it finished."

@@ -280,7 +280,7 @@ def test_onnx_fp32_matches_transformers_on_a_random_qwen2(native, reference):
 def test_onnx_records_precision_and_refuses_a_batch(native):
     _, loaded, engine = native("engine=onnxruntime", "model=tiny-qwen2", "quant=int4")
     resolved = loaded.resolved()
-    assert resolved["quantization"]["precision"] == "int4" and resolved["dtype"] == "int4"
+    assert resolved["quantization"]["precision"] == "int4" and resolved["dtype"] == "float32"  # fp32 activations
     assert loaded.kv_bytes_per_position > 0 and loaded.weights_bytes > 0
     g = streamed(engine, exact_prompt(loaded, 16), GenerationParams(max_new_tokens=10, min_new_tokens=10))
     assert g.output_tokens == 10 and len(g.token_ns) == 10
@@ -359,3 +359,14 @@ def test_workflows_run_on_each_engine(compose, tmp_path, engine):
         result = run_point(cfg, tmp_path / workflow, point(model="smollm2", engine=engine, bench="e2e"))
         assert result.status == "ok", result.error
         assert result.metrics["pass_rate"]["n"] == 1
+
+
+def test_a_llamacpp_crash_names_the_cuda_torch_conflict(compose, tmp_path):
+    from runners.execute import crash_result
+
+    cfg = compose("engine=llamacpp")
+    result = crash_result(cfg, point(engine="llamacpp"), tmp_path, -11, ["loading\n"], "", "")
+    assert result.error["type"] == "PointCrashed" and "SIGSEGV" in result.error["message"]
+    assert "CUDA build of torch" in result.error["hint"] and "CPU build of llama-cpp-python" in result.error["hint"]
+    other = crash_result(compose(), point(), tmp_path, -11, [], "", "")
+    assert "llama" not in other.error["hint"]

@@ -43,8 +43,8 @@ INSTALL = 'pip install -e ".[onnx]" (onnxruntime-genai, onnx, onnx-ir: about 1.5
 # The files a converted model must hold; a cache folder missing one, or with one of another size, is rebuilt.
 _REQUIRED = ("genai_config.json", "model.onnx")
 _DTYPE_PRECISION = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
-# Bytes per element of the ONNX tensor types a KV cache is held in.
-_ONNX_ELEM_BYTES = {1: 4, 10: 2, 16: 2, 11: 8}
+# The ONNX tensor types a KV cache (and so the activations) is held in: name and bytes per element.
+_ONNX_ELEM = {1: ("float32", 4), 10: ("float16", 2), 16: ("bfloat16", 2)}
 
 
 def _import_genai():
@@ -176,18 +176,20 @@ def convert(checkpoint: str, precision: str, provider: str, cache_dir: Path, eve
     return folder
 
 
-def _kv_bytes_per_position(folder: Path, genai: dict[str, Any]) -> int:
+def _activation_type(folder: Path, genai: dict[str, Any]) -> tuple[str, int]:
+    """The dtype the converted graph computes in (its KV cache inputs' type; int4 weights run with fp32
+    activations on CPU) and the KV cache bytes per sequence position."""
     import onnx
 
     decoder = genai["model"]["decoder"]
-    elem = 4
+    name, size = "float32", 4
     with contextlib.suppress(Exception):  # the graph without its weights: a few kB to read
         graph = onnx.load(str(folder / decoder["filename"]), load_external_data=False).graph
         for value in graph.input:
             if value.name.startswith("past_key_values"):
-                elem = _ONNX_ELEM_BYTES.get(value.type.tensor_type.elem_type, 4)
+                name, size = _ONNX_ELEM.get(value.type.tensor_type.elem_type, (name, size))
                 break
-    return 2 * decoder["num_hidden_layers"] * decoder["num_key_value_heads"] * decoder["head_size"] * elem
+    return name, 2 * decoder["num_hidden_layers"] * decoder["num_key_value_heads"] * decoder["head_size"] * size
 
 
 def load_onnx_model(cfg: HarnessConfig) -> LoadedModel:
@@ -232,11 +234,13 @@ def load_onnx_model(cfg: HarnessConfig) -> LoadedModel:
 
     hf_config = AutoConfig.from_pretrained(checkpoint, trust_remote_code=cfg.model.trust_remote_code)
     record = json.loads((folder / COMPLETE).read_text())
+    compute, kv_bytes = _activation_type(folder, genai)
+    device = "cuda" if provider == "cuda" else "cpu"
     return LoadedModel(
         name=cfg.model.name,
         model=model,
         tokenizer=tokenizer,
-        placement=Placement("cuda" if provider == "cuda" else "cpu", precision, f"ONNX {precision} for {provider}"),
+        placement=Placement(device, compute, f"the ONNX graph's activations ({precision} weights for {provider})"),
         source=source,
         checkpoint=str(folder),
         attention=AttentionChoice("auto", None, "ONNX Runtime's own attention operators (GroupQueryAttention)"),
@@ -257,7 +261,7 @@ def load_onnx_model(cfg: HarnessConfig) -> LoadedModel:
         footprint_bytes=weights,
         parameters=_parameter_count(hf_config),
         weights_bytes=weights,
-        kv_bytes_per_position=_kv_bytes_per_position(folder, genai),
+        kv_bytes_per_position=kv_bytes,
         events=events,
         provenance={
             **provenance,
