@@ -370,3 +370,48 @@ def test_a_llamacpp_crash_names_the_cuda_torch_conflict(compose, tmp_path):
     assert "CUDA build of torch" in result.error["hint"] and "CPU build of llama-cpp-python" in result.error["hint"]
     other = crash_result(compose(), point(), tmp_path, -11, [], "", "")
     assert "llama" not in other.error["hint"]
+
+
+@needs_llamacpp
+def test_llamacpp_engine_fields_take_effect(compose, native):
+    """threads, n_ctx and n_batch reach llama.cpp and the result, and leave greedy tokens as they are (prompt 40
+    tokens with n_batch 16: the prefill runs in three decode calls). Flash attention is recorded; it computes
+    softmax and V in f16 on CPU and changed the greedy output of 1 prompt in 3 here, so it is not compared."""
+    _, loaded, base = native("engine=llamacpp")
+    _, small, tuned = native("engine=llamacpp", "engine.threads=1", "engine.n_ctx=256", "engine.n_batch=16")
+    described = tuned.describe()
+    assert (described["threads"], described["n_ctx"], described["n_batch"], described["flash_attn"]) == (
+        1,
+        256,
+        16,
+        False,
+    )
+    assert small.context_window == 256
+    params = GenerationParams(max_new_tokens=12, min_new_tokens=12)
+    for offset in range(3):
+        prompt = exact_prompt(loaded, 40, offset=offset)
+        assert tuned.generate(prompt, params).token_ids == base.generate(prompt, params).token_ids
+    with pytest.raises(InferenceError, match="context window of 256"):
+        tuned.generate(exact_prompt(loaded, 250), params)
+    _, flash_loaded, flash = native("engine=llamacpp", "engine.flash_attn=on")
+    assert flash.describe()["flash_attn"] and flash_loaded.resolved()["attention"]["used"] == "llama.cpp flash"
+    assert flash.generate(exact_prompt(loaded, 40), params).output_tokens == 12
+
+
+@needs_llamacpp
+def test_llamacpp_gpu_layers_on_a_cpu_build_is_refused(compose, tmp_path):
+    import llama_cpp
+
+    if llama_cpp.llama_supports_gpu_offload():
+        pytest.skip("this llama-cpp-python build offloads to a GPU")
+    result = run_point(compose("engine=llamacpp", "engine.n_gpu_layers=-1"), tmp_path, point(engine="llamacpp"))
+    assert result.status == "failed" and "no GPU offload" in result.error["message"]
+    assert "GGML_CUDA" in result.error["hint"]
+
+
+@needs_onnx
+def test_onnx_threads_reach_the_session(native):
+    _, loaded, engine = native("engine=onnxruntime", "model=tiny-qwen2", "engine.threads=1")
+    assert engine.describe()["threads"] == 1
+    g = engine.generate(exact_prompt(loaded, 8), GenerationParams(max_new_tokens=4, min_new_tokens=4))
+    assert g.output_tokens == 4
