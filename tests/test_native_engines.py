@@ -72,18 +72,9 @@ def native(compose):
 
 
 @pytest.fixture(scope="module")
-def reference(compose):
+def reference(native):
     """The transformers engine on the same model (fp32), for agreement checks."""
-    made = {}
-
-    def _make(*overrides: str):
-        if overrides not in made:
-            cfg = compose(*overrides)
-            loaded = load_for_engine(cfg)
-            made[overrides] = create_engine("transformers", loaded, cfg)
-        return made[overrides]
-
-    return _make
+    return lambda *overrides: native("engine=transformers", *overrides)[2]
 
 
 @pytest.fixture(scope="module")

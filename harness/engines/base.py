@@ -3,6 +3,7 @@ batch (many prompts). Generation parameters are validated before any model runs.
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -122,6 +123,47 @@ class TokenStream(ABC, Iterator[TokenEvent]):
     @abstractmethod
     def close(self) -> None:
         """Stop generating early and release the worker."""
+
+    def _set_generation(self, events: list[TokenEvent], text: str, finish_reason: str) -> None:
+        token_ns = [e.t_ns for e in events]
+        self.generation = Generation(
+            text=text,
+            token_ids=[e.token_id for e in events],
+            prompt_tokens=self.prompt_tokens,
+            finish_reason=finish_reason,
+            start_ns=self.start_ns,
+            end_ns=token_ns[-1] if token_ns else time.perf_counter_ns(),
+            tokenize_ns=self.tokenize_ns,
+            token_ns=token_ns,
+        )
+
+
+def decode_output(tokenizer, ids: list[int], stop: tuple[str, ...], eos_ids: set[int]) -> tuple[str, str]:
+    """Text of generated ids (cut before a stop string) and why generation ended: stop | eos | length."""
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    if stop:
+        raw = tokenizer.decode(ids, skip_special_tokens=False)
+        for s in stop:
+            if s in raw:
+                cut = text.find(s)
+                return (text[:cut] if cut >= 0 else text), "stop"
+    if ids and ids[-1] in eos_ids:
+        return text, "eos"
+    return text, "length"
+
+
+def check_scoring_window(n_ids: int, n_scored: int, window: int | None, fix: str = "") -> None:
+    """token_nll's arguments: every scored token has one before it, and the window fits the context."""
+    if not 0 < n_scored < n_ids:
+        raise InferenceError(
+            f"cannot score the last {n_scored} of {n_ids} tokens: each needs at least one token before it.",
+            "score fewer tokens than the window holds.",
+        )
+    if window is not None and n_ids > window:
+        raise InferenceError(
+            f"a scoring window of {n_ids} tokens exceeds the context window of {window}.",
+            fix or f"set bench.ppl_window to at most {window}.",
+        )
 
 
 class Engine(ABC):

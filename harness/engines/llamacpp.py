@@ -26,8 +26,8 @@ from typing import Any
 
 from harness.config import EngineConfig, HarnessConfig
 from harness.device import Placement
-from harness.engines.base import GenerationParams
-from harness.engines.pull import PullEngine, out_of_memory
+from harness.engines.base import GenerationParams, check_scoring_window
+from harness.engines.pull import PullEngine, out_of_memory, summed_nll
 from harness.errors import ConfigError, InferenceError, ModelLoadError
 from harness.models.attention import AttentionChoice
 from harness.models.cache import build_once, file_digest, is_complete
@@ -362,17 +362,10 @@ class LlamaCppEngine(PullEngine):
     def token_nll(self, ids: Sequence[int], n_scored: int) -> float:
         import numpy as np
 
-        if not 0 < n_scored < len(ids):
-            raise InferenceError(
-                f"cannot score the last {n_scored} of {len(ids)} tokens: each needs at least one token before it.",
-                "score fewer tokens than the window holds.",
-            )
         llm = self.llama
-        if len(ids) > llm.n_ctx():
-            raise InferenceError(
-                f"a scoring window of {len(ids)} tokens exceeds llama.cpp's context of {llm.n_ctx()}.",
-                f"set bench.ppl_window to at most {llm.n_ctx()}, or raise engine.n_ctx.",
-            )
+        check_scoring_window(
+            len(ids), n_scored, llm.n_ctx(), f"set bench.ppl_window to at most {llm.n_ctx()}, or raise engine.n_ctx."
+        )
         ids = list(ids)
         first = len(ids) - n_scored - 1  # the position that predicts the first scored token
         rows: list[np.ndarray] = []
@@ -392,11 +385,7 @@ class LlamaCppEngine(PullEngine):
         finally:
             llm._ctx.kv_cache_seq_rm(-1, 0, -1)
             llm.n_tokens = 0
-        predicted = np.concatenate(rows)
-        targets = np.asarray(ids[first + 1 :])
-        top = predicted.max(axis=1)
-        log_z = top + np.log(np.exp(predicted - top[:, None]).sum(axis=1))
-        return float((log_z - predicted[np.arange(len(targets)), targets]).sum())
+        return summed_nll(np.concatenate(rows), ids[first + 1 :])
 
     def _wrap_error(self, exc: Exception, what: str) -> Exception:
         if isinstance(exc, InferenceError):

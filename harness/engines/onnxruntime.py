@@ -25,8 +25,8 @@ from typing import Any
 
 from harness.config import HarnessConfig
 from harness.device import Placement, resolve_placement
-from harness.engines.base import GenerationParams
-from harness.engines.pull import PullEngine, out_of_memory
+from harness.engines.base import GenerationParams, check_scoring_window
+from harness.engines.pull import PullEngine, out_of_memory, summed_nll
 from harness.errors import ConfigError, InferenceError, ModelLoadError
 from harness.models.attention import AttentionChoice
 from harness.models.cache import COMPLETE, build_once, spec_digest
@@ -344,17 +344,7 @@ class OnnxRuntimeEngine(PullEngine):
     def token_nll(self, ids, n_scored: int) -> float:
         import numpy as np
 
-        if not 0 < n_scored < len(ids):
-            raise InferenceError(
-                f"cannot score the last {n_scored} of {len(ids)} tokens: each needs at least one token before it.",
-                "score fewer tokens than the window holds.",
-            )
-        window = self.loaded.context_window
-        if window is not None and len(ids) > window:
-            raise InferenceError(
-                f"a scoring window of {len(ids)} tokens exceeds the context window of {window}.",
-                f"set bench.ppl_window to at most {window}.",
-            )
+        check_scoring_window(len(ids), n_scored, self.loaded.context_window)
         og = self.og
         gp = og.GeneratorParams(self.model)
         gp.set_search_options(max_length=len(ids) + 1, do_sample=False)
@@ -371,11 +361,7 @@ class OnnxRuntimeEngine(PullEngine):
                 f"ONNX Runtime GenAI returned logits for {logits.shape[0]} positions of a {len(ids)}-token window.",
                 "use engine=transformers for bench=quality with this model.",
             )
-        predicted = logits[-n_scored - 1 : -1]
-        targets = np.asarray(ids[-n_scored:])
-        top = predicted.max(axis=1)
-        log_z = top + np.log(np.exp(predicted - top[:, None]).sum(axis=1))
-        return float((log_z - predicted[np.arange(n_scored), targets]).sum())
+        return summed_nll(logits[-n_scored - 1 : -1], ids[-n_scored:])
 
     def _wrap_error(self, exc: Exception, what: str) -> Exception:
         if isinstance(exc, InferenceError):

@@ -14,7 +14,16 @@ from abc import abstractmethod
 from collections.abc import Iterator, Sequence
 
 from harness.chat import adds_special_tokens, format_chat
-from harness.engines.base import Engine, Generation, GenerationParams, Prompt, TokenEvent, TokenPrompt, TokenStream
+from harness.engines.base import (
+    Engine,
+    Generation,
+    GenerationParams,
+    Prompt,
+    TokenEvent,
+    TokenPrompt,
+    TokenStream,
+    decode_output,
+)
 from harness.errors import InferenceError, OutOfMemoryError
 from harness.models.loader import LoadedModel
 
@@ -74,17 +83,7 @@ class PullEngine(Engine):
         return [self.generate(prompts[0], params)]
 
     def decode(self, ids: list[int], stop: tuple[str, ...]) -> tuple[str, str]:
-        """Text (cut before a stop string) and finish reason (stop | eos | length)."""
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        if stop:
-            raw = self.tokenizer.decode(ids, skip_special_tokens=False)
-            for s in stop:
-                if s in raw:
-                    cut = text.find(s)
-                    return (text[:cut] if cut >= 0 else text), "stop"
-        if ids and ids[-1] in self.eos_ids:
-            return text, "eos"
-        return text, "length"
+        return decode_output(self.tokenizer, ids, stop, self.eos_ids)
 
 
 class _PullStream(TokenStream):
@@ -101,6 +100,7 @@ class _PullStream(TokenStream):
         self._source: Iterator[int] | None = None
         self._events: list[TokenEvent] = []
         self._done = False
+        self._stop_tail = 4 * max((len(s) for s in stop), default=0) + 4
 
     def __next__(self) -> TokenEvent:
         if self._done:
@@ -131,7 +131,10 @@ class _PullStream(TokenStream):
         if token_id in self._engine.eos_ids and n >= self._params.min_new_tokens:
             return True
         if self.stop:  # as transformers' stop strings: checked on the text so far, whatever min_new_tokens says
-            raw = self._engine.tokenizer.decode([e.token_id for e in self._events], skip_special_tokens=False)
+            # Only the newest tokens can complete a stop string (an earlier one ended the stream already); a
+            # character takes at most 4 byte-level tokens, so this tail holds any stop string that just ended.
+            tail = [e.token_id for e in self._events[-self._stop_tail :]]
+            raw = self._engine.tokenizer.decode(tail, skip_special_tokens=False)
             return any(s in raw for s in self.stop)
         return False
 
@@ -142,23 +145,22 @@ class _PullStream(TokenStream):
     def _finish(self) -> None:
         self._done = True
         self._close_source()
-        ids = [e.token_id for e in self._events]
-        token_ns = [e.t_ns for e in self._events]
-        text, reason = self._engine.decode(ids, self.stop)
-        self.generation = Generation(
-            text=text,
-            token_ids=ids,
-            prompt_tokens=self.prompt_tokens,
-            finish_reason=reason,
-            start_ns=self.start_ns,
-            end_ns=token_ns[-1] if token_ns else time.perf_counter_ns(),
-            tokenize_ns=self.tokenize_ns,
-            token_ns=token_ns,
-        )
+        text, reason = self._engine.decode([e.token_id for e in self._events], self.stop)
+        self._set_generation(self._events, text, reason)
 
     def close(self) -> None:
         if not self._done:
             self._finish()
+
+
+def summed_nll(predicted, targets) -> float:
+    """Sum over rows of -log softmax(logits)[target] (nats), in float64: row i of `predicted` scores targets[i]."""
+    import numpy as np
+
+    logits = np.asarray(predicted, dtype=np.float64)
+    top = logits.max(axis=1)
+    log_z = top + np.log(np.exp(logits - top[:, None]).sum(axis=1))
+    return float((log_z - logits[np.arange(len(logits)), np.asarray(targets)]).sum())
 
 
 def out_of_memory(exc: BaseException, what: str) -> OutOfMemoryError:

@@ -25,6 +25,8 @@ from harness.engines.base import (
     TokenEvent,
     TokenPrompt,
     TokenStream,
+    check_scoring_window,
+    decode_output,
 )
 from harness.errors import InferenceError, OutOfMemoryError
 from harness.models.loader import LoadedModel
@@ -142,19 +144,8 @@ class _Stream(TokenStream):
         self._kwargs = {}
         if error is not None:
             raise self._engine._wrap_error(error, "streaming generation")
-        ids = [t.token_id for t in self._tokens]
-        token_ns = [t.t_ns for t in self._tokens]
-        text, reason = self._engine._decode(ids, self.stop, self._params)
-        self.generation = Generation(
-            text=text,
-            token_ids=ids,
-            prompt_tokens=self.prompt_tokens,
-            finish_reason=reason,
-            start_ns=self.start_ns,
-            end_ns=token_ns[-1] if token_ns else time.perf_counter_ns(),
-            tokenize_ns=self.tokenize_ns,
-            token_ns=token_ns,
-        )
+        text, reason = self._engine._decode([t.token_id for t in self._tokens], self.stop)
+        self._set_generation(self._tokens, text, reason)
 
     def close(self) -> None:
         if self._done:
@@ -282,16 +273,8 @@ class TransformersEngine(Engine):
             "and see error.log for the traceback.",
         )
 
-    def _decode(self, ids: list[int], stop: tuple[str, ...], params: GenerationParams) -> tuple[str, str]:
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        raw = self.tokenizer.decode(ids, skip_special_tokens=False) if stop else ""
-        for s in stop:
-            if s in raw:
-                cut = text.find(s)
-                return (text[:cut] if cut >= 0 else text), "stop"
-        if ids and ids[-1] in self.eos_ids:
-            return text, "eos"
-        return text, "length"
+    def _decode(self, ids: list[int], stop: tuple[str, ...]) -> tuple[str, str]:
+        return decode_output(self.tokenizer, ids, stop, self.eos_ids)
 
     # -- the three entry points ---------------------------------------------------------------------------
     def generate(self, prompt: Prompt, params: GenerationParams) -> Generation:
@@ -315,22 +298,12 @@ class TransformersEngine(Engine):
         results = []
         for row, n_prompt in zip(out[:, width:].tolist(), lengths, strict=True):
             ids = self._trim(row)
-            text, reason = self._decode(ids, stop, params)
+            text, reason = self._decode(ids, stop)
             results.append(Generation(text, ids, int(n_prompt), reason, start, end, tokenize_ns))
         return results
 
     def token_nll(self, ids: Sequence[int], n_scored: int) -> float:
-        if not 0 < n_scored < len(ids):
-            raise InferenceError(
-                f"cannot score the last {n_scored} of {len(ids)} tokens: each needs at least one token before it.",
-                "score fewer tokens than the window holds.",
-            )
-        window = self.loaded.context_window
-        if window is not None and len(ids) > window:
-            raise InferenceError(
-                f"a scoring window of {len(ids)} tokens exceeds the context window of {window}.",
-                f"set bench.ppl_window to at most {window}.",
-            )
+        check_scoring_window(len(ids), n_scored, self.loaded.context_window)
         input_ids = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
         try:
             with torch.inference_mode():
