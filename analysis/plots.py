@@ -358,6 +358,86 @@ def pareto(frame: pd.DataFrame, folder: Path) -> Path | None:
     return _save(fig, folder, "pareto")
 
 
+def _levels(frame: pd.DataFrame, metric: str, stat: str = "mean") -> dict[str, dict[str, float]]:
+    """bench=serve: label -> level -> the statistic of one metric."""
+    rows = _rows(frame, "serve", metric)
+    out: dict[str, dict[str, float]] = {}
+    for label, case, value in zip(rows["label"], rows["case"], rows[stat], strict=True):
+        if case and value is not None and not pd.isna(value):
+            out.setdefault(label, {})[case] = float(value)
+    return out
+
+
+def serve_curves(frame: pd.DataFrame, folder: Path) -> Path | None:
+    """Latency against throughput, one curve per point through its load levels (closed-loop circles, open-loop
+    squares): where TTFT and TPOT start to climb is where the server saturates."""
+    throughput = _levels(frame, "output_tok_s")
+    if not throughput:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    colors = _colors(throughput)
+    for ax, metric, name in ((axes[0], "ttft_ms", "TTFT"), (axes[1], "tpot_ms", "TPOT")):
+        p50, p99 = _levels(frame, metric, "p50"), _levels(frame, metric, "p99")
+        for label, by_level in throughput.items():
+            for loop, marker in (("concurrency", "o"), ("rate", "s")):
+                levels = sorted((lv for lv in by_level if lv.startswith(loop) and lv in p50.get(label, {})),
+                                key=lambda lv: by_level[lv])  # fmt: skip
+                if not levels:
+                    continue
+                xs = [by_level[lv] for lv in levels]
+                tag = f"{label} ({'closed' if loop == 'concurrency' else 'open'} loop)"
+                ax.plot(xs, [p50[label][lv] for lv in levels], marker=marker, color=colors[label], label=tag)
+                ax.plot(xs, [p99[label][lv] for lv in levels], marker=marker, linestyle="--", color=colors[label],
+                        alpha=0.6)  # fmt: skip
+                for x, lv in zip(xs, levels, strict=True):
+                    ax.annotate(lv.split("=")[1], (x, p50[label][lv]), fontsize=7, xytext=(3, 3),
+                                textcoords="offset points")  # fmt: skip
+        xs_all = [v for d in throughput.values() for v in d.values() if v > 0]
+        if xs_all and max(xs_all) / min(xs_all) > 30:
+            ax.set_xscale("log")
+        ax.set_xlabel("output tokens/s (all requests of the level)")
+        ax.set_ylabel(f"{name} ms (solid p50, dashed p99)")
+        ax.set_title(f"{name} against throughput; labels: clients or req/s")
+        _log_if_wide(ax, [v for d in p99.values() for v in d.values()])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, folder, "serve_latency_throughput")
+
+
+def serve_goodput(frame: pd.DataFrame, folder: Path) -> Path | None:
+    """Goodput and completed requests/s against the offered rate; the diagonal is every request served in its
+    SLOs. The max_rate search's answer is marked where it ran."""
+    goodput = _levels(frame, "goodput_rps")
+    done = _levels(frame, "request_throughput_rps")
+    rated = {label: {lv: v for lv, v in d.items() if lv.startswith("rate=")} for label, d in goodput.items()}
+    rated = {label: d for label, d in rated.items() if d}
+    if not rated:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = _colors(rated)
+    top = 0.0
+    for label, by_level in rated.items():
+        levels = sorted(by_level, key=lambda lv: float(lv.split("=")[1]))
+        xs = [float(lv.split("=")[1]) for lv in levels]
+        top = max(top, *xs)
+        ax.plot(xs, [by_level[lv] for lv in levels], marker="s", color=colors[label], label=f"{label} goodput")
+        ax.plot(xs, [done.get(label, {}).get(lv, float("nan")) for lv in levels], marker=".", linestyle=":",
+                color=colors[label], label=f"{label} completed")  # fmt: skip
+    best = _rows(frame, "serve", "max_rate_rps")
+    for label, value in zip(best["label"], best["mean"], strict=True):
+        if label in colors:
+            ax.axvline(value, color=colors[label], linestyle="--", alpha=0.5)
+            ax.annotate(f"max rate {value:.3g}", (value, 0), fontsize=7, rotation=90, xytext=(3, 5),
+                        textcoords="offset points", color=colors[label])  # fmt: skip
+    ax.plot([0, top], [0, top], color="grey", linewidth=0.8, label="offered = served")
+    ax.set_xlabel("offered rate (requests/s)")
+    ax.set_ylabel("requests/s")
+    ax.set_title("Goodput (requests meeting every SLO) against offered rate")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, folder, "serve_goodput")
+
+
 FRAME_PLOTS: tuple[Callable[[pd.DataFrame, Path], Path | None], ...] = (
     latency_overview,
     latency_percentiles,
@@ -367,6 +447,8 @@ FRAME_PLOTS: tuple[Callable[[pd.DataFrame, Path], Path | None], ...] = (
     pass_rates,
     perplexity,
     pareto,
+    serve_curves,
+    serve_goodput,
 )
 
 

@@ -41,6 +41,28 @@ KEY_METRICS = {
     ),
     "quality": ("perplexity", "bits_per_byte", "nll_per_token", "scored_tokens"),
 }
+# bench=serve: one row per point and load level, these (metric, statistic) columns.
+SERVE_COLUMNS = (
+    ("offered_rate_rps", "mean", "offered req/s"),
+    ("achieved_rate_rps", "mean", "sent req/s"),
+    ("request_throughput_rps", "mean", "done req/s"),
+    ("goodput_rps", "mean", "goodput req/s"),
+    ("slo_attainment", "mean", "SLO met"),
+    ("output_tok_s", "mean", "output tok/s"),
+    ("ttft_ms", "p50", "TTFT p50 ms"),
+    ("ttft_ms", "p99", "TTFT p99 ms"),
+    ("ttft_sched_ms", "p99", "TTFT from schedule p99 ms"),
+    ("tpot_ms", "p50", "TPOT p50 ms"),
+    ("tpot_ms", "p99", "TPOT p99 ms"),
+    ("itl_ms", "p50", "ITL p50 ms"),
+    ("itl_ms", "p99", "ITL p99 ms"),
+    ("chunk_itl_ms", "p99", "chunk ITL p99 ms"),
+    ("e2e_ms", "p99", "E2E p99 ms"),
+    ("lateness_ms", "p99", "send lateness p99 ms"),
+    ("failed", "mean", "failed"),
+    ("short_outputs", "mean", "short outputs"),
+    ("token_count_mismatches", "mean", "count mismatches"),
+)
 MATCH = ("model", "attention", "engine", "workflow", "bench", "variant")
 
 
@@ -83,6 +105,23 @@ def bench_table(frame: pd.DataFrame, bench: str) -> pd.DataFrame:
             cell = f"{fmt(r['mean'])} ± {fmt(r['ci95'])}"
         table.setdefault(r["label"], {})[column_name(r["metric"], r["case"], r["unit"])] = cell
     return pd.DataFrame.from_dict(table, orient="index").rename_axis("point")
+
+
+def serve_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """bench=serve: a row per point and load level (closed-loop concurrency, then open-loop rates), with the
+    percentiles that matter under load."""
+    rows = frame[(frame["bench"] == "serve") & (frame["status"] == "ok")]
+    table: dict[tuple[str, str], dict[str, str]] = {}
+    for _, r in rows.iterrows():
+        for metric, stat, title in SERVE_COLUMNS:
+            if r["metric"] == metric and r["case"]:
+                table.setdefault((r["label"], r["case"]), {})[title] = fmt(r[stat])
+    if not table:
+        return pd.DataFrame()
+    order = sorted(table, key=lambda k: (k[0], k[1].startswith("rate"), natural_key(k[1])))
+    out = pd.DataFrame([{"point": f"{p} @ {lv}", **table[(p, lv)]} for p, lv in order])
+    titles = [t for _, _, t in SERVE_COLUMNS if t in out.columns]
+    return out.set_index("point")[titles]
 
 
 def _match_columns(key: str) -> list[str]:
@@ -165,7 +204,10 @@ def write_summary(
         for workflow in workflows or [None]:
             part = rows if workflow is None else rows[rows["workflow"] == workflow]
             title = bench if workflow is None else f"{bench}: {workflow}"
-            values, rel = bench_table(part, bench), ratios(part, bench, baseline)
+            if bench == "serve":  # load levels are rows: a level's percentiles side by side
+                values, rel = serve_table(part), pd.DataFrame()
+            else:
+                values, rel = bench_table(part, bench), ratios(part, bench, baseline)
             tables[title] = (values, rel)
             parts.append(f"\n## {title}\n\n{to_markdown(values)}")
             if not rel.empty:

@@ -7,6 +7,7 @@ any model is touched, with a ConfigError that names the field, the value and wha
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 import threading
@@ -26,14 +27,25 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 SOURCES = ("auto", "path", "hub", "gguf", "random")
 CHAT_FORMATS = ("auto", "template", "chatml", "plain")
 QUANT_METHODS = ("none", "bitsandbytes", "gptq", "gguf", "onnx")
-ENGINE_CHOICES = ("transformers", "llamacpp", "onnxruntime")
-# Which engines run each quantization method (checked before any point runs).
+ENGINE_CHOICES = ("transformers", "llamacpp", "onnxruntime", "openai", "vllm")
+HTTP_ENGINES = ("openai", "vllm")  # engines that drive a server over HTTP (launched for the point, or running)
+LAUNCHES = ("none", "harness", "llamacpp_server", "vllm")  # engine.launch also takes auto
+SERVE_TARGETS = ("engine", "url", "harness", "llamacpp_server", "vllm")
+# Which engines run each quantization method (checked before any point runs). engine=openai runs a quantization
+# through the server it launches: harness serves `<entry>:<quant>`, llama.cpp's server a GGUF file.
 QUANT_ENGINES = {
     "none": ENGINE_CHOICES,
-    "bitsandbytes": ("transformers",),
-    "gptq": ("transformers",),
-    "gguf": ("llamacpp",),
+    "bitsandbytes": ("transformers", "openai"),
+    "gptq": ("transformers", "openai"),
+    "gguf": ("llamacpp", "openai"),
     "onnx": ("onnxruntime",),
+}
+# Which launched server runs each quantization method.
+QUANT_LAUNCHES = {
+    "none": LAUNCHES[1:],
+    "bitsandbytes": ("harness",),
+    "gptq": ("harness",),
+    "gguf": ("llamacpp_server",),
 }
 # llama.cpp types the harness requantizes to (llama.cpp's own quantize, from an F32/F16/BF16 GGUF).
 GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_0", "Q4_K_M", "Q4_0", "Q4_1", "Q3_K_M", "Q2_K")
@@ -42,6 +54,8 @@ _QUANT_HINT = {
     "transformers": "quant=none, 8bit, 4bit or gptq",
     "llamacpp": "quant=none or gguf for the file as shipped, q8_0 or q4_k_m to requantize an F16/F32 GGUF",
     "onnxruntime": "quant=none for model.dtype's precision, int4",
+    "openai": "quant=none (what the server serves), or a quantization its launched server runs",
+    "vllm": "quant=none (vLLM loads the checkpoint as it is)",
 }
 ATTENTION_CHOICES = ("auto", "eager", "sdpa", "flash2")
 
@@ -178,6 +192,20 @@ class EngineConfig:
     n_gpu_layers: int = 0  # layers offloaded to a GPU (-1 = all); needs a CUDA/Metal build of llama-cpp-python
     # onnxruntime
     provider: str = "auto"  # auto (cuda when the model is placed there, else cpu) | cpu | cuda
+    # openai, vllm: an OpenAI-compatible server, launched for the point or already running at base_url
+    launch: str = "auto"  # auto (none with base_url, else harness) | none | harness | llamacpp_server | vllm
+    base_url: str | None = None  # http://host:port/v1 of a running server (launch=none)
+    api_key_env: str | None = None  # the NAME of an environment variable holding the key (never the key)
+    served_model: str | None = None  # the model name the server knows; None = the entry's (with :quant)
+    api: str = "chat"  # chat | completions: the endpoint chat messages go to (token-id prompts use completions)
+    python: str | None = None  # vllm: that environment's python (or HARNESS_VLLM_PYTHON)
+    server_args: list[str] = field(default_factory=list)  # extra command-line arguments of a launched server
+    launch_timeout_s: float = 300.0  # a launched server must list its model within this
+    request_timeout_s: float = 300.0  # a request's whole answer must arrive within this
+    send_min_tokens: bool = True  # send min_tokens/ignore_eos to force output lengths (vLLM-style servers)
+    # Token-id prompts (exact lengths) to /completions; null = yes, but not to llama.cpp's server, which takes text
+    # only (prompts then go as their text, and their length is the server's usage count).
+    token_prompts: bool | None = None
 
     def __post_init__(self) -> None:
         _one_of("engine.name", self.name, ENGINE_CHOICES)
@@ -188,6 +216,62 @@ class EngineConfig:
         self.flash_attn = str(self.flash_attn).lower()
         _check(self.n_gpu_layers >= -1, "engine.n_gpu_layers", self.n_gpu_layers, "-1 (all) or an integer >= 0")
         _one_of("engine.provider", self.provider, ("auto", "cpu", "cuda"))
+        _one_of("engine.launch", self.launch, ("auto", *LAUNCHES))
+        if self.launch == "auto":
+            self.launch = {"vllm": "vllm"}.get(self.name, "none" if self.base_url else "harness")
+        _one_of("engine.api", self.api, ("chat", "completions"))
+        _check(self.launch_timeout_s > 0, "engine.launch_timeout_s", self.launch_timeout_s, "> 0")
+        _check(self.request_timeout_s > 0, "engine.request_timeout_s", self.request_timeout_s, "> 0")
+        self.server_args = [str(a) for a in self.server_args]
+        if self.base_url is not None:
+            check_base_url("engine.base_url", self.base_url)
+        check_key_env("engine.api_key_env", self.api_key_env)
+        if self.name == "vllm" and self.launch not in ("vllm", "none"):
+            raise ConfigError(
+                f"engine=vllm with engine.launch={self.launch}: vLLM is launched as launch=vllm, or reached at "
+                "engine.base_url with launch=none.",
+                "leave engine.launch=vllm, or use engine=openai for another server.",
+            )
+        if self.name in HTTP_ENGINES and self.launch == "none" and not self.base_url:
+            raise ConfigError(
+                f"engine={self.name} with engine.launch=none needs the server's address, and engine.base_url is "
+                "not set.",
+                "set engine.base_url=http://host:port/v1, or engine.launch=harness|llamacpp_server|vllm to start one.",
+            )
+        if self.launch == "vllm" and not (self.python or os.environ.get("HARNESS_VLLM_PYTHON")):
+            raise ConfigError(
+                "engine=vllm runs vLLM in its own Python environment, and neither engine.python nor "
+                "HARNESS_VLLM_PYTHON names that environment's python.",
+                "set engine.python=<venv>/bin/python (docs/serving.md has the CPU build's install steps).",
+            )
+
+
+def check_base_url(field_name: str, url: str) -> None:
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise ConfigError(
+            f"{field_name}={url!r} is not an http(s) URL.",
+            f"set {field_name}=http://host:port/v1 (the server's OpenAI API root).",
+        )
+
+
+def check_key_env(field_name: str, name: str | None) -> None:
+    """The variable must exist: a key that is missing would turn every request into a 401."""
+    if name is None:
+        return
+    if not str(name).replace("_", "").isalnum():
+        raise ConfigError(
+            f"{field_name}={name!r} is not an environment variable's name (it holds the variable's NAME, never "
+            "the key itself).",
+            f"export the key as e.g. MY_API_KEY and set {field_name}=MY_API_KEY.",
+        )
+    if not os.environ.get(name):
+        raise ConfigError(
+            f"{field_name}={name}, but the environment variable {name} is not set (or is empty).",
+            f"export {name}=<the server's API key> before the run, or drop {field_name} for a server without keys.",
+        )
 
 
 WORKFLOW_CHOICES = ("none", "search_qa", "lesson_pack", "chat")
@@ -253,6 +337,24 @@ class ValidationConfig:
 
 
 @dataclass
+class SloConfig:
+    """Per-request service-level objectives of bench=serve (ms); goodput counts requests meeting every one set.
+    TTFT and E2E count from the scheduled send time, so queueing in the client or server counts against them."""
+
+    ttft_ms: float | None = None
+    tpot_ms: float | None = None
+    e2e_ms: float | None = None
+    itl_ms: float | None = None  # the request's largest token ITL
+
+    def __post_init__(self) -> None:
+        for name, limit in self.limits().items():
+            _check(limit > 0, f"bench.slo.{name}", limit, "null or a limit > 0 (ms)")
+
+    def limits(self) -> dict[str, float]:
+        return {k: float(v) for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclass
 class BenchConfig:
     """One schema for every bench; each bench reads the fields it needs (see conf/bench/*.yaml)."""
 
@@ -278,6 +380,33 @@ class BenchConfig:
     ppl_chars: int = 16000  # quality: characters of the built-in corpus scored (the same text for every model)
     ppl_window: int = 512  # quality: tokens per forward pass (capped at the context window)
     ppl_stride: int = 256  # quality: new tokens scored per window; the rest is context
+    # serve: a load test of an OpenAI-compatible server (DESIGN.md "Serving load (HTTP) metrics")
+    target: str = "harness"  # harness | llamacpp_server | vllm (launched) | url (base_url) | engine (engine=openai's)
+    base_url: str | None = None  # target=url: http://host:port/v1
+    api_key_env: str | None = None  # target=url: the NAME of the variable holding the key
+    api: str = "completions"  # chat | completions
+    served_model: str | None = None  # target=url: the server's model name; None = the entry's
+    rates: list[float] = field(default_factory=list)  # open-loop levels, requests/s
+    arrival: str = "poisson"  # constant | poisson | gamma
+    burstiness: float = 1.0  # gamma shape: 1 = Poisson, < 1 burstier, > 1 more regular
+    num_requests: int = 32  # per level (open loop: the schedule's length)
+    duration_s: float | None = None  # per level: stop sending after this (with num_requests: whichever first)
+    ramp_up_s: float = 0.0  # open: the rate rises linearly over it; closed: clients start spread over it
+    max_concurrency: int | None = None  # open loop: at most this many in flight (a held send counts as lateness)
+    request_timeout_s: float = 120.0
+    slo: SloConfig = field(default_factory=lambda: SloConfig())  # bench.slo={ttft_ms:500,tpot_ms:50}
+    search: str = "none"  # none | max_rate: bisect for the highest rate whose goodput >= goodput_target × rate
+    goodput_target: float = 0.9
+    search_steps: int = 6  # levels the max_rate search may run
+    saturation_backlog: int | None = 64  # open loop: a level stops when more are in flight (the server fell behind)
+    client_workers: int = 1  # client processes sharing the load
+    calibrate: bool = True  # measure the client's ceiling against a local null server (cached per machine)
+    scrape_metrics: bool = True  # the server's Prometheus /metrics before and after each level, deltas kept
+    workload: str = "synthetic"  # synthetic (exact token lengths) | shared_prefix | search_qa | multi_turn
+    length_dist: str = "fixed"  # synthetic prompt lengths around prompt_lengths[0]: fixed | uniform | normal
+    length_spread: float = 0.25  # uniform: ±spread × length; normal: sd = spread × length
+    prefix_tokens: int = 256  # shared_prefix: tokens every prompt starts with
+    turns: int = 3  # multi_turn: user turns per session (each turn carries the whole conversation)
 
     def __post_init__(self) -> None:
         _check(self.max_new_tokens >= 1, "bench.max_new_tokens", self.max_new_tokens, "an integer >= 1")
@@ -302,12 +431,67 @@ class BenchConfig:
         _one_of("bench.primary_metric", self.primary_metric, ("e2e_ms", "ttft_ms", "tpot_ms"))
         _check(self.ppl_chars >= 100, "bench.ppl_chars", self.ppl_chars, "an integer >= 100")
         _check(self.ppl_window >= 2, "bench.ppl_window", self.ppl_window, "an integer >= 2")
+        self._check_serve()
         _check(
             1 <= self.ppl_stride <= self.ppl_window - 1,
             "bench.ppl_stride",
             self.ppl_stride,
             f"between 1 and bench.ppl_window - 1 ({self.ppl_window - 1})",
         )
+
+    def _check_serve(self) -> None:
+        _one_of("bench.target", self.target, SERVE_TARGETS)
+        _one_of("bench.api", self.api, ("chat", "completions"))
+        _one_of("bench.arrival", self.arrival, ("constant", "poisson", "gamma"))
+        _one_of("bench.search", self.search, ("none", "max_rate"))
+        _one_of("bench.workload", self.workload, ("synthetic", "shared_prefix", "search_qa", "multi_turn"))
+        _one_of("bench.length_dist", self.length_dist, ("fixed", "uniform", "normal"))
+        rates = list(self.rates)
+        _check(
+            all(isinstance(r, int | float) and r > 0 for r in rates),
+            "bench.rates",
+            rates,
+            "a list of rates > 0 (req/s)",
+        )
+        self.rates = [float(r) for r in rates]
+        _check(self.burstiness > 0, "bench.burstiness", self.burstiness, "> 0 (1 = Poisson)")
+        _check(self.num_requests >= 1, "bench.num_requests", self.num_requests, "an integer >= 1")
+        _check(self.duration_s is None or self.duration_s > 0, "bench.duration_s", self.duration_s, "null or > 0")
+        _check(self.ramp_up_s >= 0, "bench.ramp_up_s", self.ramp_up_s, ">= 0")
+        _check(
+            self.max_concurrency is None or self.max_concurrency >= 1,
+            "bench.max_concurrency",
+            self.max_concurrency,
+            "null or an integer >= 1",
+        )
+        _check(self.request_timeout_s > 0, "bench.request_timeout_s", self.request_timeout_s, "> 0")
+        _check(0 < self.goodput_target <= 1, "bench.goodput_target", self.goodput_target, "in (0, 1]")
+        _check(self.search_steps >= 2, "bench.search_steps", self.search_steps, "an integer >= 2")
+        _check(
+            self.saturation_backlog is None or self.saturation_backlog >= 1,
+            "bench.saturation_backlog",
+            self.saturation_backlog,
+            "null or an integer >= 1",
+        )
+        _check(1 <= self.client_workers <= 64, "bench.client_workers", self.client_workers, "between 1 and 64")
+        _check(self.length_spread >= 0, "bench.length_spread", self.length_spread, ">= 0")
+        _check(self.prefix_tokens >= 1, "bench.prefix_tokens", self.prefix_tokens, "an integer >= 1")
+        _check(self.turns >= 1, "bench.turns", self.turns, "an integer >= 1")
+        if self.name != "serve":
+            return
+        if self.search == "max_rate" and not self.slo.limits():
+            raise ConfigError(
+                "bench.search=max_rate looks for the highest rate whose goodput meets the SLOs; bench.slo is empty.",
+                "set bench.slo, e.g. bench.slo={ttft_ms:1000,tpot_ms:100}.",
+            )
+        if self.target == "url" and not self.base_url:
+            raise ConfigError(
+                "bench.target=url needs the server's address, and bench.base_url is not set.",
+                "set bench.base_url=http://host:port/v1, or bench.target=harness|llamacpp_server|vllm to launch one.",
+            )
+        if self.base_url is not None:
+            check_base_url("bench.base_url", self.base_url)
+        check_key_env("bench.api_key_env", self.api_key_env)
 
 
 @dataclass
@@ -351,12 +535,53 @@ class HarnessConfig:
                 "leave attention=auto"
                 + ("; llama.cpp's flash attention is engine.flash_attn=auto|on|off." if engine == "llamacpp" else "."),
             )
+        self._check_server_fits()
         if engine == "llamacpp" and self.model.dtype != "auto":
             raise ConfigError(
                 f"model.dtype={self.model.dtype} does not apply to engine=llamacpp: it computes in the GGUF's own "
                 "tensor types.",
                 "leave model.dtype=auto, and requantize with quant=q8_0 or q4_k_m (or quant.gguf_type=F16).",
             )
+
+    def _check_server_fits(self) -> None:
+        """bench=serve's target and the engine agree; a launched server runs the point's quantization."""
+        engine, bench = self.engine.name, self.bench
+        if bench.name == "serve":
+            if bench.target == "engine" and engine not in HTTP_ENGINES:
+                raise ConfigError(
+                    f"bench=serve with bench.target=engine measures engine=openai|vllm's server, and engine={engine} "
+                    "runs in this process.",
+                    "set bench.target=harness|llamacpp_server|vllm|url, or engine=openai with its launch or base_url.",
+                )
+            if bench.target != "engine" and engine != "transformers":
+                raise ConfigError(
+                    f"bench=serve with bench.target={bench.target} names its own server, and engine={engine} "
+                    "names another.",
+                    f"drop engine={engine} (the target's server runs its own engine), or set bench.target=engine.",
+                )
+        launch = self.server_launch()
+        if launch is None:
+            return
+        method = self.quant.method
+        if launch == "none" and method != "none":
+            raise ConfigError(
+                f"quant={self.quant.name} cannot be applied to a server that is already running: it serves what it "
+                "loaded.",
+                "leave quant=none and name the quantized model in served_model, or launch the server for the point.",
+            )
+        if launch != "none" and launch not in QUANT_LAUNCHES.get(method, ()):
+            raise ConfigError(
+                f"quant={self.quant.name} (method {method}) is not run by a launched {launch} server.",
+                f"use a launch that runs it ({', '.join(QUANT_LAUNCHES.get(method, ())) or 'none'}), or quant=none.",
+            )
+
+    def server_launch(self) -> str | None:
+        """The server this point launches (none: it uses a running one); None when it runs no server."""
+        if self.bench.name == "serve" and self.bench.target != "engine":
+            return "none" if self.bench.target == "url" else self.bench.target
+        if self.engine.name in HTTP_ENGINES:
+            return self.engine.launch
+        return None
 
     @property
     def cache_path(self) -> Path:

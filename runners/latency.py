@@ -56,7 +56,7 @@ def _measure_case(
         out.samples.append(("latency", case, request, "", "output_tokens", g.output_tokens, "tokens"))
         for i, t in enumerate(g.token_ns):
             out.samples.append(("latency", case, request, i, "token_t_ms", (t - g.start_ns) / 1e6, "ms"))
-        data.itls.extend(itl_s(g.token_ns))
+        data.itls.extend(itl_s(g.token_ns, g.first_chunk_tokens))
         return m.get(primary, m["e2e_s"])
 
     _, how = repeat_until_stable(StopRule.of(bench), one_request)

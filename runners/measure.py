@@ -169,9 +169,10 @@ def request_metrics(start_ns: int, token_ns: list[int], prompt_tokens: int) -> d
     return out
 
 
-def itl_s(token_ns: list[int]) -> list[float]:
-    """Inter-token latencies of one request: the gap before each token after the first."""
-    return [(b - a) / 1e9 for a, b in itertools.pairwise(token_ns)]
+def itl_s(token_ns: list[int], first_chunk_tokens: int = 1) -> list[float]:
+    """Inter-token latencies of one request: the gap before each token after the first chunk's (a streamed chunk
+    of several tokens gives its first-chunk extras no gap; DESIGN.md "Serving load")."""
+    return [(b - a) / 1e9 for a, b in itertools.pairwise(token_ns[max(first_chunk_tokens, 1) - 1 :])]
 
 
 def write_samples(path: Path, rows: list[tuple[Any, ...]]) -> None:

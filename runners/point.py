@@ -32,6 +32,7 @@ from runners.latency import run_latency
 from runners.measure import BenchContext, BenchOutput, write_samples
 from runners.memory import run_memory
 from runners.quality import run_quality
+from runners.serve import run_serve
 from runners.smoke import run_smoke
 from runners.throughput import run_throughput
 
@@ -42,6 +43,7 @@ BENCHES = {
     "throughput": run_throughput,
     "e2e": run_e2e,
     "quality": run_quality,
+    "serve": run_serve,
 }
 
 
@@ -125,7 +127,7 @@ def run_point(
         bench = resolve_bench(cfg.bench.name)
         workflow = preflight(cfg)
         with MemoryMonitor() as load_memory:
-            loaded = load_for_engine(cfg)
+            loaded = load_for_engine(cfg, out_dir)
         result.timings["load_s"] = loaded.load_seconds
         result.resolved = loaded.resolved()
         engine = create_engine(cfg.engine.name, loaded, cfg)
@@ -222,6 +224,8 @@ def headline(bench: str, m: dict[str, Any]) -> str:
     if bench == "memory":
         peak, weights = _first(m, "load_rss_peak_mib"), _first(m, "weights_mib")
         return f"weights {weights['mean']:.0f} MiB, load peak RSS {peak['mean']:.0f} MiB" if peak and weights else ""
+    if bench == "serve":
+        return _serve_headline(m)
     if bench == "throughput":
         rates = [(k, v["mean"]) for k, v in m.items() if k.startswith("output_tok_s[")]
         return ", ".join(f"{k.split('[')[1].rstrip(']')}: {v:.1f} tok/s" for k, v in rates)
@@ -231,3 +235,22 @@ def headline(bench: str, m: dict[str, Any]) -> str:
     lead = f"{tokens['mean']:.0f} tokens, " if tokens else ""
     ci = f" ±{decode['ci95']:.1f}" if decode.get("ci95") else ""
     return f"{lead}TTFT {ttft['mean']:.0f} ms, decode {decode['mean']:.1f}{ci} tok/s"
+
+
+def _serve_headline(m: dict[str, Any]) -> str:
+    """bench=serve: the best throughput among the levels, TTFT at the lightest one, and the max rate found."""
+    tok_s = {k.split("[", 1)[1].rstrip("]"): v["mean"] for k, v in m.items() if k.startswith("output_tok_s[")}
+    if not tok_s:
+        return "no level completed a request"
+    best = max(tok_s, key=tok_s.__getitem__)
+    parts = [f"{len(tok_s)} levels, peak {tok_s[best]:.1f} tok/s at {best}"]
+    first = next(iter(tok_s))
+    ttft = m.get(f"ttft_ms[{first}]")
+    if ttft:
+        parts.append(f"TTFT p50 {ttft['p50']:.0f} ms at {first}")
+    if "max_rate_rps" in m:
+        parts.append(f"max rate {m['max_rate_rps']['mean']:.2f} req/s within the SLOs")
+    failed = sum(v["mean"] for k, v in m.items() if k.startswith("failed["))
+    if failed:
+        parts.append(f"{failed:.0f} requests failed")
+    return ", ".join(parts)

@@ -7,6 +7,7 @@ starts: that wait is reported apart from the service time and the latency it add
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -69,8 +70,8 @@ def run_throughput(ctx: BenchContext) -> BenchOutput:
         out.metrics[case_key("output_tok_s", batch=batch)] = summarize([tokens / s for s in latencies], "tok/s")
         cases[f"batch={batch}"] = how
 
-    # Closed-loop clients sharing the engine, which serves one request at a time.
-    served = threading.Lock()
+    # Closed-loop clients sharing the engine: one request at a time in process, all at once to a server.
+    served = contextlib.nullcontext() if engine.concurrent else threading.Lock()
     for clients in bench.concurrency:
         ctx.progress(f"throughput clients={clients}")
         records: list[tuple[float, float, float, int]] = []  # issue, start, end, tokens

@@ -28,3 +28,13 @@ def sleepy(ctx):
     import time
 
     time.sleep(60)
+
+
+def kill_server(ctx):
+    """engine=openai with a launched server: the server dies in the middle of the point."""
+    server = ctx.engine.remote.server
+    os.killpg(server.process.pid, signal.SIGKILL)
+    server.process.wait(10)
+    from runners.smoke import run_smoke
+
+    return run_smoke(ctx)

@@ -1,3 +1,4 @@
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,8 @@ def test_every_option_composes_and_validates(compose, group, option):
     if group == "quant":  # a quantization composes with an engine that runs it
         method = OmegaConf.load(conf_dir() / "quant" / f"{option}.yaml").method
         extra = [f"engine={QUANT_ENGINES[method][0]}"]
+    if (group, option) == ("engine", "vllm"):  # vLLM lives in its own environment, named by engine.python
+        extra = [f"engine.python={sys.executable}"]
     cfg = compose(f"{group}={option}", *extra)
     assert isinstance(cfg, HarnessConfig)
     assert getattr(cfg, group).name == option

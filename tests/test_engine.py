@@ -55,7 +55,7 @@ def test_context_window_fix_is_always_one_that_works(max_new, prompt, fix):
 
 def test_unknown_engine(load):
     with pytest.raises(ConfigError, match="transformers"):
-        create_engine("vllm", load("tiny-gpt2"))
+        create_engine("tgi", load("tiny-gpt2"))
 
 
 def test_prompt_longer_than_context_fails_before_running(load):

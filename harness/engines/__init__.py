@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from harness.config import ENGINE_CHOICES
+from harness.config import ENGINE_CHOICES, HTTP_ENGINES
 from harness.engines.base import Engine, Generation, GenerationParams, TokenEvent, TokenStream
 from harness.errors import ConfigError
 from harness.models.loader import LoadedModel
@@ -15,9 +16,14 @@ if TYPE_CHECKING:
 ENGINES = ENGINE_CHOICES
 
 
-def load_for_engine(cfg: HarnessConfig) -> LoadedModel:
+def load_for_engine(cfg: HarnessConfig, log_dir: Path | None = None) -> LoadedModel:
     """Load the point's model in the form its engine runs: a transformers module, a GGUF file in llama.cpp,
-    or an ONNX model converted once from the checkpoint."""
+    an ONNX model converted once from the checkpoint, or a server (launched, its log in log_dir, or running)
+    with only the tokenizer here."""
+    if cfg.server_launch() is not None:
+        from harness.engines.openai import load_remote_model
+
+        return load_remote_model(cfg, log_dir or cfg.cache_path / "server-logs")
     if cfg.engine.name == "llamacpp":
         from harness.engines.llamacpp import load_llamacpp_model
 
@@ -32,6 +38,10 @@ def load_for_engine(cfg: HarnessConfig) -> LoadedModel:
 
 
 def create_engine(name: str, loaded: LoadedModel, cfg: HarnessConfig | None = None) -> Engine:
+    if name in HTTP_ENGINES or (cfg is not None and cfg.server_launch() is not None):
+        from harness.engines.openai import OpenAIEngine
+
+        return OpenAIEngine(loaded, name if name in HTTP_ENGINES else "openai")
     if name == "transformers":
         from harness.engines.transformers import TransformersEngine
 

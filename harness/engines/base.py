@@ -92,6 +92,10 @@ class Generation:
     end_ns: int
     tokenize_ns: int = 0
     token_ns: list[int] = field(default_factory=list)
+    # Over HTTP a chunk may carry several tokens: the first chunk's extra tokens have no gap before them, and the
+    # server's own count of output tokens (usage) is kept beside the client's.
+    first_chunk_tokens: int = 1
+    reported_tokens: int | None = None
 
     @property
     def output_tokens(self) -> int:
@@ -172,6 +176,8 @@ class Engine(ABC):
     name: str
     # False: batch() takes one prompt at a time (it refuses more); benches record larger batch sizes as not run.
     batches: bool = True
+    # True: requests may be sent from several threads at once (a server batches them); False: one at a time.
+    concurrent: bool = False
 
     @abstractmethod
     def generate(self, prompt: Prompt, params: GenerationParams) -> Generation: ...

@@ -203,6 +203,13 @@ class TransformersEngine(Engine):
             )
         if all(as_ids):
             rows = [list(p.ids) for p in prompts]  # type: ignore[union-attr]
+            vocab = self.model.get_input_embeddings().num_embeddings
+            bad = next((t for row in rows for t in row if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise InferenceError(
+                    f"token id {bad} is outside the model's vocabulary (0..{vocab - 1}).",
+                    "send token ids of this model's tokenizer.",
+                )
             stop = tuple(params.stop)
         else:
             texts, stops, specials = zip(*(self._prompt_text(p) for p in prompts), strict=True)

@@ -23,7 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from harness.engines.base import GenerationParams, Prompt
+from harness.engines.base import GenerationParams, Prompt, TokenPrompt
 from harness.errors import ConfigError, HarnessError, InferenceError
 from harness.models.manager import ModelManager, ModelSpec
 from harness.server.jobs import FINISHED, JobRunner
@@ -162,10 +162,15 @@ class Server:
         limit = self.settings.max_tokens_limit
         if requested is not None and requested > limit:
             raise APIError(400, f"max_tokens={requested} is above this server's limit of {limit}.", param="max_tokens")
+        max_new = requested or self.settings.default_max_tokens
+        if body.min_tokens > max_new:
+            raise APIError(400, f"min_tokens={body.min_tokens} is above max_tokens={max_new}.", param="min_tokens")
         return GenerationParams(
-            max_new_tokens=requested or self.settings.default_max_tokens,
+            max_new_tokens=max_new,
+            min_new_tokens=max_new if body.ignore_eos else body.min_tokens,
             temperature=body.temperature,
             top_p=body.top_p,
+            top_k=max(body.top_k, 0),
             seed=body.seed,
             stop=body.stop_sequences(),
         )
@@ -277,7 +282,8 @@ def create_app(settings: ServerSettings | None = None, manager: ModelManager | N
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
         spec = server.spec(body.model)
-        return await _generate(server, request, "/v1/completions", body, spec, body.prompt)
+        prompt = body.prompt if isinstance(body.prompt, str) else TokenPrompt(tuple(body.prompt))
+        return await _generate(server, request, "/v1/completions", body, spec, prompt)
 
     # -- model management ----------------------------------------------------------------------------------
     @app.get("/models/{name}")

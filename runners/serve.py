@@ -1,0 +1,216 @@
+"""bench=serve: a load test of an OpenAI-compatible server (launched for the point, or at a URL).
+
+Closed-loop concurrency levels, then open-loop rate levels, then (bench.search=max_rate) a search for the highest
+rate whose goodput holds, all inside one point: the server starts once and stays warm, and the curves come from
+one run. Each level's figures are keyed with it (ttft_ms[rate=4], goodput_rps[concurrency=8]); every request and
+chunk is in samples.csv; the client's own limits are checked per level (details.levels.<level>.client).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from harness.serving.figures import Level, level_metrics
+from harness.serving.load import arrival_offsets, run_level, warm_up
+from harness.serving.workload import Workload
+from runners.measure import BenchContext, BenchOutput
+
+
+def _scrape(endpoint) -> dict[str, float] | None:
+    """The server's Prometheus counters (harness serve and vLLM expose /metrics beside /v1), or None."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    root = endpoint.base_url.rstrip("/").removesuffix("/v1")
+    try:
+        with urllib.request.urlopen(
+            urllib.request.Request(root + "/metrics", headers=endpoint.headers()), timeout=5
+        ) as r:
+            text = r.read(8_000_000).decode(errors="replace")
+        values: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()) if k != "le")
+                if "le" in sample.labels:
+                    continue  # histogram buckets: their _sum and _count carry the means
+                values[f"{sample.name}{{{labels}}}"] = float(sample.value)
+        return values
+    except Exception:
+        return None
+
+
+def _delta(before: dict[str, float] | None, after: dict[str, float] | None) -> dict[str, float]:
+    if before is None or after is None:
+        return {}
+    changed = {k: v - before.get(k, 0.0) for k, v in after.items() if v != before.get(k, 0.0)}
+    return dict(sorted(changed.items())[:200])
+
+
+class _Run:
+    def __init__(self, ctx: BenchContext) -> None:
+        self.ctx = ctx
+        self.bench = ctx.cfg.bench
+        self.endpoint = ctx.engine.endpoint  # type: ignore[attr-defined]
+        self.workload = Workload(self.bench, ctx.loaded, self.endpoint, ctx.cfg.seed)
+        self.out = BenchOutput()
+        self.levels: dict[str, dict[str, Any]] = {}
+        self.level_index = 0
+
+    def _count(self, rate: float | None) -> int:
+        b = self.bench
+        if rate is not None and b.duration_s:  # the schedule's length: whichever of the two ends first
+            return max(1, min(b.num_requests, math.ceil(rate * b.duration_s)))
+        return b.num_requests
+
+    def level(self, mode: str, value: float) -> dict[str, Any]:
+        b = self.bench
+        key = f"concurrency={int(value)}" if mode == "closed" else f"rate={value:g}"
+        if key in self.levels:
+            return self.levels[key]
+        self.ctx.progress(f"serve {key}")
+        self.level_index += 1
+        plans = self.workload.plans(self._count(value if mode == "open" else None), self.level_index)
+        offsets = None
+        if mode == "open":
+            offsets = arrival_offsets(
+                len(plans), value, b.arrival, self.ctx.cfg.seed + self.level_index, b.burstiness, b.ramp_up_s
+            )
+        before = _scrape(self.endpoint) if b.scrape_metrics else None
+        level = run_level(
+            self.endpoint,
+            plans,
+            mode,
+            value,
+            offsets,
+            b.duration_s,
+            b.ramp_up_s,
+            b.max_concurrency,
+            b.saturation_backlog if mode == "open" else None,
+            b.client_workers,
+        )
+        after = _scrape(self.endpoint) if b.scrape_metrics else None
+        self.ctx.engine.remote.check_alive()  # type: ignore[attr-defined]
+        if mode == "open" and b.ramp_up_s > 0:  # requests sent while the rate was still rising are warm-up
+            for r in level.records:
+                r.warmup = r.warmup or (r.t_sched - level.t0) < b.ramp_up_s
+        metrics, details, rows = level_metrics(level, self.ctx.loaded.tokenizer, b.slo.limits(), b.max_new_tokens)
+        self.out.metrics.update(metrics)
+        details["server_metrics_delta"] = _delta(before, after)
+        self._samples(level, rows)
+        summary = {
+            "key": key,
+            "details": details,
+            "goodput_rps": metrics.get(f"goodput_rps[{key}]", {}).get("mean", 0.0),
+            "offered_rps": value if mode == "open" else None,
+        }
+        self.levels[key] = summary
+        if len(self.out.outputs) < 3 and rows and rows[0][0].ok:
+            self.out.outputs.append({"level": key, "text": rows[0][0].text})
+        return summary
+
+    def _samples(self, level: Level, rows: list) -> None:
+        add = self.out.samples.append
+        for record, counted, figures in rows:
+            case, i = level.key, record.index
+
+            def put(metric: str, value: float, unit: str, token: Any = "", case=case, i=i) -> None:
+                add(("serve", case, i, token, metric, value, unit))
+
+            put("t_sched_s", record.t_sched - level.t0, "s")
+            if record.t_send:
+                put("t_send_s", record.t_send - level.t0, "s")
+            if record.t_end:
+                put("t_end_s", record.t_end - level.t0, "s")
+            put("ok", float(record.ok), record.status)
+            if figures is None or counted is None:
+                continue
+            for name in ("ttft_ms", "ttft_sched_ms", "e2e_ms", "lateness_ms"):
+                put(name, getattr(figures, name), "ms")
+            if figures.tpot_ms is not None:
+                put("tpot_ms", figures.tpot_ms, "ms")
+            put("output_tokens", float(counted.n_out), counted.source)
+            for j, (chunk, k) in enumerate(zip(record.chunks, counted.k, strict=False)):
+                put("chunk_s", chunk.t - level.t0, "s", j)
+                put("chunk_tokens", float(k), counted.k_source, j)
+
+    def meets_target(self, summary: dict[str, Any]) -> bool:
+        offered = summary["offered_rps"]
+        return bool(offered) and summary["goodput_rps"] >= self.bench.goodput_target * offered
+
+    def search(self) -> dict[str, Any]:
+        """Double the rate until goodput falls short of goodput_target × rate, then bisect between the last rate
+        that held and the first that did not; stop after search_steps levels or when they are within 10%."""
+        b = self.bench
+        rate = b.rates[0] if b.rates else 1.0
+        best: float | None = None
+        failed: float | None = None
+        walked = []
+        for _ in range(b.search_steps):
+            summary = self.level("open", round(rate, 3))
+            ok = self.meets_target(summary)
+            walked.append({"rate": round(rate, 3), "goodput_rps": summary["goodput_rps"], "met": ok,
+                           "stopped_early": summary["details"]["stopped_early"]})  # fmt: skip
+            if ok:
+                best = max(best or 0.0, rate)
+            else:
+                failed = rate if failed is None else min(failed, rate)
+            if best is not None and failed is not None and (failed - best) / failed <= 0.1:
+                break
+            if failed is None:
+                rate *= 2
+            elif best is None:
+                rate /= 2
+            else:
+                rate = (best + failed) / 2
+        return {"max_rate_rps": best, "first_failing_rps": failed, "goodput_target": b.goodput_target,
+                "slo": b.slo.limits(), "walked": walked}  # fmt: skip
+
+
+def run_serve(ctx: BenchContext) -> BenchOutput:
+    b = ctx.cfg.bench
+    run = _Run(ctx)
+    details: dict[str, Any] = {"workload": run.workload.describe(), "server": ctx.loaded.provenance.get("server")}
+    if b.calibrate:
+        from harness.serving.null_server import calibrate
+
+        ctx.progress("serve: calibrating the client against a null server")
+        details["client_ceiling"] = calibrate(ctx.cfg.cache_path, b.client_workers)
+    if b.warmup_runs:
+        ctx.progress("serve: warm-up")
+        import asyncio
+
+        warm = asyncio.run(warm_up(run.endpoint, run.workload.plans(b.warmup_runs, 0)))
+        failed = [r for r in warm if not r.ok]
+        details["warmup"] = {"requests": len(warm), "failed": len(failed)}
+        if len(failed) == len(warm):
+            from harness.errors import InferenceError
+
+            raise InferenceError(
+                f"every warm-up request failed ({failed[0].status}: {failed[0].error[:400]}).",
+                "check the server (its log beside result.json when launched), the model name and the API key.",
+            )
+    for c in b.concurrency:
+        run.level("closed", c)
+    for r in b.rates:
+        run.level("open", r)
+    if b.search == "max_rate":
+        found = run.search()
+        details["search"] = found
+        if found["max_rate_rps"] is not None:
+            from harness.stats import summarize
+
+            run.out.metrics["max_rate_rps"] = summarize([found["max_rate_rps"]], "req/s")
+    details["levels"] = {k: v["details"] for k, v in run.levels.items()}
+    bound = {
+        k: v["details"]["client"]["reasons"] for k, v in run.levels.items() if v["details"]["client"]["client_bound"]
+    }
+    details["client_bound"] = bound
+    if bound:
+        details["note"] = (
+            "the client, not the server, may have limited the levels in client_bound (their figures measure the "
+            "client): raise bench.client_workers or move the client to another machine."
+        )
+    run.out.details = details
+    return run.out
