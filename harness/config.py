@@ -238,12 +238,8 @@ class EngineConfig:
                 "not set.",
                 "set engine.base_url=http://host:port/v1, or engine.launch=harness|llamacpp_server|vllm to start one.",
             )
-        if self.launch == "vllm" and not (self.python or os.environ.get("HARNESS_VLLM_PYTHON")):
-            raise ConfigError(
-                "engine=vllm runs vLLM in its own Python environment, and neither engine.python nor "
-                "HARNESS_VLLM_PYTHON names that environment's python.",
-                "set engine.python=<venv>/bin/python (docs/serving.md has the CPU build's install steps).",
-            )
+        if self.launch == "vllm":
+            check_vllm_python(self.python)
 
 
 def check_base_url(field_name: str, url: str) -> None:
@@ -254,6 +250,16 @@ def check_base_url(field_name: str, url: str) -> None:
         raise ConfigError(
             f"{field_name}={url!r} is not an http(s) URL.",
             f"set {field_name}=http://host:port/v1 (the server's OpenAI API root).",
+        )
+
+
+def check_vllm_python(python: str | None) -> None:
+    if not (python or os.environ.get("HARNESS_VLLM_PYTHON")):
+        raise ConfigError(
+            "vLLM runs in its own Python environment, and neither engine.python nor HARNESS_VLLM_PYTHON names that "
+            "environment's python.",
+            "set engine.python=<venv>/bin/python or export HARNESS_VLLM_PYTHON (docs/serving.md has the CPU "
+            "build's install steps).",
         )
 
 
@@ -396,7 +402,7 @@ class BenchConfig:
     request_timeout_s: float = 120.0
     slo: SloConfig = field(default_factory=lambda: SloConfig())  # bench.slo={ttft_ms:500,tpot_ms:50}
     search: str = "none"  # none | max_rate: bisect for the highest rate whose goodput >= goodput_target × rate
-    goodput_target: float = 0.9
+    goodput_target: float = 0.9  # max_rate: the share of scheduled requests that must meet every SLO
     search_steps: int = 6  # levels the max_rate search may run
     saturation_backlog: int | None = 64  # open loop: a level stops when more are in flight (the server fell behind)
     client_workers: int = 1  # client processes sharing the load
@@ -562,6 +568,8 @@ class HarnessConfig:
         launch = self.server_launch()
         if launch is None:
             return
+        if launch == "vllm":
+            check_vllm_python(self.engine.python)
         method = self.quant.method
         if launch == "none" and method != "none":
             raise ConfigError(

@@ -244,3 +244,62 @@ def test_serve_report_has_a_level_table_and_curves(tmp_path):
     summary = (tmp_path / "summary.md").read_text()
     assert "tiny-qwen2 q=none @ concurrency=2" in summary and "TTFT p99 ms" in summary
     assert {p.name for p in (tmp_path / "plots").iterdir()} >= {"serve_latency_throughput.png", "serve_goodput.png"}
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+needs_llama_server = pytest.mark.skipif(
+    not _has("llama_cpp.server") or not _has("sse_starlette"),
+    reason='llama.cpp\'s server is not installed (pip install -e ".[llamacpp-server]")',
+)
+
+
+@needs_smollm2
+@needs_llama_server
+def test_serve_bench_and_workflows_against_llamacpp_server(tmp_path):
+    # Queued, not interrupted: llama-cpp-python's server cuts a running stream short when another request
+    # arrives unless told otherwise, which the bench would (rightly) count as short outputs.
+    queued = "engine.server_args=[--interrupt_requests,False]"
+    cfg = load_config(["model=smollm2", *FAST_SERVE, "bench.target=llamacpp_server", "bench.concurrency=[2]",
+                       "bench.rates=[2]", "bench.num_requests=4", "bench.calibrate=false", queued])  # fmt: skip
+    result = run_point(cfg, tmp_path / "serve")
+    assert result.status == "ok", result.error
+    for level in ("concurrency=2", "rate=2"):
+        assert result.metrics[f"completed[{level}]"]["mean"] == 4
+        assert result.metrics[f"short_outputs[{level}]"]["mean"] == 0
+        assert result.details["levels"][level]["n_out_source"] == {"tokenizer": 4}  # it streams no usage
+    assert result.resolved["engine"]["server"]["launch"] == "llamacpp_server"
+    e2e = load_config(["model=smollm2", "engine=openai", "engine.launch=llamacpp_server", "bench=e2e",
+                       "workflow=chat", "workflow.limit=1", "workflow.max_new_tokens=16"])  # fmt: skip
+    result = run_point(e2e, tmp_path / "e2e")
+    assert result.status == "ok", result.error
+    assert result.metrics["pass_rate"]["n"] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("HARNESS_VLLM_PYTHON"), reason="HARNESS_VLLM_PYTHON names no vLLM environment")
+def test_vllm_launched_from_its_own_environment(tmp_path):
+    cfg = load_config(
+        [
+            "model=smollm2",
+            "engine=vllm",
+            "bench=latency",
+            "bench.prompt_lengths=[32]",
+            "bench.max_new_tokens=16",
+            "bench.min_runs=3",
+            "bench.max_runs=3",
+            "bench.min_seconds=0",
+        ]
+    )
+    result = run_point(cfg, tmp_path)
+    assert result.status == "ok", result.error
+    assert result.metrics["output_tokens[prompt=32]"]["mean"] == 16
+    assert result.resolved["engine"]["server"]["launch"] == "vllm"
+    assert "--enforce-eager" in result.resolved["engine"]["server"]["command"]

@@ -259,10 +259,11 @@ def test_saturation_stops_the_level_and_cancels_what_is_in_flight():
                           backlog_limit=5)  # fmt: skip
     assert level.stopped_early and "in flight" in level.stopped_early
     statuses = {r.status for r in level.records}
-    assert "cancelled" in statuses and "ok" not in statuses
-    assert len(level.records) < 20  # the rest were never sent
-    metrics, details, _ = level_metrics(level, None, {}, 4)
-    assert details["errors"]["cancelled"] >= 5 and metrics[f"failed[{level.key}]"]["mean"] >= 5
+    assert statuses == {"cancelled", "not_sent"}
+    assert len(level.records) == 20  # the ones never sent stay in the level, against its goodput
+    metrics, details, _ = level_metrics(level, None, {"ttft_ms": 10_000.0}, 4)
+    assert details["errors"]["cancelled"] == 5 and metrics[f"failed[{level.key}]"]["mean"] == 20
+    assert metrics[f"slo_attainment[{level.key}]"]["mean"] == 0
 
 
 def test_two_client_processes_share_one_schedule():
@@ -296,3 +297,51 @@ def test_slo_check_uses_the_scheduled_send():
     assert f.lateness_ms == pytest.approx(500)
     assert check_slo({"ttft_ms": 700.0, "tpot_ms": 150.0}, f)
     assert not check_slo({"ttft_ms": 500.0}, f)  # met from the send, missed from the schedule
+
+
+# -- workloads -----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_loaded():
+    from harness.config import load_config
+    from harness.engines import load_for_engine
+
+    loaded = load_for_engine(load_config(["model=tiny-qwen2"]))
+    yield loaded
+    loaded.release()
+
+
+def _workload(tiny_loaded, api="completions", token_prompts=True, **bench):
+    from harness.config import BenchConfig
+    from harness.serving.workload import Workload
+
+    cfg = BenchConfig(name="serve", max_new_tokens=8, **bench)
+    return Workload(cfg, tiny_loaded, Endpoint("http://x/v1", "m", api, token_prompts=token_prompts), seed=3)
+
+
+def test_synthetic_prompts_have_exact_seeded_lengths(tiny_loaded):
+    fixed = _workload(tiny_loaded, prompt_lengths=[40]).plans(5, 1)
+    assert [len(p.body["prompt"]) for p in fixed] == [40] * 5 and all(p.prompt_tokens == 40 for p in fixed)
+    assert fixed[0].body["min_tokens"] == 8 and fixed[0].body["ignore_eos"]
+    assert len({tuple(p.body["prompt"]) for p in fixed}) == 5  # distinct prompts
+    uniform = _workload(tiny_loaded, prompt_lengths=[40], length_dist="uniform", length_spread=0.5).plans(40, 1)
+    lengths = [len(p.body["prompt"]) for p in uniform]
+    assert min(lengths) >= 20 and max(lengths) <= 60 and len(set(lengths)) > 5
+    again = _workload(tiny_loaded, prompt_lengths=[40], length_dist="uniform", length_spread=0.5).plans(40, 1)
+    assert [p.body for p in again] == [p.body for p in uniform]  # seeded
+    normal = _workload(tiny_loaded, prompt_lengths=[40], length_dist="normal", length_spread=0.2).plans(200, 2)
+    assert statistics.mean(len(p.body["prompt"]) for p in normal) == pytest.approx(40, rel=0.1)
+
+
+def test_shared_prefix_multi_turn_and_search_qa_workloads(tiny_loaded):
+    shared = _workload(tiny_loaded, workload="shared_prefix", prefix_tokens=16, prompt_lengths=[8]).plans(3, 1)
+    prefixes = {tuple(p.body["prompt"][:16]) for p in shared}
+    assert len(prefixes) == 1 and len({tuple(p.body["prompt"]) for p in shared}) == 3
+    turns = _workload(tiny_loaded, api="chat", workload="multi_turn", turns=3, prompt_lengths=[8]).plans(4, 1)
+    assert [len(p.body["messages"]) for p in turns] == [1, 3, 5, 1]  # the context grows, then a new session
+    assert turns[1].body["messages"][0] == turns[0].body["messages"][0]
+    qa = _workload(tiny_loaded, api="chat", workload="search_qa").plans(2, 1)
+    assert qa[0].body["messages"][0]["role"] == "system" and "[1]" in qa[0].body["messages"][-1]["content"]
+    as_ids = _workload(tiny_loaded, workload="search_qa").plans(1, 1)
+    assert isinstance(as_ids[0].body["prompt"][0], int) and as_ids[0].prompt_tokens == len(as_ids[0].body["prompt"])
+    as_text = _workload(tiny_loaded, token_prompts=False).plans(1, 1)
+    assert isinstance(as_text[0].body["prompt"], str) and as_text[0].prompt_tokens is None

@@ -179,7 +179,7 @@ def load_remote_model(cfg: HarnessConfig, log_dir: Path) -> LoadedModel:
             log_dir,
             artifact,
             python,
-            cfg.engine.server_args if cfg.server_launch() == cfg.engine.launch else [],
+            cfg.engine.server_args,
             cfg.engine.launch_timeout_s,
             env,
         )

@@ -150,8 +150,11 @@ async def run_open(
     async def one(record: RequestRecord, session: Any) -> None:
         nonlocal in_flight
         await asyncio.sleep(max(0.0, record.t_sched - time.perf_counter()))
-        if saturated or (duration_s and record.t_sched - start > duration_s):
-            record.status = "not_sent"
+        if duration_s and record.t_sched - start > duration_s:
+            record.status = "past_duration"  # scheduled after the level's end: not part of it
+            return
+        if saturated:
+            record.status, record.error = "not_sent", "not sent: the level stopped at saturation"
             return
         if backlog_limit and in_flight >= backlog_limit:
             saturated.append(
@@ -186,8 +189,9 @@ async def run_open(
             record.error = "cancelled: the level stopped at saturation"
     stop.set()
     await ticker
-    sent = [r for r in records if r.status != "not_sent"]
-    return sent, lags, time.process_time() - cpu0, time.perf_counter() - start, (saturated[0] if saturated else None)
+    # Requests the saturation stop kept from being sent stay in the level (they count against goodput).
+    kept = [r for r in records if r.status != "past_duration"]
+    return kept, lags, time.process_time() - cpu0, time.perf_counter() - start, (saturated[0] if saturated else None)
 
 
 @dataclass
