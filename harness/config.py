@@ -404,6 +404,7 @@ class BenchConfig:
     search: str = "none"  # none | max_rate: bisect for the highest rate whose goodput >= goodput_target × rate
     goodput_target: float = 0.9  # max_rate: the share of scheduled requests that must meet every SLO
     search_steps: int = 6  # levels the max_rate search may run
+    search_level_s: float = 20.0  # a search level offers at least this many seconds of load (short bursts are absorbed)
     saturation_backlog: int | None = 64  # open loop: a level stops when more are in flight (the server fell behind)
     client_workers: int = 1  # client processes sharing the load
     calibrate: bool = True  # measure the client's ceiling against a local null server (cached per machine)
@@ -473,6 +474,7 @@ class BenchConfig:
         _check(self.request_timeout_s > 0, "bench.request_timeout_s", self.request_timeout_s, "> 0")
         _check(0 < self.goodput_target <= 1, "bench.goodput_target", self.goodput_target, "in (0, 1]")
         _check(self.search_steps >= 2, "bench.search_steps", self.search_steps, "an integer >= 2")
+        _check(self.search_level_s > 0, "bench.search_level_s", self.search_level_s, "> 0")
         _check(
             self.saturation_backlog is None or self.saturation_backlog >= 1,
             "bench.saturation_backlog",

@@ -16,6 +16,7 @@ from harness.serving.load import arrival_offsets, run_level, warm_up
 from harness.serving.workload import Workload
 from runners.measure import BenchContext, BenchOutput
 
+SEARCH_MIN_REQUESTS = 8  # a search level's fewest requests, whatever its rate
 CEILING_SHARE = 0.5  # a level past this share of the client's calibrated chunks/s is flagged client-bound
 
 
@@ -61,20 +62,22 @@ class _Run:
         self.level_index = 0
         self.ceiling: dict[str, Any] | None = None  # the client's calibrated requests/s and chunks/s
 
-    def _count(self, rate: float | None) -> int:
+    def _count(self, rate: float | None, searching: bool) -> int:
         b = self.bench
+        if rate is not None and searching:  # long enough to be a load, not a burst the server's queue absorbs,
+            return max(SEARCH_MIN_REQUESTS, math.ceil(rate * b.search_level_s))  # and not minutes at a low rate
         if rate is not None and b.duration_s:  # the schedule's length: whichever of the two ends first
             return max(1, min(b.num_requests, math.ceil(rate * b.duration_s)))
         return b.num_requests
 
-    def level(self, mode: str, value: float) -> dict[str, Any]:
+    def level(self, mode: str, value: float, searching: bool = False) -> dict[str, Any]:
         b = self.bench
         key = f"concurrency={int(value)}" if mode == "closed" else f"rate={value:g}"
         if key in self.levels:
             return self.levels[key]
         self.ctx.progress(f"serve {key}")
         self.level_index += 1
-        plans = self.workload.plans(self._count(value if mode == "open" else None), self.level_index)
+        plans = self.workload.plans(self._count(value if mode == "open" else None, searching), self.level_index)
         offsets = None
         if mode == "open":
             offsets = arrival_offsets(
@@ -170,7 +173,7 @@ class _Run:
         failed: float | None = None
         walked = []
         for _ in range(b.search_steps):
-            summary = self.level("open", round(rate, 3))
+            summary = self.level("open", round(rate, 3), searching=True)
             ok = self.meets_target(summary)
             walked.append({"rate": round(rate, 3), "goodput_rps": summary["goodput_rps"],
                            "slo_attainment": summary["attainment"], "met": ok,
@@ -187,8 +190,13 @@ class _Run:
                 rate /= 2
             else:
                 rate = (best + failed) / 2
-        return {"max_rate_rps": best, "first_failing_rps": failed, "goodput_target": b.goodput_target,
-                "slo": b.slo.limits(), "walked": walked}  # fmt: skip
+        found = {"max_rate_rps": best, "first_failing_rps": failed, "goodput_target": b.goodput_target,
+                 "slo": b.slo.limits(), "walked": walked}  # fmt: skip
+        if failed is None:
+            found["note"] = f"every rate walked held: the max rate is above {best:g}; raise bench.search_steps."
+        elif best is None:
+            found["note"] = f"even {failed:g} req/s missed the target: lower bench.rates[0] to start below it."
+        return found
 
 
 def run_serve(ctx: BenchContext) -> BenchOutput:

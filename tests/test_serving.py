@@ -345,3 +345,14 @@ def test_shared_prefix_multi_turn_and_search_qa_workloads(tiny_loaded):
     assert isinstance(as_ids[0].body["prompt"][0], int) and as_ids[0].prompt_tokens == len(as_ids[0].body["prompt"])
     as_text = _workload(tiny_loaded, token_prompts=False).plans(1, 1)
     assert isinstance(as_text[0].body["prompt"], str) and as_text[0].prompt_tokens is None
+
+
+def test_the_servers_count_wins_and_token_times_follow_it():
+    from harness.serving.figures import rescale, token_times
+
+    assert rescale([1, 2, 3], 6) == [1, 2, 3]
+    assert sum(rescale([1, 2, 3], 7)) == 7 and rescale([1, 2, 3], 7)[2] == 4  # the largest share gets the extra
+    assert rescale([1, 0, 1], 3) in ([2, 0, 1], [1, 0, 2])
+    assert rescale([0, 0], 2) == [1, 1]
+    # First chunk's tokens at its arrival; a later chunk's tokens spread over its gap; empty chunks pass theirs on.
+    assert token_times([1.0, 2.0, 2.5, 4.0], [2, 2, 0, 3]) == pytest.approx([1, 1, 1.5, 2, 8 / 3, 10 / 3, 4])

@@ -99,7 +99,9 @@ class Generation:
 
     @property
     def output_tokens(self) -> int:
-        return len(self.token_ids)
+        """Tokens generated: over HTTP the server's own count where it reports one (token_ids there are the client
+        tokenizer's reading of the text, which can differ by a token)."""
+        return self.reported_tokens if self.reported_tokens is not None else len(self.token_ids)
 
     @property
     def e2e_s(self) -> float:

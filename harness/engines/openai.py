@@ -40,6 +40,7 @@ from harness.models.attention import AttentionChoice
 from harness.models.loader import LoadedModel, checkpoint_for, effective_chat_format, gguf_file_for, load_tokenizer
 from harness.models.sources import Source, resolve_source
 from harness.serving.client import Endpoint, RequestRecord, new_session, request_body, send
+from harness.serving.figures import rescale, token_times
 from harness.serving.launch import LaunchedServer, launch
 
 
@@ -387,7 +388,7 @@ class _HttpStream(TokenStream):
         self._text = ""
         self._count = 0  # the running maximum of the tokenizer's count of the text so far
         self._last_t = 0.0
-        self._first_chunk_tokens = 0
+        self._chunks: list[tuple[float, int]] = []  # (arrival, tokens) of each chunk
         self._done = False
         self._record = RequestRecord(0, 0.0, params.max_new_tokens, prompt_tokens)
 
@@ -430,8 +431,7 @@ class _HttpStream(TokenStream):
         for i in range(k):
             t = chunk.t if first else previous + (chunk.t - previous) * (i + 1) / k
             self._pending.append(TokenEvent(int(ids[self._count + i]), int(t * 1e9)))
-        if first:
-            self._first_chunk_tokens = k
+        self._chunks.append((chunk.t, k))
         if k:
             self._count += k
             self._last_t = chunk.t
@@ -458,15 +458,22 @@ class _HttpStream(TokenStream):
         usage = record.usage or {}
         if isinstance(usage.get("prompt_tokens"), int):
             self.prompt_tokens = usage["prompt_tokens"]
-        ids = [e.token_id for e in self._events]
         reason = {"length": "length"}.get(record.finish_reason or "", "stop" if self.stop else "eos")
         self._set_generation(self._events, record.text, reason)
         assert self.generation is not None
+        # The server's count of output tokens wins over the client tokenizer's (which re-reads the text): the
+        # token times are laid out again for that count, chunk by chunk (DESIGN.md "Serving load").
+        reported = usage.get("completion_tokens")
+        times, k = [t for t, _ in self._chunks], [n for _, n in self._chunks]
+        if isinstance(reported, int) and reported != sum(k) and reported > 0:
+            k = rescale(k, reported)
+        token_ns = [int(t * 1e9) for t in token_times(times, k)]
         self.generation = replace(
             self.generation,
-            token_ids=ids,
-            first_chunk_tokens=max(1, self._first_chunk_tokens),
-            reported_tokens=usage.get("completion_tokens"),
+            token_ns=token_ns,
+            end_ns=token_ns[-1] if token_ns else self.generation.end_ns,
+            first_chunk_tokens=max(1, next((n for n in k if n > 0), 1)),
+            reported_tokens=reported if isinstance(reported, int) else None,
         )
 
     def close(self) -> None:

@@ -73,6 +73,36 @@ def _steps(running: list[int]) -> list[int]:
     return out
 
 
+def rescale(k: list[int], n: int) -> list[int]:
+    """Tokens per chunk made to add up to n (the server's count) in proportion to k, by largest remainder: the
+    client tokenizer's split of the text is the best guess of where the server's tokens fell."""
+    total = sum(k)
+    if total == n or not k:
+        return list(k)
+    weights = k if total > 0 else [1] * len(k)
+    share = [w * n / sum(weights) for w in weights]
+    out = [int(s) for s in share]
+    for i in sorted(range(len(k)), key=lambda i: share[i] - out[i], reverse=True)[: n - sum(out)]:
+        out[i] += 1
+    return out
+
+
+def token_times(times: list[float], k: list[int]) -> list[float]:
+    """Each token's time: the first chunk's tokens at its arrival; a later chunk's k tokens spread evenly over
+    the gap since the last chunk that carried a token (so each token ITL is gap/k)."""
+    out: list[float] = []
+    previous: float | None = None
+    for t, n in zip(times, k, strict=True):
+        if n <= 0:
+            continue
+        if previous is None:
+            out.extend([t] * n)
+        else:
+            out.extend(previous + (t - previous) * (i + 1) / n for i in range(n))
+        previous = t
+    return out
+
+
 @dataclass
 class RequestFigures:
     ttft_ms: float
@@ -93,12 +123,11 @@ def request_figures(record: RequestRecord, counted: Counted) -> RequestFigures:
     chunk_itl = [(b - a) * 1e3 for a, b in itertools.pairwise(times)]
     itl: list[float] = []
     if counted.token_itl_ok:
-        # A chunk's gap spread evenly over its k tokens; chunks that added no token pass their gap on.
-        previous = first
-        for t, k in zip(times[1:], counted.k[1:], strict=False):
-            if k > 0:
-                itl.extend([(t - previous) * 1e3 / k] * k)
-                previous = t
+        # A chunk's gap spread evenly over its k tokens; chunks that added no token pass their gap on; the first
+        # chunk's tokens have no gap before them.
+        stamps = token_times(times, counted.k)
+        first_k = next((k for k in counted.k if k > 0), 0)
+        itl = [(b - a) * 1e3 for a, b in itertools.pairwise(stamps[max(first_k - 1, 0) :])]
     n = counted.n_out
     return RequestFigures(
         ttft_ms=(first - record.t_send) * 1e3,
