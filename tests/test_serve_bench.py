@@ -13,7 +13,7 @@ import pytest
 from harness.config import load_config
 from harness.engines import create_engine, load_for_engine
 from harness.engines.base import GenerationParams, TokenPrompt
-from harness.errors import ConfigError
+from harness.errors import ConfigError, InferenceError
 from harness.serving.launch import launch
 from runners import run_point
 from tests.conftest import needs_smollm2, run_harness
@@ -129,6 +129,8 @@ def test_engine_openai_gives_the_in_process_greedy_output(compose, harness_serve
             assert theirs.finish_reason == "length"
             assert len(theirs.token_ns) == theirs.output_tokens and theirs.token_ns == sorted(theirs.token_ns)
         assert remote_loaded.context_window == local_loaded.context_window
+        with pytest.raises(InferenceError, match="batches concurrent requests itself"):
+            remote.batch([prompts[0], prompts[0]], params)
         assert remote.describe()["served_model"] == "tiny-qwen2"
     finally:
         local_loaded.release()

@@ -202,6 +202,13 @@ class Engine(ABC):
         )
 
 
+def one_at_a_time(engine: Engine, prompts: Sequence[Prompt], params: GenerationParams, why: str, fix: str):
+    """batch() of an engine that takes one prompt per call: that one, or an InferenceError saying why not more."""
+    if len(prompts) != 1:
+        raise InferenceError(f"engine={engine.name} {why.format(n=len(prompts))}", fix)
+    return [engine.generate(prompts[0], params)]
+
+
 def streamed(engine: Engine, prompt: Prompt, params: GenerationParams) -> Generation:
     """One request through the streaming path, run to its end: the Generation with every token's timestamp."""
     stream = engine.stream(prompt, params)

@@ -33,6 +33,7 @@ from harness.engines.base import (
     TokenEvent,
     TokenPrompt,
     TokenStream,
+    one_at_a_time,
     streamed,
 )
 from harness.errors import ConfigError, HarnessError, InferenceError, ModelLoadError
@@ -335,13 +336,14 @@ class OpenAIEngine(Engine):
         return streamed(self, prompt, params)
 
     def batch(self, prompts: Sequence[Prompt], params: GenerationParams) -> list[Generation]:
-        if len(prompts) != 1:
-            raise InferenceError(
-                f"engine={self.name} sends requests to a server, which batches concurrent requests itself; a batch "
-                f"of {len(prompts)} in one call is not something its API offers.",
-                "use bench.batch_sizes=[1] here; bench.concurrency and bench=serve measure the server's batching.",
-            )
-        return [self.generate(prompts[0], params)]
+        return one_at_a_time(
+            self,
+            prompts,
+            params,
+            "sends requests to a server, which batches concurrent requests itself; a batch of {n} in one call is "
+            "not something its API offers.",
+            "use bench.batch_sizes=[1] here; bench.concurrency and bench=serve measure the server's batching.",
+        )
 
     def describe(self) -> dict[str, Any]:
         server = self.loaded.provenance.get("server", {})

@@ -23,6 +23,7 @@ from harness.engines.base import (
     TokenPrompt,
     TokenStream,
     decode_output,
+    one_at_a_time,
 )
 from harness.errors import InferenceError, OutOfMemoryError
 from harness.models.loader import LoadedModel
@@ -74,13 +75,14 @@ class PullEngine(Engine):
         return stream.generation
 
     def batch(self, prompts: Sequence[Prompt], params: GenerationParams) -> list[Generation]:
-        if len(prompts) != 1:
-            raise InferenceError(
-                f"engine={self.name} generates one sequence at a time through its Python API; a batch of "
-                f"{len(prompts)} would be {len(prompts)} requests in a row, which is not a batch.",
-                "use bench.batch_sizes=[1] on this engine (bench.concurrency measures requests in turn).",
-            )
-        return [self.generate(prompts[0], params)]
+        return one_at_a_time(
+            self,
+            prompts,
+            params,
+            "generates one sequence at a time through its Python API; a batch of {n} would be {n} requests in a "
+            "row, which is not a batch.",
+            "use bench.batch_sizes=[1] on this engine (bench.concurrency measures requests in turn).",
+        )
 
     def decode(self, ids: list[int], stop: tuple[str, ...]) -> tuple[str, str]:
         return decode_output(self.tokenizer, ids, stop, self.eos_ids)
