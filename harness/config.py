@@ -570,6 +570,16 @@ class HarnessConfig:
         launch = self.server_launch()
         if launch is None:
             return
+        if bench.name in ("memory", "quality"):
+            why = {
+                "memory": "measures the memory of this process, and the model lives in the server's",
+                "quality": "scores text with the model's logits, which an OpenAI-compatible stream does not give",
+            }[bench.name]
+            raise ConfigError(
+                f"bench={bench.name} {why}; engine={engine} reaches the model over HTTP.",
+                f"run bench={bench.name} on an in-process engine (transformers, llamacpp, onnxruntime); for a "
+                "server, bench=serve reports its load behaviour and scrapes its /metrics.",
+            )
         if launch == "vllm":
             check_vllm_python(self.engine.python)
         method = self.quant.method

@@ -306,3 +306,9 @@ def test_vllm_launched_from_its_own_environment(tmp_path):
     assert result.metrics["tpot_ms[prompt=32]"]["n"] == 3
     assert result.resolved["engine"]["server"]["launch"] == "vllm"
     assert "--enforce-eager" in result.resolved["engine"]["server"]["command"]
+
+
+@pytest.mark.parametrize("bench", ["memory", "quality"])
+def test_benches_that_need_the_model_in_process_are_refused_over_http(compose, bench):
+    with pytest.raises(ConfigError, match=f"bench={bench}"):
+        compose("model=tiny-qwen2", "engine=openai", f"bench={bench}")
