@@ -36,11 +36,11 @@ from harness.engines.base import (
     one_at_a_time,
     streamed,
 )
-from harness.errors import ConfigError, HarnessError, InferenceError, ModelLoadError
+from harness.errors import ConfigError, HarnessError, InferenceError
 from harness.models.attention import AttentionChoice
 from harness.models.loader import LoadedModel, checkpoint_for, effective_chat_format, gguf_file_for, load_tokenizer
 from harness.models.sources import Source, resolve_source
-from harness.serving.client import Endpoint, RequestRecord, new_session, request_body, send
+from harness.serving.client import Endpoint, RequestRecord, new_session, probe, request_body, send
 from harness.serving.figures import rescale, token_times
 from harness.serving.launch import LaunchedServer, launch
 
@@ -118,42 +118,6 @@ def _local_model(cfg: HarnessConfig, need: str, events: list[str]) -> tuple[Any,
     source = resolve_source(model)
     checkpoint, _ = checkpoint_for(source, model, cfg.cache_path, cfg.seed, events)
     return load_tokenizer(checkpoint, model, source), checkpoint, source
-
-
-def probe(endpoint: Endpoint) -> list[dict[str, Any]]:
-    """The models a running server lists at /models; a clear error when it is not reachable, refuses the key, or
-    does not speak OpenAI's API."""
-    request = urllib.request.Request(endpoint.url("/models"), headers=endpoint.headers())
-    where = endpoint.base_url
-    try:
-        with urllib.request.urlopen(request, timeout=endpoint.connect_timeout_s) as response:
-            raw = response.read(1_000_000)
-    except urllib.error.HTTPError as exc:
-        if exc.code in (401, 403):
-            raise ConfigError(
-                f"the server at {where} refused the request with HTTP {exc.code}: the API key is missing or wrong.",
-                "set the api_key_env variable to the server's key (api_key_env names the variable).",
-            ) from None
-        raise ModelLoadError(
-            f"the server at {where} answered GET /models with HTTP {exc.code}: it is not an OpenAI-compatible API "
-            "root.",
-            "give base_url up to and including /v1 (http://host:port/v1).",
-        ) from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise ModelLoadError(
-            f"cannot reach the server at {where}: {reason}.",
-            "start the server, check base_url's host and port, or launch one for the point (launch=harness).",
-        ) from None
-    try:
-        body = json.loads(raw)
-        return [m for m in body["data"] if isinstance(m["id"], str)]
-    except (ValueError, KeyError, TypeError):
-        raise ModelLoadError(
-            f"the server at {where} answered GET /models with something that is not OpenAI's model list "
-            f"({raw[:120]!r}).",
-            "point base_url at an OpenAI-compatible API root (it ends in /v1 on most servers).",
-        ) from None
 
 
 def load_remote_model(cfg: HarnessConfig, log_dir: Path) -> LoadedModel:
@@ -389,7 +353,6 @@ class _HttpStream(TokenStream):
         self._events: list[TokenEvent] = []
         self._text = ""
         self._count = 0  # the running maximum of the tokenizer's count of the text so far
-        self._last_t = 0.0
         self._chunks: list[tuple[float, int]] = []  # (arrival, tokens) of each chunk
         self._done = False
         self._record = RequestRecord(0, 0.0, params.max_new_tokens, prompt_tokens)
@@ -424,20 +387,17 @@ class _HttpStream(TokenStream):
     def _take(self, chunk: Any) -> None:
         if not self.start_ns:
             self.start_ns = int(self._record.t_send * 1e9)
-        tokenizer = self._engine.tokenizer
         self._text += chunk.text
-        ids = tokenizer(self._text, add_special_tokens=False)["input_ids"]
-        k = max(0, len(ids) - self._count)
-        first = not self._events and not self._pending
-        previous = self._last_t if self._events or self._pending else chunk.t
-        for i in range(k):
-            t = chunk.t if first else previous + (chunk.t - previous) * (i + 1) / k
-            self._pending.append(TokenEvent(int(ids[self._count + i]), int(t * 1e9)))
+        ids = self._engine.tokenizer(self._text, add_special_tokens=False)["input_ids"]
+        k = max(0, len(ids) - self._count)  # the rise of the running count (as figures.count_tokens reads it)
         self._chunks.append((chunk.t, k))
-        if k:
-            self._count += k
-            self._last_t = chunk.t
-        self._events.extend(self._pending)
+        if not k:
+            return
+        times = token_times([t for t, _ in self._chunks], [n for _, n in self._chunks])[-k:]
+        new = [TokenEvent(int(i), int(t * 1e9)) for i, t in zip(ids[self._count :], times, strict=False)]
+        self._count += k
+        self._events.extend(new)
+        self._pending.extend(new)
 
     def _finish(self) -> None:
         self._done = True

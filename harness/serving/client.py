@@ -12,11 +12,13 @@ import asyncio
 import json
 import os
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from harness.errors import ConfigError
+from harness.errors import ConfigError, ModelLoadError
 
 READ_BUFFER = 4 * 2**20  # aiohttp's 64 KiB default splits long SSE lines and slows long prompts down
 ERROR_TEXT_LIMIT = 2000
@@ -76,7 +78,6 @@ class RequestRecord:
     error: str = ""
     finish_reason: str | None = None
     usage: dict[str, Any] | None = None
-    cpu_s: float = 0.0  # client CPU spent reading and parsing this request's stream
 
     @property
     def ok(self) -> bool:
@@ -196,7 +197,6 @@ async def send(
     recorded, never raised."""
     import aiohttp
 
-    cpu0 = time.process_time()
     events = _Events(record, on_chunk)
     record.t_send = time.perf_counter()
     try:
@@ -231,7 +231,6 @@ async def send(
         record.status, record.error = "bad_response", f"{type(exc).__name__}: {exc}"
     finally:
         record.t_end = time.perf_counter()
-        record.cpu_s = time.process_time() - cpu0
     if record.status == "streaming":
         if events.done or record.finish_reason:
             record.status = "ok"
@@ -251,6 +250,42 @@ def _error_message(text: str) -> str:
     except json.JSONDecodeError:
         pass
     return text.strip()[:ERROR_TEXT_LIMIT] or "(empty body)"
+
+
+def probe(endpoint: Endpoint) -> list[dict[str, Any]]:
+    """The models a running server lists at /models; a clear error when it is not reachable, refuses the key, or
+    does not speak OpenAI's API."""
+    request = urllib.request.Request(endpoint.url("/models"), headers=endpoint.headers())
+    where = endpoint.base_url
+    try:
+        with urllib.request.urlopen(request, timeout=endpoint.connect_timeout_s) as response:
+            raw = response.read(1_000_000)
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):
+            raise ConfigError(
+                f"the server at {where} refused the request with HTTP {exc.code}: the API key is missing or wrong.",
+                "set the api_key_env variable to the server's key (api_key_env names the variable).",
+            ) from None
+        raise ModelLoadError(
+            f"the server at {where} answered GET /models with HTTP {exc.code}: it is not an OpenAI-compatible API "
+            "root.",
+            "give base_url up to and including /v1 (http://host:port/v1).",
+        ) from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ModelLoadError(
+            f"cannot reach the server at {where}: {reason}.",
+            "start the server, check base_url's host and port, or launch one for the point (launch=harness).",
+        ) from None
+    try:
+        body = json.loads(raw)
+        return [m for m in body["data"] if isinstance(m["id"], str)]
+    except (ValueError, KeyError, TypeError):
+        raise ModelLoadError(
+            f"the server at {where} answered GET /models with something that is not OpenAI's model list "
+            f"({raw[:120]!r}).",
+            "point base_url at an OpenAI-compatible API root (it ends in /v1 on most servers).",
+        ) from None
 
 
 def new_session(endpoint: Endpoint) -> Any:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from harness.serving.client import RequestRecord
-from harness.stats import summarize, summarize_proportion
+from harness.stats import percentile, summarize, summarize_proportion
 
 
 @dataclass
@@ -167,7 +167,6 @@ class Level:
     wall_s: float = 0.0
     stopped_early: str | None = None  # why the level ended before its schedule did (saturation)
     schedule: list[float] = field(default_factory=list)  # open loop: the precomputed offsets, seconds
-    prompt_tokens: list[int] = field(default_factory=list)
 
 
 # Client self-check thresholds: past any of them the client, not the server, may have limited the figures.
@@ -204,7 +203,6 @@ def level_metrics(
     put("itl_ms", [v for _, _, f in ok for v in f.itl_ms], "ms")
     put("chunk_itl_ms", [v for _, _, f in ok for v in f.chunk_itl_ms], "ms")
     put("output_tokens", [float(f.n_out) for _, _, f in ok], "tokens")
-    put("lateness_all_ms", [(r.t_send - r.t_sched) * 1e3 for r, _, _ in rows if r.t_send], "ms")
 
     ends = [r.t_end for r in measured if r.t_end]
     span = (max(ends) - level.t0) if ends else 0.0
@@ -271,7 +269,7 @@ def client_check(level: Level, chunks: int) -> dict[str, Any]:
     late = sorted((r.t_send - r.t_sched) * 1e3 for r in level.records if r.t_send and not r.warmup)
 
     def p(values: list[float], q: float) -> float | None:
-        return summarize(values, "ms")[f"p{q}"] if values else None
+        return percentile(values, q) if values else None
 
     cpu_share = level.client_cpu_s / level.wall_s if level.wall_s > 0 else 0.0
     out: dict[str, Any] = {

@@ -9,20 +9,18 @@ group (SIGTERM, then SIGKILL), so no server outlives its point.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.errors import ConfigError, ModelLoadError
+from harness.errors import ConfigError, HarnessError, ModelLoadError
+from harness.serving.client import Endpoint, probe
 
 LAUNCHES = ("harness", "llamacpp_server", "vllm")
 # Arguments a launch gets when engine.server_args gives none. vLLM: a context cap so the KV cache fits a small
@@ -117,15 +115,6 @@ def _command(kind: str, port: int, model: str, artifact: str | None, python: str
     raise ConfigError(f"launch={kind!r} is not known; the launches are: {', '.join(LAUNCHES)}.", "pick one of those.")
 
 
-def _models(base_url: str) -> list[str] | None:
-    try:
-        with urllib.request.urlopen(base_url + "/models", timeout=2) as response:
-            body = json.loads(response.read())
-    except (OSError, ValueError, urllib.error.URLError):
-        return None
-    return [m.get("id") for m in body.get("data", []) if isinstance(m, dict)]
-
-
 def launch(
     kind: str,
     model: str,
@@ -160,6 +149,7 @@ def launch(
                 "check that the program exists (engine.python for vllm).",
             ) from exc
     server = LaunchedServer(kind, command, f"http://127.0.0.1:{port}/v1", log_path, process)
+    ready = Endpoint(server.base_url, model, connect_timeout_s=2.0)
     try:
         while True:
             if process.poll() is not None:
@@ -168,11 +158,12 @@ def launch(
                     f"({log_path}) ends:\n{log_tail(log_path)}",
                     "fix the cause the log names (a missing package, a model it cannot load, memory).",
                 )
-            models = _models(server.base_url)
-            if models is not None:
-                server.models = models
+            try:
+                server.models = [m["id"] for m in probe(ready)]
                 server.startup_s = time.perf_counter() - t0
                 return server
+            except HarnessError:  # not listening yet, or still loading
+                pass
             if time.perf_counter() - t0 > timeout_s:
                 raise ModelLoadError(
                     f"the {kind} server did not answer {server.base_url}/models within {timeout_s:g} s. Its log "

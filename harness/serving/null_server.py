@@ -57,7 +57,7 @@ def calibrate(cache_dir: Path, workers: int = 1) -> dict[str, Any]:
     """The client's ceiling against the null server in another process (cached per machine and worker count)."""
     import importlib.metadata
 
-    from harness.serving.client import Endpoint
+    from harness.serving.client import Endpoint, probe
     from harness.serving.launch import free_port, log_tail
     from harness.serving.load import Planned, run_level
 
@@ -81,8 +81,6 @@ def calibrate(cache_dir: Path, workers: int = 1) -> dict[str, Any]:
         )
     try:
         endpoint = Endpoint(f"http://127.0.0.1:{port}/v1", "null", "completions", request_timeout_s=60)
-        from harness.engines.openai import probe
-
         deadline = time.perf_counter() + 30
         while True:
             try:
