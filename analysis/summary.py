@@ -25,7 +25,16 @@ KEY_METRICS = {
         "inference_growth_rss_mib",
         "inference_growth_cuda_mib",
     ),
-    "throughput": ("single_output_tok_s", "output_tok_s", "requests_s", "latency_ms", "queue_wait_ms"),
+    "throughput": (
+        "single_output_tok_s",
+        "output_tok_s",
+        "concurrent_output_tok_s",
+        "requests_s",
+        "latency_ms",
+        "queue_wait_ms",
+        "mbu",
+        "single_mbu",
+    ),
     "e2e": (
         "pass_rate",
         "check_pass_rate",

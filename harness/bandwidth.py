@@ -102,7 +102,14 @@ def kv_bytes_per_position(config: Any, dtype_bytes: int) -> int:
 
 
 def mbu(
-    decode_tok_s: float, weight_bytes: int, kv_bytes_per_pos: int, context_tokens: float, peak_bytes_per_s: float
+    decode_tok_s: float,
+    weight_bytes: int,
+    kv_bytes_per_pos: int,
+    context_tokens: float,
+    peak_bytes_per_s: float,
+    sequences: float = 1,
 ) -> float:
-    """Decode rate × bytes read per token (all weights + the KV cache so far) ÷ peak bandwidth."""
-    return decode_tok_s * (weight_bytes + kv_bytes_per_pos * context_tokens) / peak_bytes_per_s
+    """Bytes read per second over peak bandwidth. A decode step reads all weights once and each sequence's KV
+    cache so far, and yields one token per sequence: steps/s = decode_tok_s ÷ sequences."""
+    step_bytes = weight_bytes + sequences * kv_bytes_per_pos * context_tokens
+    return decode_tok_s / sequences * step_bytes / peak_bytes_per_s

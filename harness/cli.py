@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from harness.config import ModelConfig, group_options
+from harness.config import EngineConfig, ModelConfig, group_options
 from harness.errors import ConfigError, HarnessError, format_error
 
 BYTES_PER_PARAM = {"float32": 4.0, "bfloat16": 2.0, "8bit": 1.0, "4bit": 0.5}
@@ -188,6 +188,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         jobs_dir=args.jobs_dir,
         job_max_seconds=args.job_max_seconds,
         job_max_runs=args.job_max_runs,
+        engine=EngineConfig(
+            threads=args.threads,
+            cache=args.cache,
+            compile=args.compile,
+            batching=args.batching,
+            max_batch_requests=args.max_batch_requests,
+            strict=True,  # an operator asked for it: a server that cannot compile says so at start
+        ),
     )
     warning = settings.exposure_warning()
     if warning:
@@ -243,6 +251,16 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--job-max-seconds", type=float, default=3600.0, help="a benchmark job's wall-time limit")
     serve.add_argument("--job-max-runs", type=int, default=200, help="the most runs a benchmark job may ask for")
     serve.add_argument("--allow-remote-code", action="store_true", help="let entries needing trust_remote_code load")
+    serve.add_argument(
+        "--batching",
+        choices=("none", "continuous"),
+        default="none",
+        help="none: one request at a time; continuous: concurrent requests join a running batch",
+    )
+    serve.add_argument("--max-batch-requests", type=int, default=16, help="continuous: requests decoded together")
+    serve.add_argument("--cache", choices=("dynamic", "static"), default="dynamic", help="the KV cache of generate")
+    serve.add_argument("--compile", action="store_true", help="torch.compile the decode step (needs --cache static)")
+    serve.add_argument("--threads", type=int, default=None, help="torch's CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
     import transformers
 

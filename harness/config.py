@@ -184,7 +184,15 @@ class EngineConfig:
     """The inference engine and its own knobs; each engine reads its fields (see conf/engine/*.yaml)."""
 
     name: str = "transformers"
-    threads: int | None = None  # llamacpp, onnxruntime: CPU threads; None = the engine's default (recorded)
+    threads: int | None = None  # CPU threads (torch's pool for transformers); None = the engine's default (recorded)
+    # transformers: how the decode step runs (all recorded in resolved.engine; defaults keep earlier figures)
+    cache: str = "dynamic"  # dynamic (grows per token) | static (preallocated, fixed shapes: what compile needs)
+    compile: bool = False  # torch.compile of the decode step, compiled during warm-up (timings.compile_s)
+    compile_mode: str = "auto"  # auto: reduce-overhead (CUDA graphs) on CUDA, default elsewhere | a torch mode
+    batching: str = "none"  # none: one request at a time | continuous: transformers' ContinuousBatchingManager
+    max_batch_requests: int = 16  # continuous: the most requests decoded in one step
+    kv_cache_tokens: int = 16384  # continuous: paged KV cache size, in tokens over all running requests
+    strict: bool = False  # true: an option that cannot run (compile without a compiler) fails instead of falling back
     # llamacpp
     n_ctx: int = 0  # context (KV cache) length; 0 = the model's training context
     n_batch: int = 512  # prompt tokens per llama_decode call
@@ -216,6 +224,7 @@ class EngineConfig:
         self.flash_attn = str(self.flash_attn).lower()
         _check(self.n_gpu_layers >= -1, "engine.n_gpu_layers", self.n_gpu_layers, "-1 (all) or an integer >= 0")
         _one_of("engine.provider", self.provider, ("auto", "cpu", "cuda"))
+        self._check_transformers_options()
         _one_of("engine.launch", self.launch, ("auto", *LAUNCHES))
         if self.launch == "auto":
             self.launch = {"vllm": "vllm"}.get(self.name, "none" if self.base_url else "harness")
@@ -240,6 +249,39 @@ class EngineConfig:
             )
         if self.launch == "vllm":
             check_vllm_python(self.python)
+
+    def _check_transformers_options(self) -> None:
+        _one_of("engine.cache", self.cache, ("dynamic", "static"))
+        _one_of("engine.compile_mode", self.compile_mode, COMPILE_MODES)
+        _one_of("engine.batching", self.batching, ("none", "continuous"))
+        _check(self.max_batch_requests >= 1, "engine.max_batch_requests", self.max_batch_requests, "an integer >= 1")
+        _check(self.kv_cache_tokens >= 256, "engine.kv_cache_tokens", self.kv_cache_tokens, "an integer >= 256")
+        changed = [
+            f"engine.{k}={getattr(self, k)}"
+            for k, default in (("cache", "dynamic"), ("compile", False), ("batching", "none"))
+            if getattr(self, k) != default
+        ]
+        if changed and self.name != "transformers":
+            raise ConfigError(
+                f"{', '.join(changed)} applies to engine=transformers, not engine={self.name}.",
+                "drop the option, or use engine=transformers (a server's own batching is set by its server_args).",
+            )
+        if self.compile and self.cache != "static":
+            raise ConfigError(
+                "engine.compile=true needs engine.cache=static: transformers compiles the decode step over a "
+                "preallocated cache of fixed shape; a dynamic cache grows every token and would recompile each step.",
+                "add engine.cache=static.",
+            )
+        if self.batching == "continuous" and (self.cache != "dynamic" or self.compile):
+            raise ConfigError(
+                "engine.batching=continuous runs on transformers' own paged KV cache and compiles nothing: "
+                f"engine.cache={self.cache} and engine.compile={self.compile} do not apply to it.",
+                "leave engine.cache=dynamic and engine.compile=false with batching=continuous, or use "
+                "engine.batching=none for a static or compiled decode.",
+            )
+
+
+COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def check_base_url(field_name: str, url: str) -> None:

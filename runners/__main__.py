@@ -45,6 +45,7 @@ def main(out_dir: Path) -> int:
     """The point's own process: rebuild the validated config, apply the memory limit, run, exit 0 when ok."""
     import faulthandler
 
+    import psutil
     from omegaconf import OmegaConf
 
     _die_with_parent()
@@ -61,8 +62,11 @@ def main(out_dir: Path) -> int:
 
     transformers.logging.set_verbosity_error()
     t0 = time.perf_counter()
+    # From the process's birth to here: interpreter start and the imports of torch, transformers and the harness.
+    startup_s = time.time() - psutil.Process().create_time()
     try:
         result = run_point(cfg, out_dir, spec["point"], attempt=spec["attempt"], digest=spec["config_digest"])
+        result.timings["startup_s"] = startup_s
         result.timings["process_s"] = time.perf_counter() - t0
         write_result(out_dir, result)
     except KeyboardInterrupt as exc:  # run_point has written the Interrupted result

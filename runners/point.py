@@ -111,6 +111,7 @@ def _as_error(exc: BaseException) -> HarnessError | None:
 def run_point(
     cfg: HarnessConfig, out_dir: Path, point: dict[str, str] | None = None, attempt: str = "", digest: str = ""
 ) -> Result:
+    t_start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     point = point or {g: getattr(cfg, g).name for g in GROUPS}
     result = Result(
@@ -121,8 +122,9 @@ def run_point(
         attempt=attempt,
         config_digest=digest,
     )
-    t_start = time.perf_counter()
+    result.timings["environment_s"] = time.perf_counter() - t_start
     loaded = None
+    engine = None
     try:
         bench = resolve_bench(cfg.bench.name)
         workflow = preflight(cfg)
@@ -130,7 +132,11 @@ def run_point(
             loaded = load_for_engine(cfg, out_dir)
         result.timings["load_s"] = loaded.load_seconds
         result.resolved = loaded.resolved()
+        t_engine = time.perf_counter()
         engine = create_engine(cfg.engine.name, loaded, cfg)
+        result.timings["engine_s"] = time.perf_counter() - t_engine
+        if engine.compile_s is not None:
+            result.timings["compile_s"] = engine.compile_s
         result.resolved["engine"] = engine.describe()
         t_measure = time.perf_counter()
         progress = _Progress(f"{point.get('model')} {point.get('quant')} {cfg.bench.name}")
@@ -140,6 +146,14 @@ def run_point(
         progress.done()
         result.timings["measure_s"] = time.perf_counter() - t_measure
         result.metrics, result.outputs, result.details = output.metrics, output.outputs, output.details
+        if engine.compiles_in_requests:
+            result.details["compiles_in_requests"] = engine.compiles_in_requests
+            warning = (
+                f"{engine.compiles_in_requests} request(s) compiled a new shape during measurement: their times "
+                "include compilation (raise bench.warmup_runs so warm-up covers every shape)"
+            )
+            earlier = result.details.get("warning")
+            result.details["warning"] = f"{earlier}; {warning}" if earlier else warning
         if cfg.workflow.name != "none" and cfg.bench.name != "e2e":
             result.details["note"] = f"workflow={cfg.workflow.name} is run only by bench=e2e; this bench ignored it."
         result.memory = {"load": ctx.load_memory, "run": run_memory.summary()}
@@ -164,6 +178,8 @@ def run_point(
         result.status, result.error = "failed", interrupted_result(cfg, point, how).error
         raise
     finally:
+        if engine is not None:
+            engine.shutdown()
         if loaded is not None:
             loaded.release()
         result.timings["total_s"] = time.perf_counter() - t_start

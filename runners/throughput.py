@@ -1,8 +1,13 @@
 """bench=throughput: one request alone, batches of several sizes, and closed-loop concurrent clients.
 
-Concurrent clients each send their next request as soon as their previous one returns. The engine serves
-one request at a time (see `engine.describe()["concurrency"]`), so a request waits in a queue before it
-starts: that wait is reported apart from the service time and the latency it adds up to.
+Concurrent clients each send their next request as soon as their previous one returns. An engine that serves
+one request at a time (see `engine.describe()["concurrency"]`) makes a request wait in a queue before it
+starts; a batching engine (continuous batching, a server) runs them together, and what a request waits inside it
+before its prefill is the engine's own queue. Both waits are reported apart from the service time and the
+latency they add up to.
+
+MBU per case: a decode step reads the weights once for every request in the step and each request's own KV
+cache, so steps/s × (weights + requests × KV at the mean context) ÷ peak bandwidth.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import contextlib
 import threading
 import time
 
+from harness.bandwidth import mbu, peak_bandwidth
 from harness.engines.base import streamed
 from harness.stats import summarize
 from runners.measure import (
@@ -31,6 +37,17 @@ def run_throughput(ctx: BenchContext) -> BenchOutput:
     p_len = bench.prompt_lengths[0]
     out = BenchOutput()
     n_out = params.max_new_tokens
+    # MBU where the weights are here (a server's are not); over output tok/s, prefill included: a lower bound.
+    in_process = loaded.footprint_bytes > 0
+    peak = peak_bandwidth(loaded.placement.device, ctx.cfg.cache_path)["bytes_per_s"] if in_process else 0.0
+    context = p_len + n_out / 2  # mean KV length read while decoding
+
+    def add_mbu(key: str, tok_s_key: str, sequences: float) -> None:
+        if in_process:
+            tok_s = out.metrics[tok_s_key]["mean"]
+            value = mbu(tok_s, loaded.footprint_bytes, loaded.kv_bytes_per_position, context, peak, sequences)
+            out.metrics[key] = summarize([value], "fraction")
+
     for _ in range(max(bench.warmup_runs, 1)):
         streamed(engine, exact_prompt(loaded, p_len), params)
 
@@ -43,6 +60,7 @@ def run_throughput(ctx: BenchContext) -> BenchOutput:
 
     values, how_single = repeat_until_stable(rule, single)
     out.metrics["single_output_tok_s"] = summarize(values, "tok/s")
+    add_mbu("single_mbu", "single_output_tok_s", 1)
 
     # Batches: one generate() call over `batch` prompts of the same length.
     cases: dict[str, object] = {"single": how_single}
@@ -68,6 +86,7 @@ def run_throughput(ctx: BenchContext) -> BenchOutput:
         tokens = batch * n_out
         out.metrics[case_key("batch_latency_ms", batch=batch)] = summarize([s * 1e3 for s in latencies], "ms")
         out.metrics[case_key("output_tok_s", batch=batch)] = summarize([tokens / s for s in latencies], "tok/s")
+        add_mbu(case_key("mbu", batch=batch), case_key("output_tok_s", batch=batch), batch)
         cases[f"batch={batch}"] = how
 
     # Closed-loop clients sharing the engine: one request at a time in process, all at once to a server.
@@ -85,6 +104,7 @@ def run_throughput(ctx: BenchContext) -> BenchOutput:
                     started = time.perf_counter()
                     g = engine.generate(prompt, params)
                 ended = time.perf_counter()
+                started += g.wait_ns / 1e9  # the engine's own queue (continuous batching) is a wait too
                 with record_lock:
                     records.append((issued, started, ended, g.output_tokens))
 
@@ -100,6 +120,9 @@ def run_throughput(ctx: BenchContext) -> BenchOutput:
         out.metrics[case_key("concurrent_output_tok_s", **case)] = summarize(
             [sum(r[3] for r in records) / wall], "tok/s"
         )
+        # Requests in flight on average (Little's law over the level): how many a step decodes together.
+        in_flight = min(clients, sum(e - s for _, s, e, _ in records) / wall)
+        add_mbu(case_key("mbu", **case), case_key("concurrent_output_tok_s", **case), max(1.0, in_flight))
         out.metrics[case_key("latency_ms", **case)] = summarize([(e - i) * 1e3 for i, _, e, _ in records], "ms")
         out.metrics[case_key("queue_wait_ms", **case)] = summarize([(s - i) * 1e3 for i, s, _, _ in records], "ms")
         out.metrics[case_key("service_ms", **case)] = summarize([(e - s) * 1e3 for _, s, e, _ in records], "ms")

@@ -45,7 +45,7 @@ def create_engine(name: str, loaded: LoadedModel, cfg: HarnessConfig | None = No
     if name == "transformers":
         from harness.engines.transformers import TransformersEngine
 
-        return TransformersEngine(loaded)
+        return TransformersEngine(loaded, cfg.engine if cfg else None, cfg.cache_path if cfg else None)
     if name == "llamacpp":
         from harness.config import EngineConfig
         from harness.engines.llamacpp import LlamaCppEngine

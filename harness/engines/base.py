@@ -96,6 +96,9 @@ class Generation:
     # server's own count of output tokens (usage) is kept beside the client's.
     first_chunk_tokens: int = 1
     reported_tokens: int | None = None
+    # Time the request waited inside the engine before its prefill began (continuous batching's scheduler); it is
+    # part of TTFT and E2E, and throughput reports it with the queue wait.
+    wait_ns: int = 0
 
     @property
     def output_tokens(self) -> int:
@@ -178,8 +181,17 @@ class Engine(ABC):
     name: str
     # False: batch() takes one prompt at a time (it refuses more); benches record larger batch sizes as not run.
     batches: bool = True
-    # True: requests may be sent from several threads at once (a server batches them); False: one at a time.
+    # True: requests may be sent from several threads at once (a server or a batching manager runs them together);
+    # False: one at a time.
     concurrent: bool = False
+    # Seconds spent compiling before the first timed request (torch.compile), and compilations that still happened
+    # inside requests (each one's time is then not a steady-state figure).
+    compile_s: float | None = None
+    compiles_in_requests: int = 0
+
+    def shutdown(self) -> None:
+        """Release what the engine started (threads, a batching manager), after its running requests end."""
+        return None  # most engines start nothing of their own
 
     @abstractmethod
     def generate(self, prompt: Prompt, params: GenerationParams) -> Generation: ...

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.chat import format_chat
-from harness.config import HarnessConfig
+from harness.config import EngineConfig, HarnessConfig
 from harness.device import Placement
 from harness.engines.base import (
     Engine,
@@ -83,6 +83,22 @@ def server_plan(cfg: HarnessConfig) -> ServerPlan:
         launch_kind = "none" if b.target == "url" else b.target
         return ServerPlan(launch_kind, b.base_url, b.api, b.api_key_env, b.served_model, b.request_timeout_s)
     return ServerPlan(e.launch, e.base_url, e.api, e.api_key_env, e.served_model, e.request_timeout_s)
+
+
+def harness_engine_args(engine: EngineConfig, launch_kind: str) -> list[str]:
+    """bench=serve target=harness with engine=transformers options: the launched server runs them."""
+    if launch_kind != "harness" or engine.name != "transformers":
+        return []
+    args = []
+    if engine.batching != "none":
+        args += ["--batching", engine.batching, "--max-batch-requests", str(engine.max_batch_requests)]
+    if engine.cache != "dynamic":
+        args += ["--cache", engine.cache]
+    if engine.compile:
+        args.append("--compile")
+    if engine.threads is not None:
+        args += ["--threads", str(engine.threads)]
+    return args
 
 
 def _served_name(cfg: HarnessConfig, plan: ServerPlan) -> str:
@@ -145,7 +161,7 @@ def load_remote_model(cfg: HarnessConfig, log_dir: Path) -> LoadedModel:
             log_dir,
             artifact,
             python,
-            cfg.engine.server_args,
+            cfg.engine.server_args + harness_engine_args(cfg.engine, plan.launch),
             cfg.engine.launch_timeout_s,
             env,
         )

@@ -8,9 +8,13 @@ Timing follows DESIGN.md: the prompt is tokenized first (timed apart), the reque
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import greenlet
 import torch
@@ -28,8 +32,11 @@ from harness.engines.base import (
     check_scoring_window,
     decode_output,
 )
-from harness.errors import InferenceError, OutOfMemoryError
+from harness.errors import ConfigError, InferenceError, OutOfMemoryError
 from harness.models.loader import LoadedModel
+
+if TYPE_CHECKING:
+    from harness.config import EngineConfig
 
 # bitsandbytes 8-bit logs a warning on every matmul that casts float32 inputs to float16: once per token.
 logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
@@ -156,29 +163,147 @@ class _Stream(TokenStream):
         self._finish(self._resume(cancel=True))
 
 
+def _dynamo_frames() -> int:
+    """Frames torch.compile has compiled so far in this process (0 before dynamo is first imported)."""
+    if "torch._dynamo" not in sys.modules:
+        return 0
+    from torch._dynamo.utils import counters
+
+    return int(counters["frames"]["ok"])
+
+
+def compile_blockers(model: Any, device: str) -> list[str]:
+    """Why torch.compile of the decode step cannot run here (empty when it can be tried)."""
+    blockers = []
+    if not torch._dynamo.is_dynamo_supported():
+        blockers.append(f"torch.compile does not support this Python ({sys.version.split()[0]})")
+    kind = device.split(":")[0]
+    if kind == "cpu":
+        compilers = [os.environ.get("CXX") or "", "g++", "c++", "clang++"]
+        if not any(c and shutil.which(c) for c in compilers):
+            blockers.append("no C++ compiler is on PATH (inductor builds CPU kernels with one; set CXX or install g++)")
+    elif kind == "cuda":
+        import importlib.util
+
+        if importlib.util.find_spec("triton") is None:
+            blockers.append("triton is not installed (inductor's CUDA kernels need it)")
+    else:
+        blockers.append(f"the device is {device}; compiled decoding is supported here on CPU and CUDA")
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and not quantizer.is_compileable:
+        blockers.append(f"{type(quantizer).__name__} quantization cannot be compiled")
+    return blockers
+
+
 class TransformersEngine(Engine):
     name = "transformers"
 
-    def __init__(self, loaded: LoadedModel) -> None:
+    def __init__(self, loaded: LoadedModel, options: EngineConfig | None = None, cache_dir: Path | None = None) -> None:
+        from harness.config import EngineConfig
+
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.device = loaded.placement.device
+        self.options = options or EngineConfig()
         config_eos = self.model.generation_config.eos_token_id
         eos = config_eos if config_eos is not None else self.tokenizer.eos_token_id
         self.eos_ids = {int(e) for e in (eos if isinstance(eos, list | tuple) else [eos]) if e is not None}
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad) if pad is not None else (min(self.eos_ids) if self.eos_ids else 0)
+        if self.options.threads is not None:
+            torch.set_num_threads(self.options.threads)
+        self._compile_config: Any = None
+        self.compile_mode: str | None = None
+        self.compile_fallback: str | None = None
+        self.batcher = None
+        if self.options.compile:
+            self._set_up_compile(cache_dir)
+        if self.options.batching == "continuous":
+            from harness.engines.continuous import ContinuousBatcher
+
+            self.batcher = ContinuousBatcher(self, self.options.max_batch_requests, self.options.kv_cache_tokens)
+            self.concurrent = True
 
     def describe(self) -> dict[str, Any]:
         import transformers
 
-        return {
+        described: dict[str, Any] = {
             "name": self.name,
             "version": transformers.__version__,
             "concurrency": "one request at a time (generate holds the model)",
             "timing": "host perf_counter_ns; a token is stamped when its id reaches the host",
+            "threads": torch.get_num_threads(),
+            "cache": self.options.cache,
+            "compile": self._compile_config is not None,
+            "batching": self.options.batching,
         }
+        if self.options.compile:
+            described["compile_mode"] = self.compile_mode
+            described["compile_s"] = self.compile_s
+            if self.compile_fallback:
+                described["compile_fallback"] = self.compile_fallback
+        if self.batcher is not None:
+            described["concurrency"] = (
+                "continuous batching: concurrent requests join the running batch (transformers' "
+                "ContinuousBatchingManager, paged KV cache)"
+            )
+            described["timing"] = "the manager's perf_counter stamp, taken when a token id reaches the host"
+            described["continuous"] = self.batcher.describe
+        return described
+
+    def shutdown(self) -> None:
+        if self.batcher is not None:
+            self.batcher.stop()
+
+    # -- compiled decoding ----------------------------------------------------------------------------------
+    def _set_up_compile(self, cache_dir: Path | None) -> None:
+        """Compile the decode step now (warm-up), so no timed request pays for it; fall back (recorded) when it
+        cannot run, or raise ConfigError with engine.strict=true."""
+        from transformers import CompileConfig
+
+        mode = self.options.compile_mode
+        if mode == "auto":
+            mode = "reduce-overhead" if self.device.startswith("cuda") else "default"
+        self.compile_mode = mode
+        blockers = compile_blockers(self.model, self.device)
+        if not blockers:
+            if cache_dir is not None:  # compiled kernels are reused by the next run of the point
+                os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir / "inductor"))
+            config = CompileConfig(mode=mode, fullgraph=False)
+            config._compile_all_devices = True  # transformers compiles only on GPUs unless told to
+            self._compile_config = config
+            before = _dynamo_frames()
+            t0 = time.perf_counter()
+            try:
+                self._compile_warm_up()
+            except Exception as exc:  # inductor's errors have many types: any of them means "cannot compile"
+                blockers.append(f"compilation failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+            else:
+                if _dynamo_frames() == before:
+                    blockers.append("transformers' generate did not compile the decode step for this model")
+            self.compile_s = time.perf_counter() - t0
+        if not blockers:
+            return
+        self._compile_config = None
+        reason = "; ".join(blockers)
+        if self.options.strict:
+            raise ConfigError(
+                f"engine.compile=true cannot run here: {reason}.",
+                "fix the cause, or drop engine.strict=true to fall back to the uncompiled decode (recorded).",
+            )
+        self.compile_fallback = f"uncompiled decode: {reason}"
+
+    def _compile_warm_up(self) -> None:
+        """Two generations of different lengths: the second lets dynamo mark the lengths dynamic, so later
+        prompt and output lengths reuse the compiled step instead of recompiling."""
+        from harness.engines.base import TokenPrompt
+
+        vocab = self.model.get_input_embeddings().num_embeddings
+        for n_prompt, n_new in ((8, 4), (16, 8)):
+            ids = TokenPrompt(tuple(range(1, min(vocab, n_prompt + 1))))
+            params = GenerationParams(max_new_tokens=n_new, min_new_tokens=n_new)
+            self._run_generate(self._generate_kwargs(self._encode(ids, params), params), timed=False)
 
     # -- preparing requests -------------------------------------------------------------------------------
     def _prompt_text(self, prompt: Prompt) -> tuple[str, tuple[str, ...], bool]:
@@ -247,6 +372,12 @@ class TransformersEngine(Engine):
             fields["repetition_penalty"] = params.repetition_penalty
         if stop:
             fields["stop_strings"] = list(stop)
+        if self.options.cache == "static":
+            fields["cache_implementation"] = "static"
+            if self._compile_config is not None:
+                fields["compile_config"] = self._compile_config
+            else:  # transformers compiles a static cache's decode on its own on GPUs: only engine.compile decides
+                fields["disable_compile"] = True
         return GenerationConfig(**fields)
 
     def _generate_kwargs(self, encoded: _Encoded, params: GenerationParams) -> dict[str, Any]:
@@ -261,9 +392,13 @@ class TransformersEngine(Engine):
             torch.manual_seed(params.seed)
         return kwargs
 
-    def _run_generate(self, kwargs: dict[str, Any]) -> torch.Tensor:
+    def _run_generate(self, kwargs: dict[str, Any], timed: bool = True) -> torch.Tensor:
+        before = _dynamo_frames()
         with torch.inference_mode():
-            return self.model.generate(**kwargs)
+            out = self.model.generate(**kwargs)
+        if timed and _dynamo_frames() != before:
+            self.compiles_in_requests += 1  # a shape the warm-up did not cover: this request's time includes it
+        return out
 
     def _wrap_error(self, exc: BaseException, what: str) -> BaseException:
         if not isinstance(exc, Exception):  # KeyboardInterrupt (Ctrl-C, SIGTERM), SystemExit: not the model's fault
@@ -288,10 +423,34 @@ class TransformersEngine(Engine):
         return self.batch([prompt], params)[0]  # a batch of one has no padding: the same call, the same tokens
 
     def stream(self, prompt: Prompt, params: GenerationParams) -> TokenStream:
-        return _Stream(self, self._encode(prompt, params), params)
+        encoded = self._encode(prompt, params)
+        if self.batcher is not None:
+            from harness.engines.continuous import BatchedStream
+
+            self._check_batchable(params)
+            return BatchedStream(self, encoded, params)
+        return _Stream(self, encoded, params)
+
+    def _check_batchable(self, params: GenerationParams) -> None:
+        from harness.engines.continuous import unsupported_params
+
+        why = unsupported_params(params)
+        if why is not None:
+            raise InferenceError(
+                f"engine.batching=continuous cannot serve {why}.",
+                "send greedy requests (temperature 0) without repetition_penalty, or run with engine.batching=none.",
+            )
 
     def batch(self, prompts: Sequence[Prompt], params: GenerationParams) -> list[Generation]:
         encoded = self._encode_many(prompts, params)
+        if self.batcher is not None:
+            from harness.engines.continuous import generate_many
+
+            self._check_batchable(params)
+            try:
+                return generate_many(self, encoded, params)
+            except Exception as exc:
+                raise self._wrap_error(exc, f"continuous batching of {len(prompts)} prompt(s)") from exc
         stop, tokenize_ns, lengths = encoded.stop, encoded.tokenize_ns, encoded.lengths
         kwargs = self._generate_kwargs(encoded, params)
         start = time.perf_counter_ns()

@@ -70,6 +70,7 @@ class ModelManager:
             )
         self.capacity = capacity
         self.memory_budget_bytes = memory_budget_bytes
+        self.cache_dir = Path(cache_dir).expanduser()
         self._loader: Loader = loader or (
             lambda spec: load_model(spec.model, spec.quant, spec.attention, cache_dir=cache_dir, seed=seed)
         )

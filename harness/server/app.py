@@ -139,7 +139,7 @@ class Server:
         budget = settings.memory_budget_mb * 2**20 if settings.memory_budget_mb else None
         self.manager = manager or ModelManager(settings.capacity, budget, cache_dir=settings.cache_dir)
         self.registry = ModelRegistry(settings.model_dirs, settings.allow_remote_code)
-        self.worker = ModelWorker(self.manager, settings.max_queue)
+        self.worker = ModelWorker(self.manager, settings.max_queue, settings.engine)
         self.jobs = JobRunner(
             settings.jobs_dir,
             settings.max_parallel_jobs,

@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness.config import EngineConfig
 from harness.errors import ConfigError
 
 TOKEN_ENV = "HARNESS_API_TOKEN"
@@ -30,6 +31,9 @@ class ServerSettings:
     max_parallel_jobs: int = 1  # benchmark jobs run one at a time by default: parallel timings disturb each other
     job_max_seconds: float = 3600.0  # a job's wall time; past it its process group is killed
     job_max_runs: int = 200  # bench.max_runs, warm-up runs and requests per concurrency level of a job
+    # How the transformers engine runs every served model (batching=continuous lets concurrent requests share the
+    # decode; cache/compile/threads as in conf/engine/transformers.yaml).
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
         if self.token is None:

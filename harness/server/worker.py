@@ -1,8 +1,10 @@
-"""The one thread that touches models: it loads, unloads and generates, one job at a time.
+"""The one thread that touches models: it loads, unloads and starts generations, one job at a time.
 
-The transformers engine serves one request at a time and a token stream must be consumed by one thread, so
-every model operation goes through this queue; an unload therefore never frees weights under a running
-generation. HTTP handlers wait on the job's future (or, for a stream, on its asyncio queue of events).
+With engine.batching=none the transformers engine serves one request at a time and a token stream must be
+consumed by one thread, so the whole generation runs on this thread. With batching=continuous a request only
+joins the running batch here, and its tokens are read on a thread of its own while the next request joins.
+Either way an unload waits for the model's running requests, so weights are never freed under a generation.
+HTTP handlers wait on the job's future (or, for a stream, on its asyncio queue of events).
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from harness.engines import create_engine
-from harness.engines.base import Engine, Generation, GenerationParams, Prompt
+from harness.config import EngineConfig
+from harness.engines.base import Engine, Generation, GenerationParams, Prompt, TokenStream
 from harness.models.loader import LoadedModel
 from harness.models.manager import ModelManager, ModelSpec
 
@@ -108,10 +110,13 @@ class _Job:
 
 
 class ModelWorker:
-    def __init__(self, manager: ModelManager, max_queue: int) -> None:
+    def __init__(self, manager: ModelManager, max_queue: int, engine_options: EngineConfig | None = None) -> None:
         self.manager = manager
+        self.engine_options = engine_options or EngineConfig()
         self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=max_queue)
         self._engines: dict[str, Engine] = {}
+        self._running: dict[str, int] = {}  # model key -> its streams still being read
+        self._idle = threading.Condition()
         self._thread = threading.Thread(target=self._loop, name="harness-model-worker", daemon=True)
         self._thread.start()
 
@@ -143,24 +148,43 @@ class ModelWorker:
     def stop(self) -> None:
         self._jobs.put(None)
         self._thread.join(timeout=30)
+        for key in list(self._engines):
+            self._close_engine(key)
         self.manager.unload_all()
 
     # -- jobs (run on the worker thread) ---------------------------------------------------------------------
     def _engine(self, spec: ModelSpec) -> tuple[LoadedModel, Engine]:
+        from harness.engines.transformers import TransformersEngine
+
         loaded = self.manager.get(spec)
         for key in list(self._engines):  # engines of models the LRU has unloaded
             if key not in self.manager:
-                del self._engines[key]
+                self._close_engine(key)
         if spec.key not in self._engines:
-            self._engines[spec.key] = create_engine("transformers", loaded)
+            self._engines[spec.key] = TransformersEngine(loaded, self.engine_options, self.manager.cache_dir)
         return loaded, self._engines[spec.key]
+
+    def _close_engine(self, key: str) -> None:
+        """Wait for the model's running streams to end, then stop its engine (a batching manager's thread)."""
+        with self._idle:
+            self._idle.wait_for(lambda: not self._running.get(key))
+        engine = self._engines.pop(key, None)
+        if engine is not None:
+            engine.shutdown()
+
+    def _track(self, key: str, delta: int) -> None:
+        with self._idle:
+            self._running[key] = self._running.get(key, 0) + delta
+            if not self._running[key]:
+                del self._running[key]
+                self._idle.notify_all()
 
     def load(self, spec: ModelSpec) -> Future:
         return self.submit(lambda: self._engine(spec)[0])
 
     def unload(self, spec: ModelSpec) -> Future:
         def run() -> bool:
-            self._engines.pop(spec.key, None)
+            self._close_engine(spec.key)
             return self.manager.unload(spec.key)
 
         return self.submit(run)
@@ -177,11 +201,9 @@ class ModelWorker:
         """Generate, calling emit(TextDelta) per new text, then emit(Finished) or emit(Failed); once cancelled
         is set, stop at the next token and call on_cancel."""
 
-        def run() -> None:
+        def read(stream: TokenStream, tokenizer: Any) -> None:
             try:
-                loaded, engine = self._engine(spec)
-                stream = engine.stream(prompt, params)
-                decoder = DeltaDecoder(loaded.tokenizer, stream.stop)
+                decoder = DeltaDecoder(tokenizer, stream.stop)
                 first: float | None = None
                 for event in stream:
                     if first is None:
@@ -202,6 +224,26 @@ class ModelWorker:
                 emit(Finished(generation, first))
             except BaseException as exc:
                 emit(Failed(exc))
+
+        def run() -> None:
+            try:
+                loaded, engine = self._engine(spec)
+                stream = engine.stream(prompt, params)
+            except BaseException as exc:
+                emit(Failed(exc))
+                return
+            if not engine.concurrent:
+                read(stream, loaded.tokenizer)
+                return
+            self._track(spec.key, +1)  # counted here, so an unload queued after this job waits for it
+
+            def read_then_release() -> None:
+                try:
+                    read(stream, loaded.tokenizer)
+                finally:
+                    self._track(spec.key, -1)
+
+            threading.Thread(target=read_then_release, name="harness-stream", daemon=True).start()
 
         return self.submit(run)
 
