@@ -120,6 +120,13 @@ def _precheck(args: list[str]) -> int | None:
     return None
 
 
+def _forks_points(args: list[str]) -> bool:
+    """Points will be forked from this process's fork server: isolation=process (the default) and Hydra's own
+    launcher (joblib runs points in worker processes, each of which starts its own server)."""
+    isolation = [a.split("=", 1)[1] for a in args if a.lstrip("+~").startswith("isolation=")]
+    return (not isolation or isolation[-1] == "process") and not any(a.startswith("hydra/launcher=") for a in args)
+
+
 def _summarize() -> int:
     counts = {s: sum(status == s for status, _ in _outcomes) for s in ("failed", "config_error", "below_gate")}
     interrupted = sum(status == "interrupted" for status, _ in _outcomes)
@@ -168,6 +175,10 @@ def main() -> int:
             file=sys.stderr,
         )
 
+    if _forks_points(args):
+        from runners.forkserver import prestart
+
+        prestart()
     # The same sweep command writes to the same folder, so running it again resumes it.
     os.environ["HARNESS_SWEEP_ID"] = sweep_id(args)
     register_schemas()

@@ -556,14 +556,16 @@ class HarnessConfig:
     seed: int = 0
     cache_dir: str = "~/.cache/harness"  # materialized GGUF and random-weight checkpoints, quantized models
     print_text: bool = True
-    isolation: str = "process"  # process: each point in a fresh process (clean memory, crash isolation); inline
+    # process: each point in a process of its own (clean memory, crash isolation), forked from a server that has
+    # imported torch once | spawn: a fresh interpreter per point | inline: in the sweep's process
+    isolation: str = "process"
     force: bool = False  # redo points whose result.json already says ok
     point_memory_limit_mb: int | None = None  # address space a point's process may add after start-up (MiB)
     report: bool = True  # after a sweep, write summary.csv/.md, plots and report.html into its folder
 
     def __post_init__(self) -> None:
         self.cache_dir = os.path.expanduser(os.environ.get("HARNESS_CACHE_DIR") or self.cache_dir)
-        _one_of("isolation", self.isolation, ("process", "inline"))
+        _one_of("isolation", self.isolation, ("process", "spawn", "inline"))
         if self.point_memory_limit_mb is not None:
             _check(self.point_memory_limit_mb >= 64, "point_memory_limit_mb", self.point_memory_limit_mb, ">= 64")
         self._check_engine_fits()

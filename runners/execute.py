@@ -178,9 +178,7 @@ def start_point(
     """The point's own process (`python -m runners <out_dir>`), in a process group of its own, so that a
     signal or a cancel reaches it and everything it started, and nothing else; its output goes to stdout (a
     pipe by default, or an open file)."""
-    write_json_atomic(
-        out_dir / POINT_FILE, {"config": asdict(cfg), "point": point, "attempt": attempt, "config_digest": digest}
-    )
+    write_point_file(cfg, out_dir, point, attempt, digest)
     return subprocess.Popen(
         [sys.executable, "-m", "runners", str(out_dir)],
         stdout=stdout,
@@ -190,6 +188,29 @@ def start_point(
         env={**os.environ},
         start_new_session=True,
     )
+
+
+def write_point_file(cfg: HarnessConfig, out_dir: Path, point: dict[str, str], attempt: str, digest: str) -> None:
+    """What the point's process runs: its config, identity and attempt."""
+    write_json_atomic(
+        out_dir / POINT_FILE, {"config": asdict(cfg), "point": point, "attempt": attempt, "config_digest": digest}
+    )
+
+
+def _point_process(cfg: HarnessConfig, out_dir: Path, point: dict[str, str], attempt: str, digest: str) -> Any:
+    """isolation=process: forked from the sweep's fork server (torch already imported); isolation=spawn, or a
+    server that cannot start: a fresh interpreter."""
+    if cfg.isolation == "process":
+        from runners.forkserver import fork_server
+
+        server = fork_server()
+        if server is not None:
+            write_point_file(cfg, out_dir, point, attempt, digest)
+            try:
+                return server.start(out_dir)
+            except (OSError, RuntimeError) as exc:
+                print(f"warning: the fork server failed ({exc}); this point runs in a fresh interpreter.")
+    return start_point(cfg, out_dir, point, attempt, digest)
 
 
 def _clear_previous_attempt(out_dir: Path) -> None:
@@ -225,7 +246,7 @@ def _execute(cfg: HarnessConfig, out_dir: Path, point: dict[str, str]) -> tuple[
     if cfg.isolation == "inline":
         return run_point(cfg, out_dir, point, attempt=attempt, digest=digest), False
     tail: collections.deque[str] = collections.deque(maxlen=60)
-    proc = start_point(cfg, out_dir, point, attempt, digest)
+    proc = _point_process(cfg, out_dir, point, attempt, digest)
     reader = threading.Thread(target=_forward, args=(proc.stdout, sys.stdout, tail), daemon=True)
     reader.start()
     try:

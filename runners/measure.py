@@ -13,15 +13,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from harness.config import BenchConfig, HarnessConfig
 from harness.engines import Engine, GenerationParams
 from harness.engines.base import TokenPrompt
 from harness.errors import InferenceError
-from harness.models.loader import LoadedModel
 from harness.stats import summarize
 from harness.workflows import Workflow
+
+if TYPE_CHECKING:
+    from harness.models.loader import LoadedModel
 
 # request metric (seconds or tok/s) -> (reported name, unit, scale)
 REQUEST_UNITS = {

@@ -15,35 +15,27 @@ import traceback
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from harness.config import GROUPS, HarnessConfig
-from harness.engines import create_engine, load_for_engine
-from harness.environment import capture_environment
 from harness.errors import ConfigError, HarnessError, OutOfMemoryError, format_error, is_storage_error, storage_error
-from harness.memory import MemoryMonitor
 from harness.result import Result, check_writable, write_result
-from harness.workflows import Workflow, create_workflow
-from runners.e2e import run_e2e
 from runners.execute import interrupted_result
-from runners.latency import run_latency
-from runners.measure import BenchContext, BenchOutput, write_samples
-from runners.memory import run_memory
-from runners.quality import run_quality
-from runners.serve import run_serve
-from runners.smoke import run_smoke
-from runners.throughput import run_throughput
 
-BENCHES = {
-    "smoke": run_smoke,
-    "latency": run_latency,
-    "memory": run_memory,
-    "throughput": run_throughput,
-    "e2e": run_e2e,
-    "quality": run_quality,
-    "serve": run_serve,
+if TYPE_CHECKING:
+    from harness.workflows import Workflow
+    from runners.measure import BenchContext, BenchOutput
+
+# bench name -> its runner, imported when a point runs it: the sweep's parent process validates and summarizes
+# points without importing torch, the engines or the benches.
+BENCHES: dict[str, Any] = {
+    "smoke": "runners.smoke:run_smoke",
+    "latency": "runners.latency:run_latency",
+    "memory": "runners.memory:run_memory",
+    "throughput": "runners.throughput:run_throughput",
+    "e2e": "runners.e2e:run_e2e",
+    "quality": "runners.quality:run_quality",
+    "serve": "runners.serve:run_serve",
 }
 
 
@@ -69,7 +61,11 @@ class _Progress:
 def resolve_bench(name: str) -> Callable[[BenchContext], BenchOutput]:
     """A built-in bench, or a user's own as `package.module:function` taking a BenchContext."""
     if name in BENCHES:
-        return BENCHES[name]
+        entry = BENCHES[name]
+        if callable(entry):  # a runner put in place by code (tests do)
+            return entry
+        module_name, _, attribute = entry.partition(":")
+        return getattr(importlib.import_module(module_name), attribute)
     if ":" in name:
         module_name, _, attribute = name.partition(":")
         try:
@@ -90,7 +86,11 @@ def preflight(cfg: HarnessConfig) -> Workflow | None:
     workflow's case file and corpus are valid (the workflow, ready to run, is returned). Raises ConfigError."""
     resolve_bench(cfg.bench.name)
     check_writable(cfg.cache_path, "cache_dir", "set cache_dir=<folder> (or HARNESS_CACHE_DIR) to a writable folder")
-    return create_workflow(cfg.workflow) if cfg.bench.name == "e2e" else None
+    if cfg.bench.name != "e2e":
+        return None
+    from harness.workflows import create_workflow
+
+    return create_workflow(cfg.workflow)
 
 
 def _as_error(exc: BaseException) -> HarnessError | None:
@@ -100,6 +100,8 @@ def _as_error(exc: BaseException) -> HarnessError | None:
         return storage_error(
             exc, "a file the point needs", how_to_move="cache_dir=<folder> or hydra.sweep.dir=<folder>"
         )
+    import torch
+
     if isinstance(exc, torch.OutOfMemoryError | MemoryError):
         return OutOfMemoryError(
             f"the point ran out of memory ({type(exc).__name__}: {exc or 'an allocation was refused'}).",
@@ -111,6 +113,11 @@ def _as_error(exc: BaseException) -> HarnessError | None:
 def run_point(
     cfg: HarnessConfig, out_dir: Path, point: dict[str, str] | None = None, attempt: str = "", digest: str = ""
 ) -> Result:
+    from harness.engines import create_engine, load_for_engine
+    from harness.environment import capture_environment
+    from harness.memory import MemoryMonitor
+    from runners.measure import BenchContext, write_samples
+
     t_start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     point = point or {g: getattr(cfg, g).name for g in GROUPS}

@@ -129,14 +129,24 @@ def _start_sweep(cwd, *args):
     )
 
 
-def _wait_for_point_process(cwd, count=1):
-    """The `python -m runners` process of the count-th point, once it is inside its bench."""
+def point_processes(sweep: subprocess.Popen) -> list[psutil.Process]:
+    """The sweep's point processes: its descendants that lead a session of their own (a point forked from the fork
+    server, or spawned as `python -m runners`, calls setsid)."""
+    found = []
+    for p in psutil.Process(sweep.pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error, OSError):
+            if os.getsid(p.pid) == p.pid:
+                found.append(p)
+    return found
+
+
+def _wait_for_point_process(cwd, sweep, count=1):
+    """The process of the count-th point, once it is inside its bench."""
     deadline = time.time() + 120
     while time.time() < deadline:
-        procs = [p for p in psutil.process_iter(["cmdline"]) if (p.info["cmdline"] or [])[1:3] == ["-m", "runners"]
-                 and str(cwd) in (p.info["cmdline"] or [""])[-1]]  # fmt: skip
+        procs = point_processes(sweep)
         if len(list((cwd / "outputs").rglob("point.json"))) >= count and procs:
-            time.sleep(4)  # imports and model load done: the point is in its bench
+            time.sleep(4)  # model load done: the point is in its bench
             return procs[0]
         time.sleep(0.2)
     raise AssertionError("the point's process did not start")
@@ -145,7 +155,8 @@ def _wait_for_point_process(cwd, count=1):
 @pytest.mark.parametrize(("how", "status"), [("SIGINT to the group", 130), ("SIGTERM to the parent", 143)])
 def test_a_signal_stops_the_sweep_with_a_summary_and_no_orphan(tmp_path, how, status):
     proc = _start_sweep(tmp_path, "model=tiny-gpt2", "bench.max_new_tokens=3", "bench.name=smoke,faults:sleepy")
-    child = _wait_for_point_process(tmp_path, count=2)
+    child = _wait_for_point_process(tmp_path, proc, count=2)
+    helpers = psutil.Process(proc.pid).children(recursive=True)  # the fork server and the point
     if how.startswith("SIGINT"):
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
     else:
@@ -163,7 +174,8 @@ def test_a_signal_stops_the_sweep_with_a_summary_and_no_orphan(tmp_path, how, st
     summary = next((tmp_path / "outputs").rglob("summary.md")).read_text()
     assert "Points that did not finish" in summary and "Interrupted" in summary
     time.sleep(0.5)
-    assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE, "the point's process outlived the sweep"
+    for p in [child, *helpers]:
+        assert not p.is_running() or p.status() == psutil.STATUS_ZOMBIE, f"{p.cmdline()} outlived the sweep"
 
 
 @pytest.mark.parametrize("content", ["[1]", "null", '{"status": 5}', '{"status": "ok"', '"ok"', ""])
@@ -281,3 +293,13 @@ def test_a_path_in_the_overrides_names_one_flat_folder_per_point(tmp_path):
     points = sorted(p.parent for p in sweep.rglob("result.json"))
     assert [p.parent for p in points] == [sweep, sweep] and len({p.name for p in points}) == 2
     assert all(f"workflow.cases={str(cases).replace('/', '%2F')}" in p.name for p in points)
+
+
+def test_points_fork_from_the_server_or_spawn_a_fresh_interpreter(tmp_path):
+    args = ["model=tiny-gpt2", "bench.max_new_tokens=2", "report=false"]
+    forked = run_harness(tmp_path, *args, "hydra.run.dir=forked")
+    spawned = run_harness(tmp_path, *args, "isolation=spawn", "hydra.run.dir=spawned")
+    assert forked.returncode == 0 and spawned.returncode == 0, forked.stderr + spawned.stderr
+    timings = {d: json.loads((tmp_path / d / "result.json").read_text())["timings"] for d in ("forked", "spawned")}
+    # A forked point starts with torch imported; a fresh interpreter imports it first.
+    assert timings["forked"]["startup_s"] < timings["spawned"]["startup_s"]

@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING
 from harness.config import ENGINE_CHOICES, HTTP_ENGINES
 from harness.engines.base import Engine, Generation, GenerationParams, TokenEvent, TokenStream
 from harness.errors import ConfigError
-from harness.models.loader import LoadedModel
 
 if TYPE_CHECKING:
     from harness.config import HarnessConfig
+    from harness.models.loader import LoadedModel
 
 ENGINES = ENGINE_CHOICES
 

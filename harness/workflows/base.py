@@ -6,13 +6,15 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from harness.config import WorkflowConfig, conf_dir
 from harness.engines.base import Engine, Generation, GenerationParams
-from harness.models.loader import LoadedModel
 from harness.workflows.checks import Check, case_passed
 from harness.workflows.fixtures import load_cases
+
+if TYPE_CHECKING:
+    from harness.models.loader import LoadedModel
 
 
 def with_example(system: str, example: tuple[str, str] | None, request: str) -> list[dict[str, str]]:

@@ -9,14 +9,16 @@ the budget, the oldest exchanges are dropped whole and the record says how many 
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from harness.engines.base import Engine, GenerationParams, streamed
-from harness.models.loader import LoadedModel
 from harness.workflows import checks
 from harness.workflows.base import CaseResult, Workflow
 from harness.workflows.checks import Check
 from harness.workflows.conversation import Conversation
+
+if TYPE_CHECKING:
+    from harness.models.loader import LoadedModel
 
 SYSTEM_PROMPT = "You are a helpful assistant. Keep your answers short, and remember what the user tells you."
 # A reply that goes on to write the user's next turn (what a base model does without a stop sequence).

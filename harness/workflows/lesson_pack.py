@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from markdown_it import MarkdownIt
 
 from harness.engines.base import Engine, GenerationParams, streamed
-from harness.models.loader import LoadedModel
 from harness.workflows import checks
 from harness.workflows.base import CaseResult, Workflow, with_example
 from harness.workflows.checks import Check
+
+if TYPE_CHECKING:
+    from harness.models.loader import LoadedModel
 
 SECTIONS = ("Objectives", "Explanation", "Examples", "Exercises", "Summary")
 STRUCTURAL = ("sections", "section_order", "exercises", "answers", "code_fences", "length")

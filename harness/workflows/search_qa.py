@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import difflib
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from harness.config import WorkflowConfig
 from harness.engines.base import Engine, GenerationParams, streamed
 from harness.errors import ConfigError
-from harness.models.loader import LoadedModel
 from harness.workflows import checks
 from harness.workflows.base import CaseResult, Workflow, with_example
 from harness.workflows.checks import Check
 from harness.workflows.corpus import BM25Index, Passage, chunk, load_documents
+
+if TYPE_CHECKING:
+    from harness.models.loader import LoadedModel
 
 SYSTEM_PROMPT = (
     "You answer questions using only the numbered sources given with the question. After each fact, cite the "
