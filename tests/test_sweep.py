@@ -303,3 +303,20 @@ def test_points_fork_from_the_server_or_spawn_a_fresh_interpreter(tmp_path):
     timings = {d: json.loads((tmp_path / d / "result.json").read_text())["timings"] for d in ("forked", "spawned")}
     # A forked point starts with torch imported; a fresh interpreter imports it first.
     assert timings["forked"]["startup_s"] < timings["spawned"]["startup_s"]
+
+
+def test_a_forked_point_in_process_and_a_crash_in_one(tmp_path, monkeypatch):
+    from harness.config import load_config
+    from runners.execute import execute_point
+    from runners.forkserver import fork_server
+
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))  # the child finds tests/faults.py
+    ok = load_config(["model=tiny-gpt2", "bench.max_new_tokens=2"])
+    result, skipped = execute_point(ok, tmp_path / "ok", {"model": "tiny-gpt2"})
+    assert result.status == "ok" and not skipped, result.error
+    server = fork_server()
+    assert server is not None and server.alive()
+    crash = load_config(["model=tiny-gpt2", "bench.name=faults:segfault"])
+    result, _ = execute_point(crash, tmp_path / "crash", {"model": "tiny-gpt2"})
+    assert result.status == "failed" and result.error["type"] == "PointCrashed"
+    assert "SIGSEGV" in result.error["message"] and fork_server() is server  # the server outlives its point
