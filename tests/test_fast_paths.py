@@ -207,6 +207,22 @@ def test_the_server_batches_concurrent_streams_and_unload_waits_for_them(tmp_pat
             "POST", "/v1/completions", {"model": "tiny-llama", "prompt": "x", "max_tokens": 4, "temperature": 0.5}
         )
         assert status == 400 and "sampling" in body["error"]["message"]
+        # A client that leaves mid-stream: its request is cancelled in the batch, and the server goes on.
+        from test_server import metric
+
+        before = metric(http("GET", "/metrics")[1], "harness_tokens_total", model="tiny-llama", kind="completion")
+        stream = client.completions.create(
+            model="tiny-llama", prompt="a", max_tokens=64, temperature=0, stream=True, extra_body={"ignore_eos": True}
+        )
+        next(iter(stream))
+        stream.close()
+        deadline = time.time() + 10
+        while worker._running and time.time() < deadline:
+            time.sleep(0.05)
+        assert not worker._running  # the reader saw the disconnect and ended the request
+        client.completions.create(model="tiny-llama", prompt="a", max_tokens=1, temperature=0)
+        after = metric(http("GET", "/metrics")[1], "harness_tokens_total", model="tiny-llama", kind="completion")
+        assert after - before < 64
 
 
 # -- static cache and compiled decoding -------------------------------------------------------------------------
