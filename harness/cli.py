@@ -194,6 +194,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             compile=args.compile,
             batching=args.batching,
             max_batch_requests=args.max_batch_requests,
+            batch_sampling=args.batch_sampling,
             strict=True,  # an operator asked for it: a server that cannot compile says so at start
         ),
     )
@@ -258,6 +259,11 @@ def main(argv: list[str] | None = None) -> int:
         help="none: one request at a time; continuous: concurrent requests join a running batch",
     )
     serve.add_argument("--max-batch-requests", type=int, default=16, help="continuous: requests decoded together")
+    serve.add_argument(
+        "--batch-sampling",
+        action="store_true",
+        help="continuous: also serve sampled requests (temperature > 0); greedy-only batching is faster",
+    )
     serve.add_argument("--cache", choices=("dynamic", "static"), default="dynamic", help="the KV cache of generate")
     serve.add_argument("--compile", action="store_true", help="torch.compile the decode step (needs --cache static)")
     serve.add_argument("--threads", type=int, default=None, help="torch's CPU threads (default: torch's choice)")

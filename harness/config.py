@@ -192,6 +192,7 @@ class EngineConfig:
     batching: str = "none"  # none: one request at a time | continuous: transformers' ContinuousBatchingManager
     max_batch_requests: int = 16  # continuous: the most requests decoded in one step
     kv_cache_tokens: int = 16384  # continuous: paged KV cache size, in tokens over all running requests
+    batch_sampling: bool = False  # continuous: also serve sampled requests (per-request temperature/top-k/top-p)
     strict: bool = False  # true: an option that cannot run (compile without a compiler) fails instead of falling back
     # llamacpp
     n_ctx: int = 0  # context (KV cache) length; 0 = the model's training context
@@ -271,6 +272,12 @@ class EngineConfig:
                 "engine.compile=true needs engine.cache=static: transformers compiles the decode step over a "
                 "preallocated cache of fixed shape; a dynamic cache grows every token and would recompile each step.",
                 "add engine.cache=static.",
+            )
+        if self.batch_sampling and self.batching != "continuous":
+            raise ConfigError(
+                "engine.batch_sampling=true configures continuous batching's manager, and engine.batching is "
+                f"{self.batching}.",
+                "add engine.batching=continuous, or drop engine.batch_sampling (one request at a time samples anyway).",
             )
         if self.batching == "continuous" and (self.cache != "dynamic" or self.compile):
             raise ConfigError(

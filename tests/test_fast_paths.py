@@ -43,6 +43,7 @@ def reference(compose, loaded, prompts, params=GREEDY):
         (("engine.batching=dynamic",), "engine.batching"),
         (("engine.compile_mode=fastest",), "engine.compile_mode"),
         (("engine.kv_cache_tokens=10",), ">= 256"),
+        (("engine.batch_sampling=true",), "add engine.batching=continuous"),
     ],
 )
 def test_bad_engine_options_are_refused_with_the_fix(compose, overrides, message):
@@ -108,7 +109,7 @@ def test_continuous_streams_time_tokens_force_lengths_and_stop(batched):
 def test_continuous_refuses_what_the_manager_cannot_do(batched):
     prompt = TokenPrompt((5, 6, 7))
     for params, why in [
-        (GenerationParams(temperature=0.7), "sampling"),
+        (GenerationParams(temperature=0.7), "engine.batch_sampling=true"),
         (GenerationParams(repetition_penalty=1.2), "repetition_penalty"),
         (GenerationParams(max_new_tokens=8, min_new_tokens=4), "min_new_tokens"),
     ]:
@@ -116,6 +117,27 @@ def test_continuous_refuses_what_the_manager_cannot_do(batched):
             batched.stream(prompt, params)
         with pytest.raises(InferenceError, match="engine.batching=none"):
             batched.generate(prompt, params)
+
+
+def test_one_manager_per_model_and_a_sampling_one_keeps_greedy_tokens(compose, load, batched):
+    from harness.models import load_model
+
+    with pytest.raises(ConfigError, match="already has a running continuous-batching manager"):
+        engine_for(compose, load("tiny-llama"), "engine.batching=continuous")  # `batched` runs on it
+    cfg = compose("model=tiny-llama")
+    loaded = load_model(cfg.model, cfg.quant, cfg.attention, cfg.cache_path, cfg.seed)  # a model of its own
+    want = reference(compose, loaded, CHATS[:3])
+    engine = engine_for(compose, loaded, "engine.batching=continuous", "engine.batch_sampling=true")
+    try:
+        assert [g.token_ids for g in engine.batch(CHATS[:3], GREEDY)] == want  # greedy = top-k 1
+        hot = GenerationParams(max_new_tokens=24, min_new_tokens=24, temperature=1.5, top_k=0, top_p=1.0)
+        sampled = [tuple(engine.generate(CHATS[0], hot).token_ids) for _ in range(3)]
+        assert all(len(s) == 24 for s in sampled) and len(set(sampled) | {tuple(want[0])}) > 1
+        assert "per request" in engine.describe()["continuous"]["sampling"]
+    finally:
+        engine.shutdown()
+    again = engine_for(compose, loaded, "engine.batching=continuous")  # the model is free again after shutdown
+    again.shutdown()
 
 
 def test_continuous_refuses_an_attention_the_manager_does_not_run(compose, load):
@@ -193,6 +215,8 @@ def test_the_server_batches_concurrent_streams_and_unload_waits_for_them(tmp_pat
 
         alone = [client.chat.completions.create(model="tiny-llama", messages=c, max_tokens=24, temperature=0)
                  for c in CHATS]  # fmt: skip
+        status, info = http.json("GET", "/models/tiny-llama")
+        assert status == 200 and info["engine"]["batching"] == "continuous"
         threads = [threading.Thread(target=one, args=(i,)) for i in range(12)]
         for t in threads:
             t.start()

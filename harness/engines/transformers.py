@@ -222,7 +222,8 @@ class TransformersEngine(Engine):
         if self.options.batching == "continuous":
             from harness.engines.continuous import ContinuousBatcher
 
-            self.batcher = ContinuousBatcher(self, self.options.max_batch_requests, self.options.kv_cache_tokens)
+            o = self.options
+            self.batcher = ContinuousBatcher(self, o.max_batch_requests, o.kv_cache_tokens, o.batch_sampling)
             self.concurrent = True
 
     def describe(self) -> dict[str, Any]:
@@ -434,11 +435,11 @@ class TransformersEngine(Engine):
     def _check_batchable(self, params: GenerationParams) -> None:
         from harness.engines.continuous import unsupported_params
 
-        why = unsupported_params(params)
+        why = unsupported_params(params, self.options.batch_sampling)
         if why is not None:
             raise InferenceError(
                 f"engine.batching=continuous cannot serve {why}.",
-                "send greedy requests (temperature 0) without repetition_penalty, or run with engine.batching=none.",
+                "change the request, or run with engine.batching=none (one request at a time, any parameters).",
             )
 
     def batch(self, prompts: Sequence[Prompt], params: GenerationParams) -> list[Generation]:

@@ -192,6 +192,9 @@ class Server:
                 source=loaded.source.record(),
                 trust_remote_code=loaded.trust_remote_code,
             )
+            engine = self.worker.engine_description(spec.key)
+            if engine is not None:
+                info["engine"] = engine  # how it generates: batching, cache, compile, threads
         return info
 
     async def run(self, job: Callable[[], Future]) -> Any:

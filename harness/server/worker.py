@@ -164,6 +164,10 @@ class ModelWorker:
             self._engines[spec.key] = TransformersEngine(loaded, self.engine_options, self.manager.cache_dir)
         return loaded, self._engines[spec.key]
 
+    def engine_description(self, key: str) -> dict[str, Any] | None:
+        engine = self._engines.get(key)
+        return engine.describe() if engine is not None else None
+
     def _close_engine(self, key: str) -> None:
         """Wait for the model's running streams to end, then stop its engine (a batching manager's thread)."""
         with self._idle:
