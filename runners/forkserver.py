@@ -23,7 +23,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -132,7 +131,6 @@ class ForkServer:
     def __init__(self) -> None:
         self._sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self._buffer = b""
-        self._lock = threading.Lock()
         # Its own stdout/stderr are the sweep's; fd 3 is its end of the socket.
         self.process = subprocess.Popen(
             [sys.executable, "-c", f"import os; os.dup2({theirs.fileno()}, {SERVER_FD}); "

@@ -101,9 +101,9 @@ def test_continuous_streams_time_tokens_force_lengths_and_stop(batched):
     # A stop string ends the request where it appears, as on the one-at-a-time path.
     full = streamed(batched, prompt, GenerationParams(max_new_tokens=16)).text
     stop = full[len(full) // 2 : len(full) // 2 + 3]
-    if stop.strip():
-        cut = streamed(batched, prompt, GenerationParams(max_new_tokens=16, stop=(stop,)))
-        assert cut.finish_reason == "stop" and stop not in cut.text
+    assert stop.strip(), full  # some text to stop on
+    cut = streamed(batched, prompt, GenerationParams(max_new_tokens=16, stop=(stop,)))
+    assert cut.finish_reason == "stop" and stop not in cut.text and len(cut.token_ids) < 16
 
 
 def test_continuous_refuses_what_the_manager_cannot_do(batched):

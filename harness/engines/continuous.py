@@ -60,6 +60,12 @@ class ContinuousBatcher:
                 "its own (remote) code, which the manager's paged attention cannot drive.",
                 "use engine.batching=none for this model, or a model whose architecture transformers ships.",
             )
+        if getattr(model, "_harness_batcher", None) is not None:
+            raise ConfigError(
+                f"{engine.loaded.name} already has a running continuous-batching manager: two managers on one model "
+                "share its attention state and corrupt each other's outputs.",
+                "shut the other engine down first (engine.shutdown()), or load the model again for a second engine.",
+            )
         self._eos = sorted(engine.eos_ids)
         # With sampling, one manager serves greedy and sampled requests: it samples, with temperature, top-k and
         # top-p set per request (the values here only make the library build those processors), and a greedy
@@ -83,12 +89,6 @@ class ContinuousBatcher:
             per_request_processors=sampling,
             seed=0,
         )
-        if getattr(model, "_harness_batcher", None) is not None:
-            raise ConfigError(
-                f"{engine.loaded.name} already has a running continuous-batching manager: two managers on one model "
-                "share its attention state and corrupt each other's outputs.",
-                "shut the other engine down first (engine.shutdown()), or load the model again for a second engine.",
-            )
         attention_before = model.config._attn_implementation
         try:
             self.manager = model.init_continuous_batching(
@@ -244,11 +244,10 @@ class BatchedStream(TokenStream):
             stamps = (output.timestamps or [])[len(self._events) :]
             if output.lifespan[0] > 0:
                 self.wait_ns = max(0, _ns(output.lifespan[0]) - self.start_ns)
-            for token_id, stamp in zip(new, stamps, strict=False):
-                event = TokenEvent(int(token_id), _ns(stamp))
-                self._events.append(event)
-                self._pending.append(event)
-            if output.is_finished() or self._stopped():
+            arrived = [TokenEvent(int(t), _ns(stamp)) for t, stamp in zip(new, stamps, strict=False)]
+            self._events.extend(arrived)
+            self._pending.extend(arrived)
+            if output.is_finished() or self._stopped(len(arrived)):
                 if not output.is_finished():
                     self._batcher.cancel(self._request)
                 self._finish()
@@ -257,10 +256,15 @@ class BatchedStream(TokenStream):
             if self._done:
                 raise StopIteration
 
-    def _stopped(self) -> bool:
-        if not self.stop:
+    def _stopped(self, arrived: int) -> bool:
+        """Whether a stop string ends in the tokens that just arrived. Earlier text was checked as it came, so only
+        the new tokens and enough before them to hold a stop string are decoded (4 tokens per character covers
+        byte-level tokens), not the whole output per token."""
+        if not self.stop or not arrived:
             return False
-        raw = self._engine.tokenizer.decode([e.token_id for e in self._events], skip_special_tokens=False)
+        window = arrived + 4 * max(len(s) for s in self.stop)
+        tail = [e.token_id for e in self._events[-window:]]
+        raw = self._engine.tokenizer.decode(tail, skip_special_tokens=False)
         return any(s in raw for s in self.stop)
 
     def _end(self) -> None:
@@ -292,9 +296,8 @@ def generate_many(engine: TransformersEngine, encoded: _Encoded, params: Generat
     sent = [batcher.submit(ids, params, streaming=False) for ids in rows]
     results = []
     try:
-        for (request_id, sink), n_prompt in zip(sent, encoded.lengths, strict=True):
+        for (_, sink), n_prompt in zip(sent, encoded.lengths, strict=True):
             output = sink.get()
-            batcher.forget(request_id)
             _check_output(output)
             ids = [int(t) for t in output.generated_tokens]
             stamps = [_ns(t) for t in (output.timestamps or [])]

@@ -240,8 +240,7 @@ class TransformersEngine(Engine):
             "batching": self.options.batching,
         }
         if self.options.compile:
-            described["compile_mode"] = self.compile_mode
-            described["compile_s"] = self.compile_s
+            described["compile_mode"] = self.compile_mode  # its time is timings.compile_s
             if self.compile_fallback:
                 described["compile_fallback"] = self.compile_fallback
         if self.batcher is not None:
