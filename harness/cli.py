@@ -10,11 +10,11 @@ from __future__ import annotations
 import argparse
 import difflib
 import sys
-from dataclasses import dataclass
 from typing import Any
 
 from harness.config import EngineConfig, ModelConfig, group_options
 from harness.errors import ConfigError, HarnessError, format_error
+from harness.models.sources import availability
 
 BYTES_PER_PARAM = {"float32": 4.0, "bfloat16": 2.0, "8bit": 1.0, "4bit": 0.5}
 
@@ -32,48 +32,6 @@ def model_entry(name: str) -> ModelConfig:
     from harness.config import load_config
 
     return load_config([f"model={name}"]).model
-
-
-@dataclass
-class Availability:
-    offline: bool
-    how: str
-    size_bytes: int | None = None
-
-
-def availability(cfg: ModelConfig) -> Availability:
-    from pathlib import Path
-
-    from harness.models.sources import hub_cached, packaged_gguf
-
-    if cfg.path:
-        p = Path(cfg.path)
-        return Availability(p.exists(), f"local path {p}" + ("" if p.exists() else " (missing)"))
-    if cfg.random_weights:
-        return Availability(True, "random weights of its architecture, built locally")
-    if cfg.hub_id and hub_cached(cfg.hub_id, cfg.revision):
-        return Availability(True, f"hub cache ({cfg.hub_id})")
-    if cfg.gguf_package:
-        found = packaged_gguf(cfg.gguf_package, cfg.gguf_file)
-        if found is not None:
-            return Availability(True, f"GGUF file from the package {cfg.gguf_package}", found.stat().st_size)
-    if cfg.gguf_parts:
-        from harness.models.sources import split_parts
-        from harness.models.split_gguf import install_command, locate_parts
-
-        parts = split_parts(cfg)
-        _, missing = locate_parts(parts)
-        if not missing:
-            return Availability(True, f"GGUF split across {len(parts)} installed packages", cfg.gguf_size)
-        return Availability(
-            False, f"not installed: {install_command(parts)} ({(cfg.gguf_size or 0) / 1e6:.0f} MB)", cfg.gguf_size
-        )
-    if cfg.hub_id:
-        how = f"hub download ({cfg.hub_id})"
-        if cfg.architecture:
-            how += "; offline: model.random_weights=true"
-        return Availability(False, how)
-    return Availability(False, "no source")
 
 
 def architecture(cfg: ModelConfig) -> Any | None:
@@ -144,7 +102,7 @@ def cmd_info(name: str) -> int:
     if config is None:
         print("  architecture     unknown offline: its config is not in the hub cache (remote code).")
         return 0
-    from harness.models.loader import context_window_of
+    from harness.models.sources import context_window_of
 
     params = parameter_count(config)
     layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
@@ -169,13 +127,12 @@ def cmd_info(name: str) -> int:
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    """Run the OpenAI-compatible server until Ctrl-C."""
-    import uvicorn
+def serve_settings(args: argparse.Namespace):
+    """The server's settings from `harness serve`'s options; ConfigError for a bad one."""
+    from harness.server import ServerSettings
+    from harness.server.settings import parse_job_targets
 
-    from harness.server import ServerSettings, create_app
-
-    settings = ServerSettings(
+    return ServerSettings(
         host=args.host,
         port=args.port,
         model_dirs=args.model_dir,
@@ -188,16 +145,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
         jobs_dir=args.jobs_dir,
         job_max_seconds=args.job_max_seconds,
         job_max_runs=args.job_max_runs,
+        job_targets=parse_job_targets(args.job_targets, args.job_target_key),
+        allow_downloads=args.allow_downloads,
         engine=EngineConfig(
             threads=args.threads,
             cache=args.cache,
             compile=args.compile,
             batching=args.batching,
             max_batch_requests=args.max_batch_requests,
-            batch_sampling=args.batch_sampling,
+            # Per-request sampling unless the operator turns it off: every OpenAI client defaults to temperature 1.
+            batch_sampling=args.batching == "continuous" if args.batch_sampling is None else args.batch_sampling,
             strict=True,  # an operator asked for it: a server that cannot compile says so at start
         ),
     )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the OpenAI-compatible server until Ctrl-C."""
+    import uvicorn
+
+    from harness.server import create_app
+
+    settings = serve_settings(args)
     warning = settings.exposure_warning()
     if warning:
         print(warning, file=sys.stderr)
@@ -221,17 +190,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "run":  # everything after `run` is Hydra's
-        from harness.__main__ import main as run_main
-
-        sys.argv = ["harness", *argv[1:]]
-        return run_main()
-    if argv and argv[0] == "report":
-        from analysis.__main__ import main as report_main
-
-        return report_main(argv[1:])
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="harness", description="Benchmark real LLMs: speed, memory, quality.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("models", help="the model entries: source, available offline, architecture, size")
@@ -253,6 +212,27 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--job-max-runs", type=int, default=200, help="the most runs a benchmark job may ask for")
     serve.add_argument("--allow-remote-code", action="store_true", help="let entries needing trust_remote_code load")
     serve.add_argument(
+        "--job-targets",
+        action="append",
+        default=[],
+        metavar="[NAME=]URL[,…]",
+        help="servers (exact OpenAI base URLs) that bench=serve jobs may load, picked by a job's `target`; by "
+        "default a job loads only a server it launches on loopback",
+    )
+    serve.add_argument(
+        "--job-target-key",
+        action="append",
+        default=[],
+        metavar="NAME=VARIABLE",
+        help="the environment variable holding a job target's API key (by its name or position)",
+    )
+    serve.add_argument(
+        "--allow-downloads",
+        action="store_true",
+        help="list and load entries that are only on the hub (downloaded on first use); by default only what is "
+        "on this machine",
+    )
+    serve.add_argument(
         "--batching",
         choices=("none", "continuous"),
         default="none",
@@ -261,13 +241,30 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--max-batch-requests", type=int, default=16, help="continuous: requests decoded together")
     serve.add_argument(
         "--batch-sampling",
-        action="store_true",
-        help="continuous: also serve sampled requests (temperature > 0); greedy-only batching is faster",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="continuous: sample per request, so standard OpenAI clients (temperature 1 by default) are served "
+        "(the default with --batching continuous); --no-batch-sampling: greedy-only batches, about 18%% faster on "
+        "CPU, which refuse sampled requests",
     )
     serve.add_argument("--cache", choices=("dynamic", "static"), default="dynamic", help="the KV cache of generate")
     serve.add_argument("--compile", action="store_true", help="torch.compile the decode step (needs --cache static)")
     serve.add_argument("--threads", type=int, default=None, help="torch's CPU threads (default: torch's choice)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "run":  # everything after `run` is Hydra's
+        from harness.__main__ import main as run_main
+
+        sys.argv = ["harness", *argv[1:]]
+        return run_main()
+    if argv and argv[0] == "report":
+        from analysis.__main__ import main as report_main
+
+        return report_main(argv[1:])
+    args = build_parser().parse_args(argv)
     import transformers
 
     transformers.logging.set_verbosity_error()  # configs built only to count parameters: no advice wanted

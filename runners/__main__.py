@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import json
 import signal
 import sys
@@ -13,18 +11,9 @@ from typing import Any
 
 from harness.config import HarnessConfig
 from harness.errors import Interrupted, format_error, is_storage_error, storage_error
+from harness.processes import die_with_parent
 from harness.result import write_result
 from runners.execute import FAULT_LOG, POINT_FILE, set_memory_limit
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """Linux: SIGTERM this process when the sweep that started it dies, even by SIGKILL (the point runs in a
-    process group of its own, so nothing else would stop it)."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _stop_on_signals() -> None:
@@ -48,7 +37,7 @@ def main(out_dir: Path) -> int:
     import psutil
     from omegaconf import OmegaConf
 
-    _die_with_parent()
+    die_with_parent(signal.SIGTERM)  # the sweep (or server) that started it died: record Interrupted and stop
     _stop_on_signals()
     from runners.point import run_point
 

@@ -125,7 +125,10 @@ def crash_result(
                 "; with engine=llamacpp: a CUDA build of llama-cpp-python has crashed while loading in every process "
                 "that had imported a CUDA build of torch (seen with llama-cpp-python 0.3.36 on CUDA 13.0 beside "
                 "torch 2.11+cu130), and a harness point always imports torch: install a CPU build of "
-                "llama-cpp-python there, or run llama.cpp as a server"
+                "llama-cpp-python there, or run llama.cpp as a server; on a CPU with AMX (recent Xeons), a native "
+                "build crashed in its first decode where the kernel does not grant AMX tiles (a sandbox): rebuild it "
+                'for AVX2 with CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" '
+                "pip install --force-reinstall --no-cache-dir llama-cpp-python"
             )
     else:
         how, hint = f"exited with status {returncode}", "see the last lines it printed in error.log"
@@ -173,11 +176,18 @@ def stop_point_process(proc: subprocess.Popen, signum: int, grace_s: float = STO
 
 
 def start_point(
-    cfg: HarnessConfig, out_dir: Path, point: dict[str, str], attempt: str, digest: str, stdout: Any = subprocess.PIPE
+    cfg: HarnessConfig,
+    out_dir: Path,
+    point: dict[str, str],
+    attempt: str,
+    digest: str,
+    stdout: Any = subprocess.PIPE,
+    env: dict[str, str] | None = None,
 ) -> subprocess.Popen:
     """The point's own process (`python -m runners <out_dir>`), in a process group of its own, so that a
     signal or a cancel reaches it and everything it started, and nothing else; its output goes to stdout (a
-    pipe by default, or an open file)."""
+    pipe by default, or an open file). `env` replaces this process's environment (a server's job gets a clean
+    one); the command line's points keep it whole."""
     write_point_file(cfg, out_dir, point, attempt, digest)
     return subprocess.Popen(
         [sys.executable, "-m", "runners", str(out_dir)],
@@ -185,7 +195,7 @@ def start_point(
         stderr=subprocess.STDOUT,
         text=True,
         bufsize=1,
-        env={**os.environ},
+        env={**os.environ} if env is None else env,
         start_new_session=True,
     )
 

@@ -83,9 +83,9 @@ def _send(sock: socket.socket, message: dict[str, Any]) -> None:
 
 
 def serve() -> int:
-    from runners.__main__ import _die_with_parent
+    from harness.processes import die_with_parent
 
-    _die_with_parent()
+    die_with_parent()  # SIGTERM when the sweep dies
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the sweep's to handle; the socket's end stops us
     sock = socket.socket(fileno=SERVER_FD)
     for name in PRELOAD:

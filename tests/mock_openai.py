@@ -48,6 +48,7 @@ class MockServer:
         self.api_key = api_key
         self.writes: dict[str, list[list[float]]] = {}  # model -> per request, the perf_counter of each write
         self.bodies: list[dict[str, Any]] = []
+        self.requests: list[tuple[str, str, str | None]] = []  # every request: method, path, Authorization header
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.port = 0
@@ -94,7 +95,12 @@ class MockServer:
             await response.write_eof()
             return response
 
-        app = web.Application()
+        @web.middleware
+        async def record(request: web.Request, handler: Any) -> web.StreamResponse:
+            self.requests.append((request.method, request.path, request.headers.get("Authorization")))
+            return await handler(request)
+
+        app = web.Application(middlewares=[record])
         app.router.add_get("/v1/models", models)
         app.router.add_post("/v1/completions", complete)
         app.router.add_post("/v1/chat/completions", complete)

@@ -1,6 +1,7 @@
 """Benchmark jobs: the structural allow-list (hand-picked escapes, a property test over generated overrides, and a
 schemathesis fuzz of the running server), limits, cancel, persistence across restarts and a clean shutdown."""
 
+import contextlib
 import json
 import os
 import signal
@@ -18,8 +19,13 @@ from hypothesis import strategies as st
 from conftest import TOKEN, Http, serving
 from harness.config import GROUPS, group_options
 from harness.errors import ConfigError
+from harness.overrides import schema_fields
+from harness.processes import job_environment
 from harness.server import ServerSettings, create_app
-from harness.server.jobs import ALLOWED_FIELDS, JobLimits, JobRunner, check_overrides, compose_job
+from harness.server.job_fields import ALLOWED, REFUSED
+from harness.server.jobs import JobLimits, JobRunner, check_overrides, compose_job
+from harness.server.settings import JobTarget, parse_job_targets
+from tests.mock_openai import FINISH, ROLE, MockServer, Script, content, usage_only
 
 LONG_JOB = ["model=tiny-gpt2", "bench=latency", "bench.min_seconds=120", "bench.max_runs=200",
             "bench.target_rel_ci=0.0001", "bench.prompt_lengths=[256]", "bench.max_new_tokens=64"]  # fmt: skip
@@ -42,8 +48,8 @@ PROTECTED = {
 }
 
 
-def compose(overrides, cache_dir="/tmp/harness-job-cache"):
-    return compose_job(check_overrides(overrides), cache_dir, False, JobLimits(max_new_tokens=64))
+def compose(overrides, cache_dir="/tmp/harness-job-cache", target=None):
+    return compose_job(check_overrides(overrides), cache_dir, False, JobLimits(max_new_tokens=64), target)
 
 
 def flat(data, prefix=""):
@@ -56,15 +62,21 @@ def flat(data, prefix=""):
 
 
 def assert_only_allowed_changes(cfg, point):
-    """The invariant: a job's config equals its group options' own except in allowed fields, and the fields that
-    name files or code are exactly the entry's."""
+    """The invariant: a job's config equals its group options' own except in the positive list's fields (each
+    within the values HTTP allows it), and the fields that name files or code are exactly the entry's."""
     base, _ = compose([f"{g}={point[g]}" for g in GROUPS])
     ours, theirs = flat(asdict(cfg)), flat(asdict(base))
     changed = {k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k)}
-    assert changed <= set(ALLOWED_FIELDS), changed - set(ALLOWED_FIELDS)
+    assert changed <= set(ALLOWED), changed - set(ALLOWED)
+    for key in changed:
+        assert ALLOWED[key].values is None or ours[key] in ALLOWED[key].values, (key, ours[key])
     for key in PROTECTED:
         assert ours.get(key) == theirs.get(key), key
     assert cfg.model.trust_remote_code is False and cfg.bench.name == point["bench"]
+    # no URL, key variable, program or command line leaves the server's defaults
+    assert cfg.bench.target == "harness" and cfg.bench.base_url is None and cfg.bench.api_key_env is None
+    assert cfg.engine.base_url is None and cfg.engine.api_key_env is None and cfg.engine.python is None
+    assert cfg.engine.server_args == [] and cfg.engine.launch == theirs["engine.launch"]
 
 
 @pytest.mark.parametrize(
@@ -94,6 +106,26 @@ def assert_only_allowed_changes(cfg, point):
         ("experiment=quant_sweep", "not allowed over HTTP"),
         ("workflow.corpus=/etc", "not allowed over HTTP"),
         ("quant.name=x", "not allowed over HTTP"),
+        ("bench.target=url", "takes only harness"),
+        ("bench.target=vllm", "takes only harness"),
+        ("bench.target=engine", "takes only harness"),
+        ("bench.base_url=http://127.0.0.1:9/v1", "names a URL"),
+        ("bench.api_key_env=HARNESS_API_TOKEN", "names an environment variable"),
+        ("engine.base_url=http://127.0.0.1:9/v1", "names a URL"),
+        ("engine.api_key_env=HOME", "names an environment variable"),
+        ("engine.launch=vllm", "chooses a program"),
+        ("engine.python=/bin/sh", "names an executable"),
+        ("engine.server_args=[--evil]", "a command line"),
+        ("engine.served_model=x", "not allowed over HTTP"),
+        ("quant.method=gptq", "choose the option instead"),
+        ("point_memory_limit_mb=100000", "not allowed over HTTP"),
+        ("bench.served_model=x", "picked no target"),
+        ("engine.max_batch_requests=1000", "limit for a job"),
+        ("bench.num_requests=100000", "limit for a job"),
+        ("engine.threads=100000", "limit for a job"),
+        ("engine.kv_cache_tokens=100000000", "limit for a job"),
+        ("engine.n_ctx=1000000", "limit for a job"),
+        ("bench.turns=1000", "limit for a job"),
         ("bench.max_runs=100000", "limit for a job"),
         ("bench.min_seconds=1e9", "limit for a job"),
         ("bench.concurrency=[1000]", "limit for a job"),
@@ -115,12 +147,31 @@ def test_an_allowed_job_composes_only_what_it_may_change():
 
 
 _KEYS = st.sampled_from(
-    [*GROUPS, *ALLOWED_FIELDS, *PROTECTED, "hydra.run.dir", "experiment", "print_text", "model", "bench.x", "a.b"]
+    [*GROUPS, *ALLOWED, *REFUSED, *PROTECTED, "hydra.run.dir", "experiment", "print_text", "model", "bench.x", "a.b"]
 )
 _SCALARS = st.one_of(
     st.sampled_from([o for g in GROUPS for o in group_options(g)]),
     st.integers(-10, 10**6).map(str),
-    st.sampled_from(["true", "null", "1e9", "os:system", "/etc/passwd", "~", "..", "'a b'", "\\'", '"x"']),
+    st.sampled_from(
+        [
+            "true",
+            "null",
+            "1e9",
+            "os:system",
+            "/etc/passwd",
+            "~",
+            "..",
+            "'a b'",
+            "\\'",
+            '"x"',
+            "url",
+            "http://127.0.0.1:9/v1",
+            "HARNESS_API_TOKEN",
+            "harness",
+            "vllm",
+            "[--x]",
+        ]
+    ),
     st.text(min_size=0, max_size=40),
     st.text(alphabet="ab:/._-", min_size=200, max_size=400),
 )
@@ -147,6 +198,149 @@ def test_no_generated_override_escapes_the_allow_list(overrides):
     except ConfigError:
         return
     assert_only_allowed_changes(cfg, point)
+
+
+def test_every_schema_field_is_allowed_or_refused_once_with_its_reason():
+    fields = {k for k in schema_fields() if k not in GROUPS}  # a group itself is chosen as group=option
+    undecided = fields - set(ALLOWED) - set(REFUSED)
+    assert not undecided, f"decide in harness/server/job_fields.py whether a job may set: {sorted(undecided)}"
+    assert not set(ALLOWED) & set(REFUSED)
+    assert not (set(ALLOWED) | set(REFUSED)) - fields, "the list names fields the schemas no longer have"
+    assert all(a.why for a in ALLOWED.values()) and all(REFUSED.values())
+
+
+def test_a_field_on_no_list_is_refused(monkeypatch):
+    """A field added to a schema later is unreachable over HTTP until someone puts it on the list."""
+    import harness.server.jobs as jobs
+
+    fields = {**schema_fields(), "bench.new_field": int}
+    monkeypatch.setattr(jobs, "schema_fields", lambda: fields)
+    with pytest.raises(ConfigError, match="not on the list of fields a job may set"):
+        check_overrides(["bench.new_field=3"])
+
+
+def test_a_jobs_environment_holds_no_credential():
+    source = {
+        "PATH": "/bin", "HOME": "/root", "LC_ALL": "C", "OMP_NUM_THREADS": "2", "CUDA_VISIBLE_DEVICES": "0",
+        "HARNESS_CACHE_DIR": "/c", "HF_HUB_OFFLINE": "1", "HARNESS_API_TOKEN": "t", "HARNESS_DB_PASSWORD": "p",
+        "HF_TOKEN": "h", "OPENAI_API_KEY": "k", "AWS_SECRET_ACCESS_KEY": "s", "GITHUB_TOKEN": "g", "SOMETHING": "x",
+    }  # fmt: skip
+    assert job_environment(source) == {
+        "PATH": "/bin", "HOME": "/root", "LC_ALL": "C", "OMP_NUM_THREADS": "2", "CUDA_VISIBLE_DEVICES": "0",
+        "HARNESS_CACHE_DIR": "/c", "HF_HUB_OFFLINE": "1",
+    }  # fmt: skip
+    assert job_environment(source, {"LAB_KEY": "k2"})["LAB_KEY"] == "k2"  # what the server itself hands over
+
+
+def test_job_targets_are_the_operators_exact_urls_and_keys(monkeypatch):
+    monkeypatch.setenv("LAB_KEY", "k")
+    targets = parse_job_targets(["http://127.0.0.1:9/v1,lab=http://10.0.0.5:8000/v1/"], ["lab=LAB_KEY"])
+    assert targets == [JobTarget("0", "http://127.0.0.1:9/v1"), JobTarget("lab", "http://10.0.0.5:8000/v1", "LAB_KEY")]
+    for specs, keys, says in [
+        (["ftp://x/v1"], [], "is not an http(s) URL"),
+        (["a=http://x/v1,a=http://y/v1"], [], "names a target twice"),
+        (["9x=http://x/v1"], [], "is not a target name"),
+        (["http://x/v1"], ["lab=LAB_KEY"], "does not name a target"),
+        (["lab=http://x/v1"], ["lab=NO_SUCH_VARIABLE_HERE"], "is not set"),
+    ]:
+        with pytest.raises(ConfigError, match=says.replace("(", r"\(").replace(")", r"\)")):
+            parse_job_targets(specs, keys)
+
+
+def test_a_target_job_is_a_serve_point_aimed_at_the_target(monkeypatch):
+    monkeypatch.setenv("LAB_KEY", "k")
+    lab = JobTarget("lab", "http://127.0.0.1:9/v1", "LAB_KEY")
+    cfg, _ = compose(["model=tiny-qwen2", "bench=serve", "bench.served_model=m"], target=lab)
+    assert (cfg.bench.target, cfg.bench.base_url, cfg.bench.api_key_env) == ("url", lab.base_url, "LAB_KEY")
+    with pytest.raises(ConfigError, match="add bench=serve"):
+        compose(["model=tiny-qwen2", "bench=latency"], target=lab)
+    with pytest.raises(ConfigError, match="cannot be applied to a server that is already running"):
+        compose(["model=tiny-qwen2", "bench=serve", "quant=8bit"], target=lab)
+
+
+def test_the_exfiltration_replay_sends_nothing(job_server, monkeypatch):
+    """The report's replay: a job naming a URL and the server's own token variable. Nothing may reach the URL."""
+    monkeypatch.setenv("HARNESS_API_TOKEN", TOKEN)
+    http = job_server["http"]
+    with MockServer({"tiny-qwen2": Script()}) as listener:
+        attempts = [
+            ["model=tiny-qwen2", "bench=serve", "bench.target=url", f"bench.base_url={listener.base_url}",
+             "bench.api_key_env=HARNESS_API_TOKEN", "bench.num_requests=1", "bench.concurrency=[1]", "bench.rates=[]"],
+            ["model=tiny-qwen2", "engine=openai", "bench=smoke", f"engine.base_url={listener.base_url}",
+             "engine.launch=none", "engine.api_key_env=HARNESS_API_TOKEN"],
+            ["model=tiny-qwen2", "bench=serve", "bench.target=engine", "engine=openai",
+             f"engine.base_url={listener.base_url}"],
+        ]  # fmt: skip
+        for overrides in attempts:
+            status, body = http.json("POST", "/benchmarks", {"overrides": overrides})
+            assert status == 400 and "not allowed over HTTP" in body["error"]["message"], body
+        status, body = http.json("POST", "/benchmarks", {"overrides": ["model=tiny-qwen2"], "target": "0"})
+        assert status == 400 and "not one of this server's job targets (none)" in body["error"]["message"]
+        time.sleep(1)
+        assert listener.requests == []
+    assert http.json("GET", "/benchmarks")[1]["data"] == []
+
+
+def test_a_job_loads_exactly_the_operators_target_with_the_operators_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("HARNESS_API_TOKEN", TOKEN)
+    monkeypatch.setenv("LAB_KEY", "operator-key")
+    events = [(0.0, ROLE), (0.0, content("a")), (0.0, content(" b")), (0.0, FINISH), (0.0, usage_only(2)),
+              (0.0, "[DONE]")]  # fmt: skip
+    with MockServer({"tiny-qwen2": Script(events)}, api_key="operator-key") as lab:
+        settings = ServerSettings(
+            token=TOKEN,
+            max_tokens_limit=64,
+            default_max_tokens=16,
+            jobs_dir=str(tmp_path / "jobs"),
+            job_targets=parse_job_targets([f"lab={lab.base_url}"], ["lab=LAB_KEY"]),
+        )
+        with serving(create_app(settings)) as base:
+            http = Http(base)
+            overrides = ["model=tiny-qwen2", "bench=serve", "bench.api=chat", "bench.num_requests=3",
+                         "bench.warmup_runs=0", "bench.concurrency=[1]", "bench.rates=[]", "bench.calibrate=false",
+                         "bench.scrape_metrics=false", "bench.max_new_tokens=2",
+                         "bench.prompt_lengths=[16]"]  # fmt: skip
+            status, job = http.json("POST", "/benchmarks", {"overrides": overrides, "target": "lab"})
+            assert status == 202 and job["target"] == "lab", job
+            done = wait_for(lambda: (j := http.json("GET", f"/benchmarks/{job['id']}")[1])["finished"] and j)
+            assert done["status"] == "ok", done["result"]["error"]
+            assert done["result"]["config"]["bench"]["base_url"] == lab.base_url
+            assert done["result"]["metrics"]["completed[concurrency=1]"]["mean"] == 3
+            saved = json.loads((tmp_path / "jobs" / job["id"] / "point.json").read_text())
+            assert saved["config"]["bench"]["api_key_env"] == "LAB_KEY"  # the variable's name, never its value
+            assert "operator-key" not in (tmp_path / "jobs" / job["id"] / "point.json").read_text()
+    assert lab.requests and {auth for _, _, auth in lab.requests} == {"Bearer operator-key"}
+
+
+def test_a_server_launched_by_a_point_dies_when_the_point_is_killed(tmp_path):
+    """SIGKILL (a cancel's escalation, the OOM killer) gives the point no chance to stop its server: the kernel's
+    parent-death signal must."""
+    from harness.config import load_config
+    from runners.execute import start_point
+
+    cfg = load_config(["model=tiny-qwen2", "bench=serve", "bench.num_requests=200", "bench.rates=[]",
+                       "bench.concurrency=[1]", "bench.calibrate=false", "bench.max_new_tokens=64"])  # fmt: skip
+    proc = start_point(cfg, tmp_path, {"model": "tiny-qwen2"}, "attempt", "digest", stdout=subprocess.DEVNULL)
+    try:
+
+        def launched_server():
+            with contextlib.suppress(psutil.Error):
+                for child in psutil.Process(proc.pid).children(recursive=True):
+                    if "serve" in child.cmdline() and "harness.cli" in child.cmdline():
+                        return child
+            return None
+
+        server = wait_for(launched_server, timeout=180)
+        wait_for(lambda: "serving on" in (tmp_path / "server.log").read_text(), timeout=120)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        t0 = time.time()
+        wait_for(lambda: not server.is_running() or server.status() == psutil.STATUS_ZOMBIE, timeout=10, step=0.1)
+        assert time.time() - t0 < 10
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
 
 
 # -- the running server ----------------------------------------------------------------------------------------
@@ -179,13 +373,17 @@ def point_process(job_folder):
     return None
 
 
-def test_a_running_job_is_cancelled_with_its_whole_process_group(job_server):
+def test_a_running_job_is_cancelled_with_its_whole_process_group(job_server, monkeypatch):
+    monkeypatch.setenv("HARNESS_API_TOKEN", TOKEN)
+    monkeypatch.setenv("MY_CLOUD_SECRET_KEY", "s3cr3t")
     http = job_server["http"]
     status, job = http.json("POST", "/benchmarks", {"overrides": LONG_JOB})
     assert status == 202, job
     folder = job_server["jobs"] / job["id"]
     wait_for(lambda: http.json("GET", f"/benchmarks/{job['id']}")[1]["status"] == "running")
     child = wait_for(lambda: point_process(folder))
+    env = child.environ()  # the job's process holds no credential of the server's
+    assert "HARNESS_API_TOKEN" not in env and "MY_CLOUD_SECRET_KEY" not in env and env["PATH"] == os.environ["PATH"]
     time.sleep(3)  # inside its bench
     status, cancelled = http.json("DELETE", f"/benchmarks/{job['id']}")
     assert status == 200 and cancelled["status"] == "cancelled"

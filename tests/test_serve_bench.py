@@ -45,7 +45,8 @@ def harness_server(tmp_path_factory):
     assert _gone(server.process.pid)
 
 
-def test_serve_bench_launches_harness_runs_every_level_and_stops_the_server(tmp_path):
+def test_serve_bench_launches_harness_runs_every_level_and_stops_the_server(tmp_path, monkeypatch):
+    monkeypatch.setenv("HARNESS_API_TOKEN", "a-server-elsewhere")  # the point's own server must not demand it
     cfg = load_config(
         [
             "model=tiny-qwen2",

@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from harness.engines.base import GenerationParams, Prompt, TokenPrompt
 from harness.errors import ConfigError, HarnessError, InferenceError
 from harness.models.manager import ModelManager, ModelSpec
-from harness.server.jobs import FINISHED, JobRunner
+from harness.server.jobs import FINISHED, JobLimits, JobRunner
 from harness.server.metrics import CONTENT_TYPE, ServerMetrics
 from harness.server.registry import ModelRegistry, UnknownModel
 from harness.server.schemas import BenchmarkRequest, ChatRequest, CompletionRequest
@@ -138,14 +138,19 @@ class Server:
         self.settings = settings
         budget = settings.memory_budget_mb * 2**20 if settings.memory_budget_mb else None
         self.manager = manager or ModelManager(settings.capacity, budget, cache_dir=settings.cache_dir)
-        self.registry = ModelRegistry(settings.model_dirs, settings.allow_remote_code)
+        self.registry = ModelRegistry(settings.model_dirs, settings.allow_remote_code, settings.allow_downloads)
         self.worker = ModelWorker(self.manager, settings.max_queue, settings.engine)
         self.jobs = JobRunner(
             settings.jobs_dir,
             settings.max_parallel_jobs,
             cache_dir=settings.cache_dir,
             allow_remote_code=settings.allow_remote_code,
-            limits=settings.job_limits(),
+            limits=JobLimits(
+                max_seconds=settings.job_max_seconds,
+                max_runs=settings.job_max_runs,
+                max_new_tokens=settings.max_tokens_limit,
+            ),
+            targets=settings.job_targets,
         )
         self.metrics = ServerMetrics()
 
@@ -156,6 +161,22 @@ class Server:
             raise APIError(404, str(exc), param="model") from None
         except ConfigError as exc:
             raise APIError(400, f"{exc.cause} Fix: {exc.fix}", param="model") from None
+
+    def servable_spec(self, name: str) -> ModelSpec:
+        """The spec of a model this server can load now; 503 at once (not after the hub's retries) otherwise."""
+        spec = self.spec(name)
+        found = self.registry.servable(spec)
+        if not found.offline and self.manager.peek(spec.key) is None:
+            raise APIError(
+                503,
+                f"model {name!r} cannot be served here: its weights are not on this machine ({found.how}). Fix: "
+                "`harness models` lists what is available offline; install or download its weights on the server's "
+                "machine, or pick a model that GET /v1/models lists (a server started with --allow-downloads fetches "
+                "hub models on first use).",
+                kind="server_error",
+                param="model",
+            )
+        return spec
 
     def params(self, body: ChatRequest | CompletionRequest) -> GenerationParams:
         requested = getattr(body, "max_completion_tokens", None) or body.max_tokens
@@ -179,7 +200,14 @@ class Server:
         loaded = self.manager.peek(spec.key)
         q = spec.quant
         quant = {"name": q.name, "method": q.method, "bits": q.bits}
-        info: dict[str, Any] = {"id": name, "loaded": loaded is not None, "quantization": quant}
+        found = self.registry.servable(spec)
+        info: dict[str, Any] = {
+            "id": name,
+            "loaded": loaded is not None,
+            "available": found.offline,
+            "weights": found.how,
+            "quantization": quant,
+        }
         if loaded is not None:
             info.update(
                 device=loaded.placement.device,
@@ -266,25 +294,19 @@ def create_app(settings: ServerSettings | None = None, manager: ModelManager | N
     # -- OpenAI-compatible ---------------------------------------------------------------------------------
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
-        loaded = set(server.manager.loaded())
-        data = []
-        for name in server.registry.names():
-            try:
-                is_loaded = server.registry.spec(name).key in loaded
-            except (ConfigError, UnknownModel):  # an entry that does not compose here is still listed
-                is_loaded = False
-            data.append({"id": name, "object": "model", "created": 0, "owned_by": "harness", "loaded": is_loaded})
-        return {"object": "list", "data": data}
+        """The models this server can serve now: loaded, or with their weights on this machine (clients such as
+        AIPerf pick the first listed, so an entry that would have to be downloaded is not offered)."""
+        return {"object": "list", "data": await asyncio.to_thread(_servable_models, server)}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request) -> Any:
-        spec = server.spec(body.model)
+        spec = server.servable_spec(body.model)
         messages = [m.model_dump() for m in body.messages]
         return await _generate(server, request, "/v1/chat/completions", body, spec, messages)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        spec = server.spec(body.model)
+        spec = server.servable_spec(body.model)
         prompt = body.prompt if isinstance(body.prompt, str) else TokenPrompt(tuple(body.prompt))
         return await _generate(server, request, "/v1/completions", body, spec, prompt)
 
@@ -295,7 +317,7 @@ def create_app(settings: ServerSettings | None = None, manager: ModelManager | N
 
     @app.post("/models/{name}/load")
     async def load(name: str) -> dict[str, Any]:
-        spec = server.spec(name)
+        spec = server.servable_spec(name)
         await server.run(lambda: server.worker.load(spec))
         return server.model_info(name, spec)
 
@@ -309,7 +331,7 @@ def create_app(settings: ServerSettings | None = None, manager: ModelManager | N
     @app.post("/benchmarks", status_code=202)
     async def submit_benchmark(body: BenchmarkRequest) -> dict[str, Any]:
         try:
-            job = await asyncio.to_thread(server.jobs.submit, body.overrides)
+            job = await asyncio.to_thread(server.jobs.submit, body.overrides, body.target)
         except ConfigError as exc:
             raise APIError(400, f"{exc.cause} Fix: {exc.fix}", param="overrides") from None
         return job.describe(with_result=False)
@@ -349,6 +371,20 @@ def create_app(settings: ServerSettings | None = None, manager: ModelManager | N
         return Response(body, media_type=CONTENT_TYPE)
 
     return app
+
+
+def _servable_models(server: Server) -> list[dict[str, Any]]:
+    loaded = set(server.manager.loaded())
+    data = []
+    for name in server.registry.names():
+        try:
+            spec = server.registry.spec(name)
+        except (ConfigError, UnknownModel):  # an entry that does not compose here cannot be served either
+            continue
+        is_loaded = spec.key in loaded
+        if is_loaded or server.registry.servable(spec).offline:
+            data.append({"id": name, "object": "model", "created": 0, "owned_by": "harness", "loaded": is_loaded})
+    return data
 
 
 async def _until_disconnected(request: Request, cancelled: threading.Event, sink: asyncio.Queue) -> None:

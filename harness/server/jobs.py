@@ -1,11 +1,14 @@
 """Benchmark jobs over HTTP: one sweep point per job, chosen by overrides, run in a process group of its own.
 
 The allow-list is structural, not textual. Each override is parsed by Hydra's own override parser and accepted
-only as `group=option` (a known option name) or `field=value` for a field on the list below with a scalar value
-(a list of scalars where the field is a list). Prefixes (`+`, `++`, `~`), packages, sweeps, dicts, functions and
-`${…}` interpolations are refused. The composed point is then compared with the point its group choices alone
-compose: every field a job may not change must be equal (model paths and sources, trust_remote_code, bench.name,
-case files and corpus, cache_dir, isolation), so a way around the parser would still be caught.
+only as `group=option` (a known option name) or `field=value` for a field on the positive list
+(harness.server.job_fields) with a scalar value (a list of scalars where the field is a list). Prefixes (`+`,
+`++`, `~`), packages, sweeps, dicts, functions and `${…}` interpolations are refused. The composed point is then
+compared with the point its group choices alone compose: every field a job may not change must be equal (model
+paths and sources, trust_remote_code, bench.name, case files and corpus, cache_dir, isolation), so a way around
+the parser would still be caught. A job loads another server only when it picks one of the operator's
+`--job-targets`; its process gets a clean environment (no credential but that target's key), and a server it
+launches dies with it.
 
 A job has limits (wall time, runs, requests, tokens), can be cancelled (its process group is killed), is written
 to `<jobs_dir>/<id>/job.json` at each change and read back when the server starts (a job the server was running
@@ -18,6 +21,7 @@ import collections
 import contextlib
 import dataclasses
 import json
+import os
 import queue
 import signal
 import subprocess
@@ -34,22 +38,11 @@ from harness.config import GROUPS, HarnessConfig, check_group_choices, flatten, 
 from harness.errors import ConfigError
 from harness.overrides import compose_point as compose_overrides
 from harness.overrides import parse, schema_fields
+from harness.processes import job_environment
 from harness.result import write_json_atomic
+from harness.server.job_fields import ALLOWED, REFUSED, allowed_value
+from harness.server.settings import JobTarget
 
-# The fields a job may set; everything else is fixed by the server or by the chosen group options.
-_FIXED_IN_GROUPS = ("bench.name", "quant.name", "workflow.name", "attention.name", "engine.name")
-_PATH_OR_CODE = ("workflow.cases", "workflow.corpus", "quant.calibration")
-ALLOWED_FIELDS = tuple(
-    sorted(
-        {
-            key
-            for key in schema_fields()
-            if key.startswith(("bench.", "quant.", "attention.", "workflow.", "validation."))
-            and key not in _FIXED_IN_GROUPS + _PATH_OR_CODE
-        }
-        | {"seed", "model.device", "model.dtype"}
-    )
-)
 JOB_STATES = ("queued", "running", "ok", "failed", "cancelled", "interrupted")
 FINISHED = ("ok", "failed", "cancelled", "interrupted")
 JOB_FILE = "job.json"
@@ -66,6 +59,8 @@ class JobLimits:
     max_prompt_tokens: int = 32768  # bench.prompt_lengths entries
     max_new_tokens: int = 2048  # bench.max_new_tokens and workflow.max_new_tokens
     max_ppl_chars: int = 1_000_000  # bench.ppl_chars
+    max_kv_cache_tokens: int = 1 << 20  # engine.kv_cache_tokens: the paged cache is allocated whole at start
+    max_threads: int = field(default_factory=lambda: os.cpu_count() or 1)  # engine.threads
 
     def check(self, cfg: HarnessConfig) -> None:
         b, w = cfg.bench, cfg.workflow
@@ -81,6 +76,14 @@ class JobLimits:
             ("bench.max_new_tokens", b.max_new_tokens, self.max_new_tokens),
             ("workflow.max_new_tokens", w.max_new_tokens if b.name == "e2e" else 0, self.max_new_tokens),
             ("bench.ppl_chars", b.ppl_chars, self.max_ppl_chars),
+            ("bench.num_requests", b.num_requests, self.max_runs),
+            ("bench.client_workers", b.client_workers, self.max_parallel),
+            ("engine.max_batch_requests", cfg.engine.max_batch_requests, self.max_parallel),
+            ("engine.kv_cache_tokens", cfg.engine.kv_cache_tokens, self.max_kv_cache_tokens),
+            ("engine.n_ctx", cfg.engine.n_ctx, self.max_prompt_tokens + self.max_new_tokens),
+            ("engine.threads", cfg.engine.threads or 0, self.max_threads),
+            ("bench.prefix_tokens", b.prefix_tokens, self.max_prompt_tokens),
+            ("bench.turns", b.turns, self.max_parallel),
         ]  # fmt: skip
         for name, value, limit in checks:
             if value > limit:
@@ -131,26 +134,68 @@ def check_overrides(overrides: Any) -> list[str]:
                 raise _refuse(text, f"{key} takes an option's name ({', '.join(group_options(key))})")
             check_group_choices([f"{key}={value}"])
             continue
-        if key not in ALLOWED_FIELDS:
+        if key not in ALLOWED:
             raise _refuse(
                 text,
-                f"a job may choose {', '.join(GROUPS)}, seed, model.device, model.dtype and the fields of bench, "
-                "quant, attention, workflow and validation that name no file or code",
+                REFUSED.get(key)
+                or f"{key} is not on the list of fields a job may set (harness/server/job_fields.py: a job may "
+                f"choose {', '.join(GROUPS)} and set the fields listed there, none that names a file, URL, program "
+                "or environment variable)",
             )
         is_list = "list" in str(fields[key])
         if not (_scalar(value) or (is_list and isinstance(value, list) and all(_scalar(v) for v in value))):
             raise _refuse(text, f"{key} takes a {'list of plain values' if is_list else 'plain value'}")
+        if not allowed_value(key, value):
+            raise _refuse(
+                text,
+                f"over HTTP {key} takes only {', '.join(map(str, ALLOWED[key].values or ()))} ({ALLOWED[key].why})",
+                "leave it at that, or pick one of the operator's job targets with the request's `target`.",
+            )
     return overrides
 
 
 def _changed_beyond_allowed(cfg: HarnessConfig, base: HarnessConfig) -> list[str]:
     """The fields outside the allow-list whose value differs from the group options' own."""
     ours, theirs = flatten(asdict(cfg)), flatten(asdict(base))
-    return sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k) and k not in ALLOWED_FIELDS)
+    return sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k) and k not in ALLOWED)
+
+
+def pick_target(targets: list[JobTarget], choice: str | int | None) -> JobTarget | None:
+    """The operator's job target a job picked, by name or position; ConfigError for any other."""
+    if choice is None:
+        return None
+    picked = next((t for t in targets if t.name == str(choice)), None)
+    if picked is None and str(choice).isdigit() and int(choice) < len(targets):
+        picked = targets[int(choice)]
+    if picked is None:
+        listed = ", ".join(f"{i} ({t.name})" for i, t in enumerate(targets)) or "none"
+        raise ConfigError(
+            f"target {choice!r} is not one of this server's job targets ({listed}).",
+            "pick one of those by name or position; an operator adds servers with `harness serve --job-targets URL`.",
+        )
+    return picked
+
+
+def _aim_at(cfg: HarnessConfig, target: JobTarget | None) -> HarnessConfig:
+    """The point as it runs against the operator's target (bench=serve, target=url, the target's URL and key)."""
+    if target is None:
+        if cfg.bench.served_model is not None:
+            raise ConfigError(
+                "bench.served_model names a model on another server, and the job picked no target.",
+                "add the request's `target` (one of the operator's --job-targets), or drop bench.served_model.",
+            )
+        return cfg
+    if cfg.bench.name != "serve":
+        raise ConfigError(
+            f"a job target is a server to load-test, which bench=serve does; this job runs bench={cfg.bench.name}.",
+            "add bench=serve, or drop the request's `target`.",
+        )
+    bench = dataclasses.replace(cfg.bench, target="url", base_url=target.base_url, api_key_env=target.key_env)
+    return dataclasses.replace(cfg, bench=bench)  # validated again: the quantization must suit a running server
 
 
 def compose_job(
-    overrides: list[str], cache_dir: str, allow_remote_code: bool, limits: JobLimits
+    overrides: list[str], cache_dir: str, allow_remote_code: bool, limits: JobLimits, target: JobTarget | None = None
 ) -> tuple[HarnessConfig, dict[str, str]]:
     """The validated config of one job's point and its group choices; ConfigError for anything refused."""
     from runners.point import preflight
@@ -163,6 +208,7 @@ def compose_job(
         raise ConfigError(
             f"the overrides change {', '.join(changed)}, which a job may not change.", "leave those fields alone."
         )
+    cfg = _aim_at(cfg, target)
     for c in (cfg, base):
         c.cache_dir, c.isolation, c.force, c.print_text = cache_dir, "process", True, False
         c.model.trust_remote_code = c.model.trust_remote_code and allow_remote_code
@@ -177,6 +223,7 @@ class Job:
     overrides: list[str]
     point: dict[str, str]
     folder: Path
+    target: str | None = None  # the name of the operator's job target it loads, if any
     status: str = "queued"  # see JOB_STATES
     submitted: float = field(default_factory=time.time)
     started: float | None = None
@@ -190,6 +237,7 @@ class Job:
             "status": self.status,
             "overrides": self.overrides,
             "point": self.point,
+            "target": self.target,
             "folder": str(self.folder),
             "submitted": self.submitted,
             "started": self.started,
@@ -225,8 +273,10 @@ class JobRunner:
         cache_dir: str = "~/.cache/harness",
         allow_remote_code: bool = False,
         limits: JobLimits | None = None,
+        targets: list[JobTarget] | None = None,
     ) -> None:
         self.jobs_dir = Path(jobs_dir)
+        self.targets = list(targets or [])
         self.cache_dir, self.allow_remote_code = cache_dir, allow_remote_code
         self.limits = limits or JobLimits()
         self._jobs: dict[str, Job] = {}
@@ -262,12 +312,15 @@ class JobRunner:
             job.result = _read_result_file(job.folder)
             self._jobs[job.id] = job
 
-    def submit(self, overrides: Any) -> Job:
+    def submit(self, overrides: Any, target: str | int | None = None) -> Job:
         if self._stopping.is_set():
             raise ConfigError("the server is shutting down.", "submit the job to the server once it is back.")
-        cfg, point = compose_job(check_overrides(overrides), self.cache_dir, self.allow_remote_code, self.limits)
+        picked = pick_target(self.targets, target)
+        cfg, point = compose_job(
+            check_overrides(overrides), self.cache_dir, self.allow_remote_code, self.limits, picked
+        )
         job_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:8]
-        job = Job(job_id, list(overrides), point, self.jobs_dir / job_id)
+        job = Job(job_id, list(overrides), point, self.jobs_dir / job_id, picked.name if picked else None)
         job.save()
         with self._lock:
             self._jobs[job_id] = job
@@ -311,7 +364,7 @@ class JobRunner:
             job.status, job.started = "running", time.time()
             job.save()
             with (job.folder / LOG_FILE).open("w") as log:
-                proc = start_point(cfg, job.folder, job.point, attempt, digest, stdout=log)
+                proc = start_point(cfg, job.folder, job.point, attempt, digest, stdout=log, env=_environment_of(cfg))
             self._procs[job.id] = proc
         try:
             returncode = proc.wait(timeout=self.limits.max_seconds)
@@ -400,6 +453,13 @@ class JobRunner:
             self._queue.put(None)
         for t in self._threads:
             t.join(timeout=grace_s + 5)
+
+
+def _environment_of(cfg: HarnessConfig) -> dict[str, str]:
+    """A job's process environment: the clean one, plus the key of the operator's target it loads (a job cannot set
+    bench.api_key_env, so a name there is the operator's)."""
+    key_env = cfg.bench.api_key_env if cfg.bench.target == "url" else None
+    return job_environment(extra={key_env: os.environ[key_env]} if key_env else None)
 
 
 def _read_result_file(folder: Path) -> dict[str, Any] | None:

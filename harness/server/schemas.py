@@ -74,3 +74,7 @@ class CompletionRequest(_Sampling):
 class BenchmarkRequest(_Body):
     model_config = ConfigDict(extra="forbid")
     overrides: list[StrictStr] = Field(default_factory=list, max_length=64)
+    target: StrictStr | int | None = Field(
+        default=None,
+        description="one of the operator's --job-targets, by name or position: the server a bench=serve job loads",
+    )

@@ -4,13 +4,61 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.config import EngineConfig
+from harness.config import EngineConfig, check_base_url, check_key_env
 from harness.errors import ConfigError
+from harness.processes import TOKEN_ENV
 
-TOKEN_ENV = "HARNESS_API_TOKEN"
+_TARGET_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9._-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class JobTarget:
+    """A server the operator lets benchmark jobs load (`--job-targets`): its exact base URL, and the environment
+    variable holding its key, named by the operator at start-up, never by a job."""
+
+    name: str
+    base_url: str
+    key_env: str | None = None
+
+    def describe(self) -> dict[str, str | None]:
+        return {"name": self.name, "base_url": self.base_url, "key_env": self.key_env}
+
+
+def parse_job_targets(specs: list[str], keys: list[str]) -> list[JobTarget]:
+    """`--job-targets [NAME=]URL[,…]` (repeatable) and `--job-target-key NAME=VARIABLE` (repeatable): a target
+    without a name is named by its position (0, 1, …)."""
+    items = [item.strip() for spec in specs for item in spec.split(",") if item.strip()]
+    named: list[tuple[str, str]] = []
+    for i, item in enumerate(items):
+        name, sep, url = item.partition("=")
+        if not sep or "://" in name:  # a bare URL (whose query may hold '=')
+            name, url = str(i), item
+        elif not _TARGET_NAME.match(name):
+            raise ConfigError(
+                f"--job-targets {item!r}: {name!r} is not a target name (a letter, then letters, digits, . _ -).",
+                "write each target as URL or NAME=URL, e.g. --job-targets vllm=http://10.0.0.5:8000/v1.",
+            )
+        check_base_url("--job-targets", url)
+        named.append((name, url.rstrip("/")))
+    names = [n for n, _ in named]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--job-targets names a target twice ({', '.join(names)}).", "give each a name of its own.")
+    key_of: dict[str, str] = {}
+    for spec in keys:
+        name, sep, variable = spec.partition("=")
+        if not sep or name not in names:
+            raise ConfigError(
+                f"--job-target-key {spec!r} does not name a target of --job-targets ({', '.join(names) or 'none'}).",
+                "write it as NAME=VARIABLE, with NAME a target's name (or its position) and VARIABLE the environment "
+                "variable that holds that server's key.",
+            )
+        check_key_env("--job-target-key", variable)
+        key_of[name] = variable
+    return [JobTarget(name, url, key_of.get(name)) for name, url in named]
 
 
 @dataclass
@@ -26,11 +74,16 @@ class ServerSettings:
     max_body_bytes: int = 1_000_000
     max_queue: int = 64  # generation requests waiting for the engine; more get 503
     allow_remote_code: bool = False  # entries that need trust_remote_code load only when the operator allows it
+    # Entries whose weights are only on the hub are listed and loaded (downloaded on first use) only when the
+    # operator allows it; otherwise a request for one is answered 503 at once instead of after the hub's retries.
+    allow_downloads: bool = False
     cache_dir: str = "~/.cache/harness"
     jobs_dir: str = "outputs/api-jobs"
     max_parallel_jobs: int = 1  # benchmark jobs run one at a time by default: parallel timings disturb each other
     job_max_seconds: float = 3600.0  # a job's wall time; past it its process group is killed
     job_max_runs: int = 200  # bench.max_runs, warm-up runs and requests per concurrency level of a job
+    # The only servers other than their own that jobs may load (bench=serve), each picked by a job's `target`.
+    job_targets: list[JobTarget] = field(default_factory=list)
     # How the transformers engine runs every served model (batching=continuous lets concurrent requests share the
     # decode; cache/compile/threads as in conf/engine/transformers.yaml).
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -57,13 +110,6 @@ class ServerSettings:
         for folder in self.model_dirs:
             if not Path(folder).expanduser().is_dir():
                 raise ConfigError(f"--model-dir {folder} is not a folder.", "give a folder of model checkpoints.")
-
-    def job_limits(self):
-        from harness.server.jobs import JobLimits
-
-        return JobLimits(
-            max_seconds=self.job_max_seconds, max_runs=self.job_max_runs, max_new_tokens=self.max_tokens_limit
-        )
 
     @property
     def loopback(self) -> bool:

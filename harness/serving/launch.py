@@ -3,7 +3,8 @@ Python environment), each on a free loopback port, in its own process group, wit
 
 The launch waits until the server answers /v1/models (start-up time reported apart from any measurement); a
 server that exits or does not answer in time fails the point with its log's tail. `stop()` ends the whole process
-group (SIGTERM, then SIGKILL), so no server outlives its point.
+group (SIGTERM, then SIGKILL), so no server outlives its point; and where the point itself is killed outright
+(SIGKILL, the OOM killer, a job's cancel) the kernel's parent-death signal ends the server (harness.processes).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import ConfigError, HarnessError, ModelLoadError
+from harness.processes import TOKEN_ENV, dies_with_this_process
 from harness.serving.client import Endpoint, probe
 
 LAUNCHES = ("harness", "llamacpp_server", "vllm")
@@ -30,6 +32,9 @@ DEFAULT_ARGS = {
     "vllm": ["--max-model-len", "2048", "--dtype", "bfloat16", "--gpu-memory-utilization", "0.2", "--enforce-eager"],
 }
 LOG_NAME = "server.log"
+# The signal a server gets when its point dies without stopping it. vLLM gets SIGTERM, on which it stops the engine
+# processes it started; the others have no children and end at once on SIGKILL.
+PARENT_DEATH_SIGNAL = {"vllm": signal.SIGTERM}
 
 
 def free_port() -> int:
@@ -125,7 +130,8 @@ def launch(
     timeout_s: float = 300.0,
     env: dict[str, str] | None = None,
 ) -> LaunchedServer:
-    """Start a server for `model` (the name it serves under) and wait until it lists it."""
+    """Start a server for `model` (the name it serves under) and wait until it lists it. Call it from the thread
+    that lives as long as the server should (the point's main thread): the server dies with that thread."""
     port = free_port()
     command = _command(kind, port, model, artifact, python, list(args or DEFAULT_ARGS.get(kind, [])))
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -141,7 +147,10 @@ def launch(
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,  # its own process group: stop() ends the server and its children
-                env={**os.environ, **(env or {})},
+                preexec_fn=dies_with_this_process(PARENT_DEATH_SIGNAL.get(kind, signal.SIGKILL)),
+                # A harness server launched for a point serves that point alone, on loopback: the token of a
+                # server the user runs elsewhere must not make it demand one its client never sends.
+                env={**{k: v for k, v in os.environ.items() if k != TOKEN_ENV}, **(env or {})},
             )
         except OSError as exc:
             raise ModelLoadError(
