@@ -187,7 +187,7 @@ def _preset_sweep(overrides: list[str]) -> list[str]:
 
 def precheck(args: list[str], multirun: bool) -> set[str]:
     """Check a command line before Hydra runs anything; returns the keys it sweeps. Raises ConfigError."""
-    from runners.point import resolve_bench
+    from runners.point import check_point
 
     overrides = [a for a in args if not a.startswith("-") and ("=" in a or a.startswith("~"))]
     check_group_choices(overrides)
@@ -206,5 +206,5 @@ def precheck(args: list[str], multirun: bool) -> set[str]:
     points = expand(overrides)
     for point in points:
         validated, _ = compose_point(point)
-        resolve_bench(validated.bench.name)
+        check_point(validated)
     return {o.key_or_group for o in sweeps}

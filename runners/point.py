@@ -17,7 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from harness.config import GROUPS, HarnessConfig
+from harness.config import GROUPS, HTTP_ENGINES, HarnessConfig
 from harness.errors import ConfigError, HarnessError, OutOfMemoryError, format_error, is_storage_error, storage_error
 from harness.result import Result, check_writable, write_result
 from runners.execute import interrupted_result
@@ -81,10 +81,41 @@ def resolve_bench(name: str) -> Callable[[BenchContext], BenchOutput]:
     )
 
 
-def preflight(cfg: HarnessConfig) -> Workflow | None:
-    """What can be checked without a model, checked before one loads: the bench exists, and for bench=e2e the
-    workflow's case file and corpus are valid (the workflow, ready to run, is returned). Raises ConfigError."""
+# Benches whose prompts are bench.prompt_lengths tokens long, followed by bench.max_new_tokens generated ones.
+_EXACT_LENGTH_BENCHES = ("latency", "memory", "throughput")
+
+
+def check_point(cfg: HarnessConfig) -> None:
+    """What is knowably wrong with a point before anything loads, for the pre-check of a whole sweep: the bench
+    exists, an explicit model.path is a model, and the prompt lengths fit the model's declared context window.
+    Raises ConfigError."""
+    from harness.models.sources import declared_context_window, source_of_path
+
     resolve_bench(cfg.bench.name)
+    if cfg.model.path:
+        try:
+            source_of_path(cfg.model.path)
+        except HarnessError as exc:  # an explicit path is never replaced by another source
+            raise ConfigError(exc.cause, exc.fix + " Or drop model.path to use the entry's own source.") from None
+    if cfg.bench.name not in _EXACT_LENGTH_BENCHES or cfg.engine.name in HTTP_ENGINES:
+        return  # a server's window is the server's to say
+    window = declared_context_window(cfg.model)
+    if cfg.engine.name == "llamacpp" and cfg.engine.n_ctx:
+        window = cfg.engine.n_ctx
+    longest = max(cfg.bench.prompt_lengths)
+    if window is not None and longest + cfg.bench.max_new_tokens > window:
+        raise ConfigError(
+            f"bench.prompt_lengths has {longest} tokens, which with bench.max_new_tokens={cfg.bench.max_new_tokens} "
+            f"exceeds model {cfg.model.name}'s context window of {window} tokens.",
+            f"use prompt lengths of at most {max(window - cfg.bench.max_new_tokens, 1)} tokens"
+            + (" (or a larger engine.n_ctx)." if cfg.engine.name == "llamacpp" else "."),
+        )
+
+
+def preflight(cfg: HarnessConfig) -> Workflow | None:
+    """What can be checked without a model, checked before one loads: check_point, a writable cache, and for
+    bench=e2e the workflow's case file and corpus (the workflow, ready to run, is returned). Raises ConfigError."""
+    check_point(cfg)
     check_writable(cfg.cache_path, "cache_dir", "set cache_dir=<folder> (or HARNESS_CACHE_DIR) to a writable folder")
     if cfg.bench.name != "e2e":
         return None

@@ -127,7 +127,7 @@ def test_ratios_against_quant_none(sweep):
 
 def test_failed_points_are_listed_with_their_messages(sweep):
     page = (sweep / "report.html").read_text()
-    assert "ModelLoadError" in page and "does not exist" in page
+    assert "ConfigError" in page and "does not exist" in page  # a missing model.path is refused before loading
     assert "python -m harness -m model=tiny-gpt2" in page and "Environment" in page
     assert page.count("data:image/png;base64,") == 7
 

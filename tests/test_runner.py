@@ -38,11 +38,11 @@ def test_run_point_ok_writes_a_complete_result(compose, tmp_path):
 
 def test_a_failing_point_records_cause_and_fix(compose, tmp_path):
     cfg = compose("model.path=/does/not/exist")
-    result = run_point(cfg, tmp_path)
-    assert result.status == "failed" and result.error["type"] == "ModelLoadError"
+    result = run_point(cfg, tmp_path)  # known before loading, so a ConfigError (the command line exits 2 on it)
+    assert result.status == "failed" and result.error["type"] == "ConfigError"
     assert "does not exist" in (tmp_path / "error.log").read_text()
     assert json.loads((tmp_path / "result.json").read_text())["error"]["hint"]
-    assert "ModelLoadError" in summary_line(result, tmp_path)
+    assert "ConfigError" in summary_line(result, tmp_path)
 
 
 def test_an_unexpected_crash_is_recorded_with_its_traceback(compose, tmp_path, monkeypatch):

@@ -19,6 +19,14 @@ def test_missing_path():
     assert "Fix:" in str(info.value)
 
 
+def test_an_explicit_path_is_never_replaced_by_random_weights(tmp_path):
+    entry = {"name": "tiny", "source": "random", "random_weights": True, "architecture": {"model_type": "gpt2"}}
+    with pytest.raises(ModelLoadError, match="never replaced"):
+        resolve_source(ModelConfig(**entry, path="/does/not/exist"))
+    (tmp_path / "config.json").write_text("{}")
+    assert resolve_source(ModelConfig(**entry, path=str(tmp_path))).kind == "path"
+
+
 def test_path_folder_without_config(tmp_path):
     with pytest.raises(ModelLoadError, match="no config.json"):
         resolve_source(ModelConfig(name="x", path=str(tmp_path)))

@@ -30,14 +30,8 @@ from harness.engines.pull import PullEngine, out_of_memory, summed_nll
 from harness.errors import ConfigError, InferenceError, ModelLoadError
 from harness.models.attention import AttentionChoice
 from harness.models.cache import COMPLETE, build_once, spec_digest
-from harness.models.loader import (
-    LoadedModel,
-    checkpoint_for,
-    context_window_of,
-    effective_chat_format,
-    load_tokenizer,
-)
-from harness.models.sources import Source, resolve_source
+from harness.models.loader import LoadedModel, checkpoint_for, effective_chat_format, load_tokenizer
+from harness.models.sources import Source, context_window_of, resolve_source
 
 INSTALL = 'pip install -e ".[onnx]" (onnxruntime-genai, onnx, onnx-ir: about 1.5 minutes)'
 # The files a converted model must hold; a cache folder missing one, or with one of another size, is rebuilt.

@@ -22,7 +22,7 @@ from harness.models.attention import AttentionChoice, choose_attention, model_cl
 from harness.models.cache import COMPLETE, build_once, spec_digest
 from harness.models.gguf import materialize_gguf
 from harness.models.random_weights import build_random_checkpoint
-from harness.models.sources import Source, hub_cache_dir, resolve_source, split_parts
+from harness.models.sources import Source, context_window_of, hub_cache_dir, resolve_source, split_parts
 from harness.models.split_gguf import join_parts
 
 log = logging.getLogger(__name__)
@@ -105,14 +105,6 @@ def _return_freed_heap() -> None:
     if name and "libc" in name:
         with contextlib.suppress(OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
             ctypes.CDLL(name).malloc_trim(0)
-
-
-def context_window_of(config) -> int | None:
-    for key in ("max_position_embeddings", "n_positions", "seq_length", "max_sequence_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def gguf_file_for(source: Source, cfg: ModelConfig, cache_dir: Path, events: list[str]) -> tuple[Path, str | None]:

@@ -4,6 +4,7 @@ weights of a real architecture. `resolve_source` picks one and says why; nothing
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,11 +62,12 @@ def split_parts(cfg: ModelConfig) -> list[Part]:
     return parse_parts(cfg.name, list(cfg.gguf_parts or []), cfg.gguf_size, cfg.gguf_sha256)
 
 
-def _from_path(path: str) -> Source:
+def source_of_path(path: str) -> Source:
+    """The source an explicit model.path names; ModelLoadError when it is missing or not a model."""
     p = Path(path)
     if not p.exists():
         raise ModelLoadError(
-            f"model.path={path!r} does not exist.",
+            f"model.path={path!r} does not exist (an explicit path is never replaced by another source).",
             "give the folder of a transformers checkpoint (with config.json) or a .gguf file.",
         )
     if p.is_file():
@@ -102,7 +104,12 @@ def _not_found(cfg: ModelConfig, tried: list[str]) -> ModelLoadError:
 
 
 def resolve_source(cfg: ModelConfig) -> Source:
-    """Pick the source of a model entry, in the order of DESIGN.md, or raise ModelLoadError naming the fix."""
+    """Pick the source of a model entry, in the order of DESIGN.md, or raise ModelLoadError naming the fix.
+
+    An explicit model.path is a promise: it is the source, and a path that is not there fails (never replaced by
+    random weights or anything else)."""
+    if cfg.path:
+        return source_of_path(cfg.path)
     if cfg.random_weights or cfg.source == "random":
         if not cfg.architecture:
             raise ModelLoadError(
@@ -110,8 +117,6 @@ def resolve_source(cfg: ModelConfig) -> Source:
                 "use an entry with an architecture, or a real checkpoint.",
             )
         return Source("random", cfg.name, "random weights of the entry's real architecture (nothing downloaded)")
-    if cfg.path:
-        return _from_path(cfg.path)
     tried: list[str] = []
     want = cfg.source
     if cfg.hub_id and want in ("auto", "hub"):
@@ -144,3 +149,66 @@ def resolve_source(cfg: ModelConfig) -> Source:
     if not tried:
         tried.append(f"model.source={want!r} matches none of the entry's sources")
     raise _not_found(cfg, tried)
+
+
+@dataclass(frozen=True)
+class Availability:
+    """Whether an entry's weights are on this machine (so it loads with no network), and from where."""
+
+    offline: bool
+    how: str
+    size_bytes: int | None = None
+
+
+def availability(cfg: ModelConfig) -> Availability:
+    """Where an entry's weights would come from here, without loading or downloading anything (the order of
+    resolve_source)."""
+    if cfg.path:
+        p = Path(cfg.path)
+        return Availability(p.exists(), f"local path {p}" + ("" if p.exists() else " (missing)"))
+    if cfg.random_weights or cfg.source == "random":
+        return Availability(bool(cfg.architecture), "random weights of its architecture, built locally")
+    if cfg.hub_id and cfg.source in ("auto", "hub") and hub_cached(cfg.hub_id, cfg.revision):
+        return Availability(True, f"hub cache ({cfg.hub_id})")
+    if cfg.gguf_package and cfg.source in ("auto", "gguf"):
+        found = packaged_gguf(cfg.gguf_package, cfg.gguf_file)
+        if found is not None:
+            return Availability(True, f"GGUF file from the package {cfg.gguf_package}", found.stat().st_size)
+    if cfg.gguf_parts and cfg.source in ("auto", "gguf"):
+        parts = split_parts(cfg)
+        _, missing = locate_parts(parts)
+        if not missing:
+            return Availability(True, f"GGUF split across {len(parts)} installed packages", cfg.gguf_size)
+        return Availability(
+            False, f"not installed: {install_command(parts)} ({(cfg.gguf_size or 0) / 1e6:.0f} MB)", cfg.gguf_size
+        )
+    if cfg.hub_id:
+        how = f"hub download ({cfg.hub_id})"
+        if cfg.architecture:
+            how += "; offline: model.random_weights=true"
+        return Availability(False, how)
+    return Availability(False, "no source")
+
+
+_WINDOW_KEYS = ("max_position_embeddings", "n_positions", "seq_length", "max_sequence_length")
+
+
+def context_window_of(config) -> int | None:
+    """The context window a transformers config (or its dict) declares."""
+    for key in _WINDOW_KEYS:
+        value = config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def declared_context_window(cfg: ModelConfig) -> int | None:
+    """The context window known before anything loads: a checkpoint folder's config.json (model.path), else the
+    entry's architecture; None when only loading would tell (a GGUF file, a hub model without an entry)."""
+    if cfg.path:
+        config_file = Path(cfg.path) / "config.json"
+        try:
+            return context_window_of(json.loads(config_file.read_text()))
+        except (OSError, ValueError):
+            return None
+    return context_window_of(dict(cfg.architecture)) if cfg.architecture else None
