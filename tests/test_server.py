@@ -67,6 +67,61 @@ def test_models_are_listed_and_open_only_to_the_token(server):
     assert server["http"].json("GET", "/health", token=None)[0] == 200  # health is open to probes
 
 
+def test_only_models_this_machine_can_load_are_listed_and_others_fail_fast(server):
+    """AIPerf picks the first listed model: an entry that would need the hub (offline here) must not be offered,
+    and a request for one must fail at once with the fix, not after the hub's retries."""
+    ids = [m.id for m in server["client"].models.list().data]
+    assert "gpt2" not in ids and "qwen" not in ids and "tiny-qwen2" in ids
+    t0 = time.perf_counter()
+    with pytest.raises(openai.InternalServerError) as raised:
+        server["client"].with_options(max_retries=0).chat.completions.create(
+            model="gpt2", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+        )
+    assert time.perf_counter() - t0 < 2.0
+    assert raised.value.status_code == 503 and "harness models" in raised.value.message
+    status, info = server["http"].json("GET", "/models/gpt2")
+    assert status == 200 and info["available"] is False and "hub download" in info["weights"]
+    status, body = server["http"].json("POST", "/models/gpt2/load")
+    assert status == 503 and "--allow-downloads" in body["error"]["message"]
+    downloads = ModelRegistry([], allow_downloads=True)
+    assert downloads.servable(downloads.spec("gpt2")).offline is False  # HF_HUB_OFFLINE=1 here: nothing to fetch
+
+
+def test_continuous_batching_serves_a_standard_client_by_default():
+    """`harness serve --batching continuous` samples per request unless told not to: OpenAI clients send
+    temperature 1 unless told otherwise."""
+    from harness.cli import build_parser, serve_settings
+
+    def engine(*args):
+        return serve_settings(build_parser().parse_args(["serve", *args])).engine
+
+    assert engine("--batching", "continuous").batch_sampling is True
+    assert engine("--batching", "continuous", "--no-batch-sampling").batch_sampling is False
+    assert engine().batch_sampling is False  # one request at a time samples anyway
+    with pytest.raises(ConfigError, match="add engine.batching=continuous"):
+        engine("--batch-sampling")
+
+
+def test_a_continuous_server_answers_a_request_without_temperature(load):
+    from harness.config import EngineConfig
+
+    load("tiny-llama")  # built once for the session
+    settings = ServerSettings(
+        token=TOKEN,
+        max_tokens_limit=16,
+        default_max_tokens=8,
+        engine=EngineConfig(batching="continuous", batch_sampling=True),
+    )
+    with serving(create_app(settings)) as base:
+        client = openai.OpenAI(base_url=base + "/v1", api_key=TOKEN)
+        reply = client.chat.completions.create(
+            model="tiny-llama", messages=[{"role": "user", "content": "hi"}], max_tokens=4
+        )  # no temperature: OpenAI's default of 1
+        assert reply.choices[0].finish_reason in ("length", "stop")
+        status, info = Http(base).json("GET", "/models/tiny-llama")
+        assert status == 200 and "18%" in info["engine"]["continuous"]["sampling"]
+
+
 def test_chat_completion_streamed_and_not(server):
     client = server["client"]
     ask = {"model": CHAT_MODEL, "messages": [{"role": "user", "content": "Name a colour."}], "temperature": 0}

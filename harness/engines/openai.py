@@ -92,8 +92,7 @@ def harness_engine_args(engine: EngineConfig, launch_kind: str) -> list[str]:
     args = []
     if engine.batching != "none":
         args += ["--batching", engine.batching, "--max-batch-requests", str(engine.max_batch_requests)]
-        if engine.batch_sampling:
-            args.append("--batch-sampling")
+        args.append("--batch-sampling" if engine.batch_sampling else "--no-batch-sampling")
     if engine.cache != "dynamic":
         args += ["--cache", engine.cache]
     if engine.compile:

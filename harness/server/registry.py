@@ -11,6 +11,7 @@ from pathlib import Path
 
 from harness.config import AttentionConfig, ModelConfig, QuantConfig, group_options, load_config
 from harness.models.manager import ModelSpec
+from harness.models.sources import Availability, availability, hub_offline
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -21,9 +22,10 @@ class UnknownModel(LookupError):
 
 
 class ModelRegistry:
-    def __init__(self, model_dirs: list[str], allow_remote_code: bool = False) -> None:
+    def __init__(self, model_dirs: list[str], allow_remote_code: bool = False, allow_downloads: bool = False) -> None:
         self.model_dirs = [Path(d).expanduser().resolve() for d in model_dirs]
         self.allow_remote_code = allow_remote_code
+        self.allow_downloads = allow_downloads
         self._specs: dict[str, ModelSpec] = {}
         self._lock = threading.Lock()  # one composition per name, however many requests ask at once
 
@@ -67,6 +69,14 @@ class ModelRegistry:
                 spec = replace(spec, model=replace(spec.model, trust_remote_code=False))
             self._specs[name] = spec
             return spec
+
+    def servable(self, spec: ModelSpec) -> Availability:
+        """Whether this server can load the spec now: its weights are on this machine, or the operator allows
+        downloads (and the hub is not switched off)."""
+        found = availability(spec.model)
+        if not found.offline and self.allow_downloads and spec.model.hub_id and not hub_offline():
+            return Availability(True, found.how)
+        return found
 
     @staticmethod
     def _entry_spec(entry: str, quant: str) -> ModelSpec:
