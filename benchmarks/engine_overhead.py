@@ -5,7 +5,7 @@ per-token stamps) against a bare loop over the same library, on the very same lo
     python benchmarks/engine_overhead.py --engine onnxruntime --quant int4
 
 Both sides get the same prompt ids (an exact-length prompt from the built-in text), force the same output
-length, and compute decode tok/s = (n - 1) / (t_last - t_first) and TTFT = t_first - t_start as DESIGN.md defines
+length, and compute decode tok/s = (n - 1) / (t_last - t_first) and TTFT = t_first - t_start as docs/metrics.md defines
 them, a request's own set-up (KV cache reset, generator) inside TTFT on both. The bare loop drives the engine's
 own llama.cpp context or ONNX Runtime GenAI model: a second model in the process, or a second process, adds
 its own noise (two ORT sessions in one process slow each other by up to 8%, their thread pools spinning after

@@ -337,7 +337,7 @@ class WorkflowConfig:
     """What bench=e2e runs: a workflow's cases, and the knobs of each workflow (see conf/workflow/*.yaml)."""
 
     name: str = "none"
-    cases: str | None = None  # a JSON case file; None = the built-in tests/fixtures/<name>_cases.json
+    cases: str | None = None  # a JSON case file; None = the built-in harness/workflows/data/<name>_cases.json
     limit: int | None = None  # run only the first N cases
     max_new_tokens: int = 128
     system_prompt: str | None = None  # None = the workflow's own
@@ -435,7 +435,7 @@ class BenchConfig:
     ppl_chars: int = 16000  # quality: characters of the built-in corpus scored (the same text for every model)
     ppl_window: int = 512  # quality: tokens per forward pass (capped at the context window)
     ppl_stride: int = 256  # quality: new tokens scored per window; the rest is context
-    # serve: a load test of an OpenAI-compatible server (DESIGN.md "Serving load (HTTP) metrics")
+    # serve: a load test of an OpenAI-compatible server (docs/metrics.md, "A server under load")
     target: str = "harness"  # harness | llamacpp_server | vllm (launched) | url (base_url) | engine (engine=openai's)
     base_url: str | None = None  # target=url: http://host:port/v1
     api_key_env: str | None = None  # target=url: the NAME of the variable holding the key

@@ -1,4 +1,5 @@
-"""result.json: the self-describing record of one sweep point (DESIGN.md, "Result schema"), written atomically."""
+"""result.json: the self-describing record of one sweep point (docs/metrics.md, "The result of a point"), written
+atomically."""
 
 from __future__ import annotations
 

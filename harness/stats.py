@@ -1,4 +1,4 @@
-"""The statistic of DESIGN.md: {unit, n, mean, stdev, min, p50, p90, p95, p99, max, ci95}.
+"""The statistic of docs/metrics.md: {unit, n, mean, stdev, min, p50, p90, p95, p99, max, ci95}.
 
 ci95 is the half-width of the 95% confidence interval of the mean (Student's t), None below two samples.
 """

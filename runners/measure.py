@@ -1,5 +1,5 @@
 """What every bench shares: its context and output, the adaptive stop rule, exact-length prompts, per-request
-metrics from token timestamps (DESIGN.md definitions), and raw samples."""
+metrics from token timestamps (the definitions of docs/metrics.md), and raw samples."""
 
 from __future__ import annotations
 
@@ -173,7 +173,7 @@ def request_metrics(start_ns: int, token_ns: list[int], prompt_tokens: int) -> d
 
 def itl_s(token_ns: list[int], first_chunk_tokens: int = 1) -> list[float]:
     """Inter-token latencies of one request: the gap before each token after the first chunk's (a streamed chunk
-    of several tokens gives its first-chunk extras no gap; DESIGN.md "Serving load")."""
+    of several tokens gives its first-chunk extras no gap; docs/metrics.md, "A server under load")."""
     return [(b - a) / 1e9 for a, b in itertools.pairwise(token_ns[max(first_chunk_tokens, 1) - 1 :])]
 
 

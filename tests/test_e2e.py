@@ -95,7 +95,7 @@ def test_search_qa_counts_a_good_answer_as_passed(compose, tmp_path, monkeypatch
 
     monkeypatch.setattr(search_qa, "streamed", scripted)
     cases = tmp_path / "cases.json"
-    source = json.loads((ROOT / "tests" / "fixtures" / "search_qa_cases.json").read_text())
+    source = json.loads((ROOT / "harness" / "workflows" / "data" / "search_qa_cases.json").read_text())
     keep = [c for c in source["cases"] if c["id"] in ("break-loop", "continue-next", "pass-null")]
     cases.write_text(json.dumps({"workflow": "search_qa", "cases": keep}))
     cfg = compose("model=tiny-gpt2", "bench=e2e", "workflow=search_qa", f"workflow.cases={cases}")

@@ -1,4 +1,4 @@
-"""The serving client and its figures against a scripted mock server (DESIGN.md "Serving load (HTTP) metrics"):
+"""The serving client and its figures against a scripted mock server (docs/metrics.md, "A server under load"):
 the client's chunk times are checked against the moments the server wrote each event, within 1 ms, and every
 figure is recomputed here from those times by the definitions."""
 

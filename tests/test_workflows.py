@@ -400,7 +400,7 @@ def test_bad_conversations_fail_the_right_checks(replies, reasons, must_fail):
 @pytest.mark.parametrize("workflow", ["search_qa", "lesson_pack"])
 def test_the_held_out_case_files_are_valid(workflow):
     # Written after the prompts changed, to report pass rates on cases the change was not tuned to.
-    path = f"tests/fixtures/heldout/{workflow}_cases.json"
+    path = f"harness/workflows/data/heldout/{workflow}_cases.json"
     assert len(create_workflow(WorkflowConfig(name=workflow, cases=path)).cases) >= 6
 
 

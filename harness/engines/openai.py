@@ -4,8 +4,8 @@ at engine.base_url. bench=serve reaches its target the same way.
 
 Only the model entry's tokenizer is loaded here (no weights): it builds exact-length prompts, formats chat for
 api=completions, and counts the tokens of each streamed chunk. A chunk of k tokens becomes k token events whose
-times spread its gap evenly (DESIGN.md's token ITL), so the in-process benches read HTTP streams with the same
-definitions; the server's usage gives the output length where it reports one.
+times spread its gap evenly (the token ITL of docs/metrics.md), so the in-process benches read HTTP streams with
+the same definitions; the server's usage gives the output length where it reports one.
 """
 
 from __future__ import annotations
@@ -441,7 +441,7 @@ class _HttpStream(TokenStream):
         self._set_generation(self._events, record.text, reason)
         assert self.generation is not None
         # The server's count of output tokens wins over the client tokenizer's (which re-reads the text): the
-        # token times are laid out again for that count, chunk by chunk (DESIGN.md "Serving load").
+        # token times are laid out again for that count, chunk by chunk (docs/metrics.md, "A server under load").
         reported = usage.get("completion_tokens")
         times, k = [t for t, _ in self._chunks], [n for _, n in self._chunks]
         if isinstance(reported, int) and reported != sum(k) and reported > 0:

@@ -1,6 +1,6 @@
 """The in-process transformers engine.
 
-Timing follows DESIGN.md: the prompt is tokenized first (timed apart), the request starts just before
+Timing follows docs/metrics.md: the prompt is tokenized first (timed apart), the request starts just before
 `generate`, and each streamed token is stamped with time.perf_counter_ns() once its id is on the host
 (copying the id to the host waits for the device, so no extra synchronization is needed there).
 """

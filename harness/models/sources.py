@@ -104,7 +104,8 @@ def _not_found(cfg: ModelConfig, tried: list[str]) -> ModelLoadError:
 
 
 def resolve_source(cfg: ModelConfig) -> Source:
-    """Pick the source of a model entry, in the order of DESIGN.md, or raise ModelLoadError naming the fix.
+    """Pick the source of a model entry (a path, the hub cache, a packaged GGUF file, one split across packages, a hub
+    download; random weights where the entry asks for them), or raise ModelLoadError naming the fix.
 
     An explicit model.path is a promise: it is the source, and a path that is not there fails (never replaced by
     random weights or anything else)."""

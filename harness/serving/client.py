@@ -1,9 +1,9 @@
 """The one streaming client of engine=openai and bench=serve: an OpenAI-compatible request over aiohttp, each SSE
 event stamped as it is read (before parsing), kept as a RequestRecord that never raises for a server's fault.
 
-What counts as a chunk is DESIGN.md's "Serving load (HTTP) metrics": an event that carries output text (content,
-reasoning or tool-call text). Role-only and usage-only events, empty finish events, comments and [DONE] are not
-chunks; their usage and finish reason are kept.
+What counts as a chunk is defined in docs/metrics.md ("A server under load"): an event that carries output text
+(content, reasoning or tool-call text). Role-only and usage-only events, empty finish events, comments and [DONE]
+are not chunks; their usage and finish reason are kept.
 """
 
 from __future__ import annotations

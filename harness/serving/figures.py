@@ -1,4 +1,4 @@
-"""Serving figures from RequestRecords, as DESIGN.md's "Serving load (HTTP) metrics" defines them.
+"""Serving figures from RequestRecords, as docs/metrics.md ("A server under load") defines them.
 
 Token counts: n_out is the server's usage.completion_tokens, else the client tokenizer's count of the output text,
 else the chunk count; the source is recorded and every available count kept. Tokens per chunk (k) follow the

@@ -8,10 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from harness.config import WorkflowConfig, conf_dir
+from harness.config import WorkflowConfig
 from harness.engines.base import Engine, Generation, GenerationParams
 from harness.workflows.checks import Check, case_passed
 from harness.workflows.fixtures import load_cases
+
+DATA_DIR = Path(__file__).resolve().parent / "data"  # the built-in and held-out case files
 
 if TYPE_CHECKING:
     from harness.models.loader import LoadedModel
@@ -24,8 +26,8 @@ def with_example(system: str, example: tuple[str, str] | None, request: str) -> 
 
 
 def default_cases_file(workflow: str) -> Path:
-    """The built-in cases of a workflow: tests/fixtures/<workflow>_cases.json beside conf/."""
-    return conf_dir().parent / "tests" / "fixtures" / f"{workflow}_cases.json"
+    """The built-in cases of a workflow: harness/workflows/data/<workflow>_cases.json."""
+    return DATA_DIR / f"{workflow}_cases.json"
 
 
 @dataclass
