@@ -12,16 +12,10 @@ token by token from Python, so every token has its own timestamp.
 
 from __future__ import annotations
 
-import collections
-import contextlib
-import ctypes
 import importlib.metadata
-import json
 import os
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 from harness.config import EngineConfig, HarnessConfig
@@ -30,170 +24,9 @@ from harness.engines.base import GenerationParams, check_scoring_window
 from harness.engines.pull import PullEngine, out_of_memory, summed_nll
 from harness.errors import ConfigError, InferenceError, ModelLoadError
 from harness.models.attention import AttentionChoice
-from harness.models.cache import build_once, file_digest, is_complete
-from harness.models.gguf import check_gguf
+from harness.models.cache import file_digest
+from harness.models.gguf import gguf_info, gguf_source, import_llama_cpp, requantize, tokenizer_folder
 from harness.models.loader import LoadedModel, effective_chat_format, gguf_file_for, load_tokenizer
-from harness.models.sources import Source, resolve_source
-
-INSTALL = (
-    'pip install -e ".[llamacpp]" (llama-cpp-python builds llama.cpp from source: about 4-8 minutes on 2 cores; '
-    'CMAKE_ARGS="-DGGML_CUDA=on" for a CUDA build)'
-)
-# GGUF types a weight may be requantized from without stacking one quantization's error on another's.
-_FLOAT_TYPES = {"F32", "F16", "BF16"}
-
-
-def _import_llama():
-    try:
-        import llama_cpp
-    except ImportError as exc:
-        raise ConfigError(
-            f"engine=llamacpp needs llama-cpp-python, which is not installed ({exc}).", f"install it: {INSTALL}."
-        ) from exc
-    return llama_cpp
-
-
-def describe_gguf(path: Path) -> dict[str, Any]:
-    """The tensor types a GGUF file holds (what llama.cpp runs) and its metadata the harness needs."""
-    from gguf import GGUFReader, LlamaFileType
-
-    reader = GGUFReader(str(path))
-    types = collections.Counter(t.tensor_type.name for t in reader.tensors)
-    weights = [t for t in reader.tensors if len(t.shape) >= 2]
-    elements = sum(int(t.n_elements) for t in reader.tensors)
-    stored = sum(int(t.n_bytes) for t in reader.tensors)
-
-    def field(key: str) -> Any:
-        f = reader.fields.get(key)
-        return None if f is None else f.contents()
-
-    arch = field("general.architecture") or "llama"
-    file_type = field("general.file_type")
-    try:
-        file_type_name = LlamaFileType(file_type).name.removeprefix("MOSTLY_") if file_type is not None else None
-    except ValueError:
-        file_type_name = str(file_type)
-    heads = field(f"{arch}.attention.head_count") or 1
-    head_dim = field(f"{arch}.attention.key_length") or (field(f"{arch}.embedding_length") or 0) // heads
-    return {
-        "file_type": file_type_name,
-        "tensor_types": dict(types.most_common()),
-        "weight_types": dict(collections.Counter(t.tensor_type.name for t in weights).most_common()),
-        "bits_per_weight": round(8 * stored / max(elements, 1), 3),
-        "tensor_bytes": stored,
-        "parameters": elements,
-        "architecture": arch,
-        "layers": field(f"{arch}.block_count") or 0,
-        "kv_heads": field(f"{arch}.attention.head_count_kv") or heads,
-        "head_dim": head_dim,
-        "context_length": field(f"{arch}.context_length"),
-    }
-
-
-def gguf_info(path: Path, key: str, cache_dir: Path) -> dict[str, Any]:
-    """describe_gguf of a checked file, kept in the cache by the file's digest: reading a GGUF's vocabulary in
-    Python takes seconds, which every load would otherwise pay."""
-    record = cache_dir / "gguf-info" / f"{path.stem}-{key[:24]}.json"
-    with contextlib.suppress(OSError, ValueError):
-        info = json.loads(record.read_text())
-        if info.get("bytes") == path.stat().st_size:
-            return info
-    info = {**describe_gguf(path), "bytes": check_gguf(path)["bytes"]}
-    with contextlib.suppress(OSError):  # a read-only cache only costs the next load the same seconds
-        record.parent.mkdir(parents=True, exist_ok=True)
-        tmp = record.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(info))
-        tmp.replace(record)
-    return info
-
-
-def _gguf_source(cfg: HarnessConfig) -> Source:
-    model = cfg.model
-    not_gguf = ConfigError(
-        f"engine=llamacpp runs GGUF files, and model '{model.name}' "
-        + (
-            f"is set to a transformers checkpoint folder ({model.path})."
-            if model.path
-            else "has no GGUF file (its weights are a transformers checkpoint or random weights)."
-        ),
-        "use a model with a GGUF file (smollm2, qwen-coder-0.5b, qwen-coder-1.5b) or model.path=<file>.gguf; or "
-        "run this model on engine=transformers or onnxruntime.",
-    )
-    if model.random_weights or model.source in ("random", "hub"):
-        raise not_gguf
-    if model.path:
-        source = resolve_source(model)
-    elif model.gguf_package or model.gguf_parts:
-        source = resolve_source(replace(model, source="gguf"))
-    else:
-        raise not_gguf
-    if source.kind not in ("gguf", "gguf_parts"):
-        raise not_gguf
-    return source
-
-
-def _tokenizer_folder(path: Path, digest: str, cache_dir: Path, events: list[str]) -> Path:
-    """A transformers tokenizer of the GGUF's vocabulary and chat template, converted once (about 10 s)."""
-    materialized = cache_dir / "gguf" / f"{path.stem}-{digest[:16]}"
-    if is_complete(materialized):  # the transformers engine's folder already holds it
-        return materialized
-
-    def build(tmp: Path) -> dict[str, Any]:
-        from transformers import AutoTokenizer
-
-        AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).save_pretrained(tmp)
-        return {"source": str(path), "sha256": digest}
-
-    t0 = time.perf_counter()
-    folder, built = build_once(cache_dir / "gguf-tokenizer" / f"{path.stem}-{digest[:16]}", build)
-    if built:
-        events.append(f"converted the GGUF's tokenizer once into {folder} in {time.perf_counter() - t0:.1f} s")
-    return folder
-
-
-def requantize(path: Path, digest: str, gguf_type: str, info: dict[str, Any], cache_dir: Path, events: list[str]):
-    """The file requantized to gguf_type with llama.cpp's quantize (once, cached); refuses quantized inputs."""
-    llama_cpp = _import_llama()
-    quantized = sorted(set(info["weight_types"]) - _FLOAT_TYPES)
-    if quantized:
-        raise ConfigError(
-            f"quant.gguf_type={gguf_type} asks to requantize {path.name}, whose weights are already quantized "
-            f"({', '.join(quantized)}): the result would carry both quantizations' error and measure neither.",
-            "give an F32, F16 or BF16 GGUF of the model (model.path=<file>.gguf), or use quant=gguf to run this "
-            "file as shipped.",
-        )
-    ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{gguf_type}", None) or getattr(
-        llama_cpp, f"LLAMA_FTYPE_ALL_{gguf_type}", None
-    )
-    if ftype is None:
-        raise ConfigError(
-            f"this llama.cpp build has no quantization type {gguf_type}.", "pick another quant.gguf_type."
-        )
-
-    def build(tmp: Path) -> dict[str, Any]:
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = ftype
-        params.nthread = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        out = tmp / "model.gguf"
-        t0 = time.perf_counter()
-        status = llama_cpp.llama_model_quantize(str(path).encode(), str(out).encode(), ctypes.byref(params))
-        if status != 0 or not out.is_file():
-            raise ModelLoadError(
-                f"llama.cpp could not quantize {path} to {gguf_type} (status {status}).",
-                "check that the file loads in llama.cpp and that cache_dir has room for the new file.",
-            )
-        return {
-            "source": str(path),
-            "sha256": digest,
-            "gguf_type": gguf_type,
-            "quantize_s": round(time.perf_counter() - t0, 2),
-        }
-
-    t0 = time.perf_counter()
-    folder, built = build_once(cache_dir / "gguf-quant" / f"{path.stem}-{gguf_type}-{digest[:16]}", build)
-    if built:
-        events.append(f"requantized {path.name} to {gguf_type} once into {folder} in {time.perf_counter() - t0:.1f} s")
-    return folder / "model.gguf"
 
 
 def _threads(engine: EngineConfig) -> int:
@@ -206,9 +39,9 @@ def _threads(engine: EngineConfig) -> int:
 
 def load_llamacpp_model(cfg: HarnessConfig) -> LoadedModel:
     t0 = time.perf_counter()
-    llama_cpp = _import_llama()
+    llama_cpp = import_llama_cpp()
     events: list[str] = []
-    source = _gguf_source(cfg)
+    source = gguf_source(cfg.model, "engine=llamacpp")
     path, digest = gguf_file_for(source, cfg.model, cfg.cache_path, events)
     digest = digest or file_digest(path)
     info = gguf_info(path, digest, cfg.cache_path)
@@ -216,7 +49,7 @@ def load_llamacpp_model(cfg: HarnessConfig) -> LoadedModel:
     if cfg.quant.gguf_type and cfg.quant.gguf_type != shipped:
         path = requantize(path, digest, cfg.quant.gguf_type, info, cfg.cache_path, events)
         info = gguf_info(path, f"{digest}-{cfg.quant.gguf_type}", cfg.cache_path)
-    tokenizer = load_tokenizer(str(_tokenizer_folder(path, digest, cfg.cache_path, events)), cfg.model, source)
+    tokenizer = load_tokenizer(str(tokenizer_folder(path, digest, cfg.cache_path, events)), cfg.model, source)
     engine = cfg.engine
     flash = engine.flash_attn == "on" or (engine.flash_attn == "auto" and engine.n_gpu_layers != 0)
     if engine.n_gpu_layers != 0 and not llama_cpp.llama_supports_gpu_offload():
@@ -293,7 +126,7 @@ class LlamaCppEngine(PullEngine):
 
     def __init__(self, loaded: LoadedModel, engine_cfg: EngineConfig) -> None:
         self.llama = loaded.model
-        self.llama_cpp = _import_llama()
+        self.llama_cpp = import_llama_cpp()
         eos = {int(self.llama.token_eos())}
         vocab = self.llama._model.vocab
         eot = self.llama_cpp.llama_vocab_eot(vocab)

@@ -116,18 +116,16 @@ def _is_gguf(source: Source) -> bool:
 
 def _local_model(cfg: HarnessConfig, need: str, events: list[str]) -> tuple[Any, str | None, Source]:
     """The entry's tokenizer, and the file a launched server loads (`need`: gguf | checkpoint | none)."""
-    from harness.engines.llamacpp import _gguf_source, _tokenizer_folder
     from harness.models.cache import file_digest
+    from harness.models.gguf import gguf_info, gguf_source, requantize, tokenizer_folder
 
     model = cfg.model
     if need == "gguf" or (need == "none" and (model.gguf_package or model.gguf_parts) and not model.random_weights):
-        source = _gguf_source(cfg)
+        source = gguf_source(model, "a llama.cpp server")
         path, digest = gguf_file_for(source, model, cfg.cache_path, events)
         digest = digest or file_digest(path)
-        tokenizer = load_tokenizer(str(_tokenizer_folder(path, digest, cfg.cache_path, events)), model, source)
+        tokenizer = load_tokenizer(str(tokenizer_folder(path, digest, cfg.cache_path, events)), model, source)
         if need == "gguf" and cfg.quant.gguf_type:
-            from harness.engines.llamacpp import gguf_info, requantize
-
             info = gguf_info(path, digest, cfg.cache_path)
             if cfg.quant.gguf_type != info["file_type"]:
                 path = requantize(path, digest, cfg.quant.gguf_type, info, cfg.cache_path, events)
