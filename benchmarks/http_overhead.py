@@ -26,7 +26,7 @@ def main() -> None:
     from harness.config import load_config
     from harness.engines import create_engine, load_for_engine
     from harness.engines.base import GenerationParams, streamed
-    from harness.serving.launch import launch
+    from harness.loadgen.launch import launch
     from runners.measure import exact_prompt, request_metrics
 
     server = launch("harness", args.model, Path(tempfile.mkdtemp(prefix="http-overhead-")), timeout_s=600)

@@ -1,7 +1,7 @@
 """`python -m harness [-m] group=option …`: a thin Hydra entry point around runners.execute_point.
 
 Before Hydra runs anything, every override is parsed and every point of the sweep composed and validated
-(harness.overrides.precheck), so a user mistake is one paragraph and exit status 2, and no point runs first.
+(runners.sweep.precheck), so a user mistake is one paragraph and exit status 2, and no point runs first.
 SIGINT and SIGTERM stop the point that is running (its result says Interrupted), then the sweep's summary and
 report are still written and the exit status is 130 or 143.
 """
@@ -55,7 +55,7 @@ def _point(cfg: DictConfig) -> None:
     try:
         result, skipped = execute_point(validated, out_dir, point)
     except KeyboardInterrupt as stop:  # the point's result says Interrupted; the sweep stops here
-        from runners.execute import load_result
+        from runners.records import load_result
 
         stopped = load_result(out_dir)
         if stopped is not None:
@@ -108,8 +108,7 @@ def _precheck(args: list[str]) -> int | None:
     """Exit status 2 when the command line holds a mistake, None when it may run."""
     if any(a in _NO_PRECHECK for a in args):
         return None
-    from harness.overrides import precheck
-    from runners.sweep import check_output_folder
+    from runners.sweep import check_output_folder, precheck
 
     try:
         _swept_keys.update(precheck(args, multirun=any(a in ("-m", "--multirun") for a in args)))

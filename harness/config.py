@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import itertools
 import os
+import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +79,52 @@ def _check(condition: bool, field_name: str, value: Any, rule: str) -> None:
         )
 
 
+_PART_NUMBER = re.compile(r"(\d+)(?!.*\d)")  # the last number in a name: part03.bin -> 3
+
+
+@dataclass(frozen=True)
+class GgufPart:
+    """One part of a GGUF file split across installed packages (model.gguf_parts)."""
+
+    package: str
+    file: str  # the path of the part inside the distribution, as its RECORD lists it
+    size: int | None = None
+    sha256: str | None = None
+
+
+def parse_gguf_parts(entry: str, parts: list[dict[str, Any]], size: Any, sha256: Any) -> list[GgufPart]:
+    """The entry's parts, checked: each names a package and a file, the whole has a size and a SHA-256, and the
+    parts are listed in order (their numbers rise). ConfigError otherwise."""
+
+    def bad(what: str) -> ConfigError:
+        return ConfigError(f"model '{entry}': {what}.", f"fix model.gguf_parts in conf/model/{entry}.yaml.")
+
+    if not isinstance(size, int) or size <= 0:
+        raise bad("model.gguf_parts needs model.gguf_size, the joined file's size in bytes")
+    if not (isinstance(sha256, str) and re.fullmatch(r"[0-9a-f]{64}", sha256)):
+        raise bad("model.gguf_parts needs model.gguf_sha256, the joined file's SHA-256 in hex")
+    out = []
+    for i, p in enumerate(parts):
+        if not isinstance(p, dict) or not isinstance(p.get("package"), str) or not isinstance(p.get("file"), str):
+            raise bad(f"part {i + 1} must give a package and a file")
+        unknown = set(p) - {"package", "file", "size", "sha256"}
+        if unknown:
+            raise bad(f"part {i + 1} has unknown keys {sorted(unknown)}")
+        out.append(GgufPart(p["package"], p["file"], p.get("size"), p.get("sha256")))
+    if not out:
+        raise bad("model.gguf_parts is empty")
+    numbers = [_PART_NUMBER.search(Path(p.file).name) for p in out]
+    if all(numbers):
+        values = [int(m.group(1)) for m in numbers if m]
+        for (a, pa), (b, pb) in itertools.pairwise(zip(values, out, strict=True)):
+            if b <= a:
+                raise bad(
+                    f"the parts are listed out of order: {pa.file} ({pa.package}) comes before {pb.file} "
+                    f"({pb.package}); list them in the order they are joined"
+                )
+    return out
+
+
 def _device_ok(device: str) -> bool:
     if device in ("auto", "cpu", "cuda", "mps"):
         return True
@@ -126,9 +174,7 @@ class ModelConfig:
                 "use an entry that has one (gpt2, qwen, smollm2, tiny-*), or give model.architecture.",
             )
         if self.gguf_parts is not None:
-            from harness.models.split_gguf import parse_parts
-
-            parse_parts(self.name, list(self.gguf_parts), self.gguf_size, self.gguf_sha256)
+            parse_gguf_parts(self.name, list(self.gguf_parts), self.gguf_size, self.gguf_sha256)
         if self.source == "path" and not self.path:
             raise ConfigError("model.source=path but model.path is not set.", "add model.path=<folder or .gguf>.")
 

@@ -1,7 +1,7 @@
 """Command-line overrides read the way Hydra reads them (its own override parser), and checked before anything runs.
 
-`precheck(args)` is what `python -m harness` does first: every override must parse, name a group option or a
-field the schemas know (a typo gets "did you mean"), and every point of the sweep must compose and validate.
+Every override must parse and name a group option or a field the schemas know (a typo gets "did you mean"), and a
+point must compose and validate (runners.sweep.precheck does this for every point of a sweep before any runs).
 Hydra's own errors (a wrong type, a `+` on a key that exists) become ConfigErrors here, so a user mistake is
 one paragraph and exit status 2, and no point of a sweep runs before all of them are known to be valid.
 """
@@ -17,7 +17,7 @@ from typing import Any
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override, OverrideType
 
-from harness.config import GROUPS, HarnessConfig, check_group_choices, compose_config, validate
+from harness.config import GROUPS, HarnessConfig, compose_config, validate
 from harness.errors import ConfigError
 
 GROUP_KEYS = (*GROUPS, "experiment")
@@ -119,21 +119,6 @@ def check_keys(overrides: list[Override]) -> None:
             )
 
 
-def expand(args: list[str]) -> list[list[str]]:
-    """The points of a sweep as lists of plain overrides (Hydra's own basic-sweeper expansion), without
-    Hydra's own settings."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-
-    parsed = [o for o in map(parse, args) if not is_hydra_key(o.key_or_group)]
-    if not any(o.is_sweep_override() for o in parsed):
-        return [[o.input_line for o in parsed]]  # as given, repeated keys included (Hydra applies each)
-    try:
-        (batch,) = BasicSweeper.split_arguments(parsed, None)
-    except Exception as exc:  # a sweep Hydra cannot expand (e.g. an empty range)
-        raise ConfigError(f"the sweep does not expand: {exc}", "check the sweep's values.") from None
-    return batch
-
-
 _FULL_KEY = re.compile(r"full_key:\s*(\S+)")
 
 
@@ -170,41 +155,3 @@ def compose_point(overrides: list[str]):
         raise
     except Exception as exc:
         raise hydra_error(exc, overrides) from None
-
-
-def _preset_sweep(overrides: list[str]) -> list[str]:
-    """The sweep an experiment preset declares (hydra.sweeper.params), as overrides the command line's own
-    values come after (and so win), as Hydra's basic sweeper does."""
-    if not any(parse(o).key_or_group == "experiment" for o in overrides):
-        return []
-    first = expand(overrides)[0]
-    try:
-        params = compose_config(first, with_hydra=True).hydra.sweeper.get("params") or {}
-    except Exception as exc:
-        raise hydra_error(exc, first) from None
-    return [f"{key}={value}" for key, value in params.items()]
-
-
-def precheck(args: list[str], multirun: bool) -> set[str]:
-    """Check a command line before Hydra runs anything; returns the keys it sweeps. Raises ConfigError."""
-    from runners.point import check_point
-
-    overrides = [a for a in args if not a.startswith("-") and ("=" in a or a.startswith("~"))]
-    check_group_choices(overrides)
-    parsed = [parse(a) for a in overrides]
-    check_keys(parsed)
-    sweeps = [o for o in parsed if o.is_sweep_override() and not is_hydra_key(o.key_or_group)]
-    if sweeps and not multirun:
-        raise ConfigError(
-            f"{sweeps[0].input_line!r} sweeps over several values, but the command runs a single point.",
-            "add -m (python -m harness -m ...) to run a sweep, or give one value.",
-        )
-    if multirun:
-        preset = _preset_sweep(overrides)
-        sweeps += [o for o in map(parse, preset) if o.is_sweep_override()]
-        overrides = preset + overrides
-    points = expand(overrides)
-    for point in points:
-        validated, _ = compose_point(point)
-        check_point(validated)
-    return {o.key_or_group for o in sweeps}

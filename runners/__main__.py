@@ -1,76 +1,9 @@
 """`python -m runners <point dir>`: one sweep point in its own process (started by runners.execute)."""
 
-from __future__ import annotations
-
-import json
-import signal
 import sys
-import time
 from pathlib import Path
-from typing import Any
 
-from harness.config import HarnessConfig
-from harness.errors import Interrupted, format_error, is_storage_error, storage_error
-from harness.processes import die_with_parent
-from harness.result import write_result
-from runners.execute import FAULT_LOG, POINT_FILE, set_memory_limit
-
-
-def _stop_on_signals() -> None:
-    """SIGINT and SIGTERM raise Interrupted, which run_point records; a second signal while it does so is
-    ignored, so the record is always written whole."""
-    received: list[int] = []
-
-    def handler(signum: int, frame: Any) -> None:
-        if not received:
-            received.append(signum)
-            raise Interrupted(signum)
-
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, handler)
-
-
-def main(out_dir: Path) -> int:
-    """The point's own process: rebuild the validated config, apply the memory limit, run, exit 0 when ok."""
-    import faulthandler
-
-    import psutil
-    from omegaconf import OmegaConf
-
-    die_with_parent(signal.SIGTERM)  # the sweep (or server) that started it died: record Interrupted and stop
-    _stop_on_signals()
-    from runners.point import run_point
-
-    fault_log = (out_dir / FAULT_LOG).open("w")
-    faulthandler.enable(file=fault_log)
-    spec: dict[str, Any] = json.loads((out_dir / POINT_FILE).read_text())
-    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(HarnessConfig), spec["config"]))
-    assert isinstance(cfg, HarnessConfig)
-    set_memory_limit(cfg.point_memory_limit_mb)
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    t0 = time.perf_counter()
-    # From the process's birth to here: interpreter start and the imports of torch, transformers and the harness.
-    startup_s = time.time() - psutil.Process().create_time()
-    try:
-        result = run_point(cfg, out_dir, spec["point"], attempt=spec["attempt"], digest=spec["config_digest"])
-        result.timings["startup_s"] = startup_s
-        result.timings["process_s"] = time.perf_counter() - t0
-        write_result(out_dir, result)
-    except KeyboardInterrupt as exc:  # run_point has written the Interrupted result
-        return 128 + getattr(exc, "signum", signal.SIGINT)
-    except OSError as exc:
-        if not is_storage_error(exc):
-            raise
-        error = storage_error(exc, "the point's result", str(out_dir), how_to_move="hydra.sweep.dir=<folder>")
-        print(format_error(error))
-        return 1
-    faulthandler.disable()
-    fault_log.close()
-    (out_dir / FAULT_LOG).unlink(missing_ok=True)
-    return 0 if result.status == "ok" else 1
-
+from runners.child import main
 
 if __name__ == "__main__":
     sys.exit(main(Path(sys.argv[1])))

@@ -8,7 +8,7 @@ operation or starts a thread, so no OpenMP pool or CUDA context is forked.
 
 Protocol, over a Unix socket pair (the server holds one end as fd 3): the sweep sends one JSON line per point
 with the write end of a pipe attached (SCM_RIGHTS); the server forks, the child makes that pipe its stdout and
-stderr and runs `runners.__main__.main`, and the server answers {"pid"} and, when the child ends,
+stderr and runs `runners.child.main`, and the server answers {"pid"} and, when the child ends,
 {"returncode"} (negative: the signal that killed it, as subprocess reports it).
 """
 
@@ -35,7 +35,7 @@ PRELOAD = (
     "transformers.generation.utils",
     "harness.engines.transformers",
     "runners.point",
-    "runners.__main__",
+    "runners.child",
 )
 SERVER_FD = 3
 _MAX_MESSAGE = 1 << 20
@@ -62,7 +62,7 @@ def _child(request: dict[str, Any], out_fd: int) -> None:
         sys.argv = ["runners", request["out_dir"]]
         sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
         sys.stderr.reconfigure(line_buffering=True)  # type: ignore[union-attr]
-        from runners.__main__ import main
+        from runners.child import main
 
         code = main(Path(request["out_dir"]))
     except SystemExit as exc:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from harness.config import GROUPS, HTTP_ENGINES, HarnessConfig
 from harness.errors import ConfigError, HarnessError, OutOfMemoryError, format_error, is_storage_error, storage_error
 from harness.result import Result, check_writable, write_result
-from runners.execute import interrupted_result
+from runners.records import interrupted_result
 
 if TYPE_CHECKING:
     from harness.workflows import Workflow

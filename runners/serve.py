@@ -11,10 +11,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from harness.serving.figures import Level, level_metrics
-from harness.serving.load import arrival_offsets, run_level, warm_up
-from harness.serving.workload import Workload
+from harness.loadgen.figures import Level, level_metrics
+from harness.loadgen.load import arrival_offsets, run_level, warm_up
 from runners.measure import BenchContext, BenchOutput
+from runners.workload import Workload
 
 SEARCH_MIN_REQUESTS = 8  # a search level's fewest requests, whatever its rate
 CEILING_SHARE = 0.5  # a level past this share of the client's calibrated chunks/s is flagged client-bound
@@ -204,7 +204,7 @@ def run_serve(ctx: BenchContext) -> BenchOutput:
     run = _Run(ctx)
     details: dict[str, Any] = {"workload": run.workload.describe(), "server": ctx.loaded.provenance.get("server")}
     if b.calibrate:
-        from harness.serving.null_server import calibrate
+        from harness.loadgen.null_server import calibrate
 
         ctx.progress("serve: calibrating the client against a null server")
         details["client_ceiling"] = run.ceiling = calibrate(ctx.cfg.cache_path, b.client_workers)

@@ -1,4 +1,4 @@
-"""Sweep-level pieces: the folder a sweep command writes to, and what the sweep left there."""
+"""Sweep-level pieces: the pre-check of a whole sweep command, the folder it writes to, and what it left there."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
-from harness.config import NOT_MEASURED
+from harness.config import NOT_MEASURED, check_group_choices, compose_config
+from harness.errors import ConfigError
+from harness.overrides import check_keys, compose_point, hydra_error, is_hydra_key, parse
 from harness.result import Result
 
 # Overrides that change how a sweep runs, not what it measures: the same sweep with or without them resumes
@@ -82,7 +84,7 @@ def check_output_folder(args: list[str]) -> None:
 
 def results_in(folder: Path) -> list[Result]:
     """The readable results under a sweep folder, in path order."""
-    from runners.execute import load_result
+    from runners.records import load_result
 
     found = []
     for path in sorted(folder.rglob("result.json")):
@@ -90,3 +92,59 @@ def results_in(folder: Path) -> list[Result]:
         if result is not None:
             found.append(result)
     return found
+
+
+# -- the pre-check: every point of the sweep valid before any runs -------------------------------------------
+def expand(args: list[str]) -> list[list[str]]:
+    """The points of a sweep as lists of plain overrides (Hydra's own basic-sweeper expansion), without
+    Hydra's own settings."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    parsed = [o for o in map(parse, args) if not is_hydra_key(o.key_or_group)]
+    if not any(o.is_sweep_override() for o in parsed):
+        return [[o.input_line for o in parsed]]  # as given, repeated keys included (Hydra applies each)
+    try:
+        (batch,) = BasicSweeper.split_arguments(parsed, None)
+    except Exception as exc:  # a sweep Hydra cannot expand (e.g. an empty range)
+        raise ConfigError(f"the sweep does not expand: {exc}", "check the sweep's values.") from None
+    return batch
+
+
+def _preset_sweep(overrides: list[str]) -> list[str]:
+    """The sweep an experiment preset declares (hydra.sweeper.params), as overrides the command line's own
+    values come after (and so win), as Hydra's basic sweeper does."""
+    if not any(parse(o).key_or_group == "experiment" for o in overrides):
+        return []
+    first = expand(overrides)[0]
+    try:
+        params = compose_config(first, with_hydra=True).hydra.sweeper.get("params") or {}
+    except Exception as exc:
+        raise hydra_error(exc, first) from None
+    return [f"{key}={value}" for key, value in params.items()]
+
+
+def precheck(args: list[str], multirun: bool) -> set[str]:
+    """Check a command line before Hydra runs anything: every override parses and names a group option or a known
+    field, and every point of the sweep composes, validates and passes check_point. Returns the keys it sweeps;
+    raises ConfigError."""
+    from runners.point import check_point  # imported here: the sweep's parent process stays free of torch
+
+    overrides = [a for a in args if not a.startswith("-") and ("=" in a or a.startswith("~"))]
+    check_group_choices(overrides)
+    parsed = [parse(a) for a in overrides]
+    check_keys(parsed)
+    sweeps = [o for o in parsed if o.is_sweep_override() and not is_hydra_key(o.key_or_group)]
+    if sweeps and not multirun:
+        raise ConfigError(
+            f"{sweeps[0].input_line!r} sweeps over several values, but the command runs a single point.",
+            "add -m (python -m harness -m ...) to run a sweep, or give one value.",
+        )
+    if multirun:
+        preset = _preset_sweep(overrides)
+        sweeps += [o for o in map(parse, preset) if o.is_sweep_override()]
+        overrides = preset + overrides
+    points = expand(overrides)
+    for point in points:
+        validated, _ = compose_point(point)
+        check_point(validated)
+    return {o.key_or_group for o in sweeps}

@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from conftest import run_harness
 from harness.errors import ConfigError
-from harness.overrides import precheck, schema_fields
+from harness.overrides import schema_fields
+from runners.sweep import precheck
 
 FIELDS = sorted(
     k

@@ -353,7 +353,7 @@ def test_workflows_run_on_each_engine(compose, tmp_path, engine):
 
 
 def test_a_llamacpp_crash_names_the_cuda_torch_conflict(compose, tmp_path):
-    from runners.execute import crash_result
+    from runners.records import crash_result
 
     cfg = compose("engine=llamacpp")
     result = crash_result(cfg, point(engine="llamacpp"), tmp_path, -11, ["loading\n"], "", "")

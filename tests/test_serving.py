@@ -10,9 +10,9 @@ import statistics
 
 import pytest
 
-from harness.serving.client import Endpoint, RequestRecord, new_session, request_body, send
-from harness.serving.figures import Level, check_slo, count_tokens, level_metrics, request_figures
-from harness.serving.load import Planned, arrival_offsets, run_level
+from harness.loadgen.client import Endpoint, RequestRecord, new_session, request_body, send
+from harness.loadgen.figures import Level, check_slo, count_tokens, level_metrics, request_figures
+from harness.loadgen.load import Planned, arrival_offsets, run_level
 from tests.mock_openai import DISCONNECT, FINISH, ROLE, MockServer, Script, content, usage_only
 
 TOLERANCE_S = 0.001
@@ -288,7 +288,7 @@ def test_client_self_check_flags_a_lagging_loop():
 
 def test_slo_check_uses_the_scheduled_send():
     record = RequestRecord(0, t_sched=0.0, max_tokens=2, t_send=0.5)
-    from harness.serving.client import Chunk
+    from harness.loadgen.client import Chunk
 
     record.chunks = [Chunk(0.6, "a"), Chunk(0.7, " b")]
     counted = count_tokens(record, WordTokenizer())
@@ -312,7 +312,7 @@ def tiny_loaded():
 
 def _workload(tiny_loaded, api="completions", token_prompts=True, **bench):
     from harness.config import BenchConfig
-    from harness.serving.workload import Workload
+    from runners.workload import Workload
 
     cfg = BenchConfig(name="serve", max_new_tokens=8, **bench)
     return Workload(cfg, tiny_loaded, Endpoint("http://x/v1", "m", api, token_prompts=token_prompts), seed=3)
@@ -348,7 +348,7 @@ def test_shared_prefix_multi_turn_and_search_qa_workloads(tiny_loaded):
 
 
 def test_the_servers_count_wins_and_token_times_follow_it():
-    from harness.serving.figures import rescale, token_times
+    from harness.loadgen.figures import rescale, token_times
 
     assert rescale([1, 2, 3], 6) == [1, 2, 3]
     assert sum(rescale([1, 2, 3], 7)) == 7 and rescale([1, 2, 3], 7)[2] == 4  # the largest share gets the extra

@@ -11,9 +11,10 @@ import pytest
 
 from conftest import SMOLLM2, needs_smollm2
 from harness.config import ModelConfig
+from harness.config import parse_gguf_parts as parse_parts
 from harness.errors import ConfigError, ModelLoadError, StorageError
 from harness.models.sources import resolve_source
-from harness.models.split_gguf import join_parts, joined_path, parse_parts
+from harness.models.split_gguf import join_parts, joined_path
 
 
 def fake_distribution(site: Path, name: str, file: str, data: bytes) -> None:

@@ -66,7 +66,7 @@ def test_rerun_computes_only_what_is_missing_and_force_redoes(tmp_path):
 
 def test_a_changed_config_is_not_skipped(tmp_path):
     assert run_harness(tmp_path, "-m", "model=tiny-gpt2", "bench.max_new_tokens=3").returncode == 0
-    from runners.execute import finished_ok
+    from runners.records import finished_ok
 
     folder = next((tmp_path / "outputs" / "multirun").rglob("result.json")).parent
     data = json.loads((folder / "result.json").read_text())

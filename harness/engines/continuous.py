@@ -15,11 +15,11 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from harness.engines.base import Generation, GenerationParams, TokenEvent, TokenStream
+from harness.engines.base import Generation, GenerationParams, TokenEvent, TokenStream, decode_output
 from harness.errors import ConfigError, InferenceError
 
 if TYPE_CHECKING:
-    from harness.engines.transformers import TransformersEngine, _Encoded
+    from harness.engines.transformers import Encoded, TransformersEngine  # types only: no import at run time
 
 # Prompt tokens one step may process on a CPU. The eager and SDPA paths build an attention mask of this many rows
 # over the whole cache (the library's default, 8192, costs ~1 GB and seconds to allocate), and a CPU step is
@@ -216,7 +216,7 @@ class BatchedStream(TokenStream):
     delivers carries the tokens so far with their times; stop strings are checked here, where the request is
     cancelled once one appears."""
 
-    def __init__(self, engine: TransformersEngine, encoded: _Encoded, params: GenerationParams) -> None:
+    def __init__(self, engine: TransformersEngine, encoded: Encoded, params: GenerationParams) -> None:
         self._engine = engine
         self._batcher: ContinuousBatcher = engine.batcher  # type: ignore[assignment]
         self._params = params
@@ -282,7 +282,9 @@ class BatchedStream(TokenStream):
 
     def _finish(self) -> None:
         self._end()
-        text, reason = self._engine._decode([e.token_id for e in self._events], self.stop)
+        text, reason = decode_output(
+            self._engine.tokenizer, [e.token_id for e in self._events], self.stop, self._engine.eos_ids
+        )
         self._set_generation(self._events, text, reason)
         assert self.generation is not None
         self.generation.wait_ns = self.wait_ns
@@ -295,7 +297,7 @@ class BatchedStream(TokenStream):
         self._finish()
 
 
-def generate_many(engine: TransformersEngine, encoded: _Encoded, params: GenerationParams) -> list[Generation]:
+def generate_many(engine: TransformersEngine, encoded: Encoded, params: GenerationParams) -> list[Generation]:
     """Every row of a batch sent to the manager at once; one start for all, and each request's own tokens."""
     batcher: ContinuousBatcher = engine.batcher  # type: ignore[assignment]
     width = encoded.input_ids.shape[1]
@@ -309,7 +311,7 @@ def generate_many(engine: TransformersEngine, encoded: _Encoded, params: Generat
             _check_output(output)
             ids = [int(t) for t in output.generated_tokens]
             stamps = [_ns(t) for t in (output.timestamps or [])]
-            text, reason = engine._decode(ids, encoded.stop)
+            text, reason = decode_output(engine.tokenizer, ids, encoded.stop, engine.eos_ids)
             end = stamps[-1] if stamps else time.perf_counter_ns()
             g = Generation(text, ids, int(n_prompt), reason, start, end, encoded.tokenize_ns, token_ns=stamps)
             g.wait_ns = max(0, _ns(output.lifespan[0]) - start) if output.lifespan[0] > 0 else 0

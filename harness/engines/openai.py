@@ -18,12 +18,12 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from harness.chat import format_chat
-from harness.config import EngineConfig, HarnessConfig
+from harness.config import HarnessConfig
 from harness.device import Placement
 from harness.engines.base import (
     Engine,
@@ -37,81 +37,13 @@ from harness.engines.base import (
     streamed,
 )
 from harness.errors import ConfigError, HarnessError, InferenceError
+from harness.loadgen.client import Endpoint, RequestRecord, new_session, probe, request_body, send
+from harness.loadgen.figures import rescale, token_times
+from harness.loadgen.launch import LaunchedServer, launch
+from harness.loadgen.target import RemoteModel, harness_engine_args, served_name, server_plan
 from harness.models.attention import AttentionChoice
 from harness.models.loader import LoadedModel, checkpoint_for, effective_chat_format, gguf_file_for, load_tokenizer
 from harness.models.sources import Source, resolve_source
-from harness.serving.client import Endpoint, RequestRecord, new_session, probe, request_body, send
-from harness.serving.figures import rescale, token_times
-from harness.serving.launch import LaunchedServer, launch
-
-
-@dataclass
-class RemoteModel:
-    """What LoadedModel.model holds for a server: where to send requests, and the launched server (None when it
-    was already running)."""
-
-    endpoint: Endpoint
-    server: LaunchedServer | None = None
-
-    def check_alive(self) -> None:
-        """A launched server that died fails the point with its log's tail."""
-        from harness.serving.launch import log_tail
-
-        if self.server is not None and not self.server.alive():
-            raise InferenceError(
-                f"the launched {self.server.kind} server exited (status {self.server.process.returncode}) during the "
-                f"point. Its log ({self.server.log_path}) ends:\n{log_tail(self.server.log_path)}",
-                "fix the cause the log names (out of memory, a crash in the engine); the sweep goes on.",
-            )
-
-
-@dataclass(frozen=True)
-class ServerPlan:
-    """Which server a point talks to, from engine=openai|vllm's fields or bench=serve's target."""
-
-    launch: str  # none | harness | llamacpp_server | vllm
-    base_url: str | None
-    api: str
-    api_key_env: str | None
-    served_model: str | None
-    request_timeout_s: float
-
-
-def server_plan(cfg: HarnessConfig) -> ServerPlan:
-    e, b = cfg.engine, cfg.bench
-    if b.name == "serve" and b.target != "engine":
-        launch_kind = "none" if b.target == "url" else b.target
-        return ServerPlan(launch_kind, b.base_url, b.api, b.api_key_env, b.served_model, b.request_timeout_s)
-    return ServerPlan(e.launch, e.base_url, e.api, e.api_key_env, e.served_model, e.request_timeout_s)
-
-
-def harness_engine_args(engine: EngineConfig, launch_kind: str) -> list[str]:
-    """bench=serve target=harness with engine=transformers options: the launched server runs them."""
-    if launch_kind != "harness" or engine.name != "transformers":
-        return []
-    args = []
-    if engine.batching != "none":
-        args += ["--batching", engine.batching, "--max-batch-requests", str(engine.max_batch_requests)]
-        args.append("--batch-sampling" if engine.batch_sampling else "--no-batch-sampling")
-    if engine.cache != "dynamic":
-        args += ["--cache", engine.cache]
-    if engine.compile:
-        args.append("--compile")
-    if engine.threads is not None:
-        args += ["--threads", str(engine.threads)]
-    return args
-
-
-def _served_name(cfg: HarnessConfig, plan: ServerPlan) -> str:
-    if plan.served_model:
-        return plan.served_model
-    if plan.launch == "harness" and cfg.quant.name != "none":
-        return f"{cfg.model.name}:{cfg.quant.name}"  # the harness server's registry name of a quantized entry
-    return cfg.model.name
-
-
-def _is_gguf(source: Source) -> bool:
-    return source.kind in ("gguf", "gguf_parts")
 
 
 def _local_model(cfg: HarnessConfig, need: str, events: list[str]) -> tuple[Any, str | None, Source]:
@@ -149,7 +81,7 @@ def load_remote_model(cfg: HarnessConfig, log_dir: Path) -> LoadedModel:
             raise
         # A running server may serve a model this machine does not have: counts then come from the server.
         events.append(f"no client tokenizer ({exc.cause}): token counts come from the server's usage or chunks")
-    name = _served_name(cfg, plan)
+    name = served_name(cfg, plan)
     server: LaunchedServer | None = None
     if plan.launch != "none":
         env = {"HARNESS_CACHE_DIR": str(cfg.cache_path)}

@@ -80,7 +80,7 @@ class _SwitchingStreamer:
         pass
 
 
-class _Encoded:
+class Encoded:
     def __init__(
         self,
         input_ids: torch.Tensor,
@@ -102,7 +102,7 @@ class _Stream(TokenStream):
     A stream is consumed by one thread (the one that calls next() first).
     """
 
-    def __init__(self, engine: TransformersEngine, encoded: _Encoded, params: GenerationParams) -> None:
+    def __init__(self, engine: TransformersEngine, encoded: Encoded, params: GenerationParams) -> None:
         self._engine = engine
         self._params = params
         self.stop = encoded.stop
@@ -313,10 +313,10 @@ class TransformersEngine(Engine):
         text, stop = format_chat(prompt, self.loaded.chat_format, self.tokenizer)
         return text, stop, adds_special_tokens(self.loaded.chat_format)
 
-    def _encode(self, prompt: Prompt, params: GenerationParams) -> _Encoded:
+    def _encode(self, prompt: Prompt, params: GenerationParams) -> Encoded:
         return self._encode_many([prompt], params)
 
-    def _encode_many(self, prompts: Sequence[Prompt], params: GenerationParams) -> _Encoded:
+    def _encode_many(self, prompts: Sequence[Prompt], params: GenerationParams) -> Encoded:
         """Tokenize (timed), left-pad a batch, and validate the parameters against the context window."""
         if not prompts:
             raise InferenceError("no prompts were given.", "pass at least one prompt.")
@@ -350,7 +350,7 @@ class TransformersEngine(Engine):
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
         tokenize_ns = time.perf_counter_ns() - t0
         params.validate(self.loaded.context_window, width)
-        return _Encoded(ids.to(self.device), mask.to(self.device), stop, tokenize_ns, [len(r) for r in rows])
+        return Encoded(ids.to(self.device), mask.to(self.device), stop, tokenize_ns, [len(r) for r in rows])
 
     def _generation_config(self, params: GenerationParams, stop: tuple[str, ...]):
         from transformers import GenerationConfig
@@ -380,7 +380,7 @@ class TransformersEngine(Engine):
                 fields["disable_compile"] = True
         return GenerationConfig(**fields)
 
-    def _generate_kwargs(self, encoded: _Encoded, params: GenerationParams) -> dict[str, Any]:
+    def _generate_kwargs(self, encoded: Encoded, params: GenerationParams) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
             "input_ids": encoded.input_ids,
             "attention_mask": encoded.attention_mask,

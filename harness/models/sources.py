@@ -9,9 +9,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.config import ModelConfig
+from harness.config import GgufPart, ModelConfig, parse_gguf_parts
 from harness.errors import ModelLoadError
-from harness.models.split_gguf import Part, install_command, locate_parts, parse_parts
+from harness.models.split_gguf import install_command, locate_parts
 
 
 @dataclass(frozen=True)
@@ -58,8 +58,8 @@ def packaged_gguf(package: str, filename: str | None) -> Path | None:
     return None
 
 
-def split_parts(cfg: ModelConfig) -> list[Part]:
-    return parse_parts(cfg.name, list(cfg.gguf_parts or []), cfg.gguf_size, cfg.gguf_sha256)
+def split_parts(cfg: ModelConfig) -> list[GgufPart]:
+    return parse_gguf_parts(cfg.name, list(cfg.gguf_parts or []), cfg.gguf_size, cfg.gguf_sha256)
 
 
 def source_of_path(path: str) -> Source:

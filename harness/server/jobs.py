@@ -348,14 +348,8 @@ class JobRunner:
 
     def _run(self, job: Job, cfg: HarnessConfig) -> None:
         from harness.result import write_result
-        from runners.execute import (
-            attempt_result,
-            config_digest,
-            crash_result,
-            interrupted_result,
-            start_point,
-            stop_point_process,
-        )
+        from runners.execute import start_point, stop_point_process
+        from runners.records import attempt_result, config_digest, crash_result, interrupted_result
 
         attempt, digest = uuid.uuid4().hex, config_digest(cfg)
         with self._lock:
@@ -463,7 +457,7 @@ def _environment_of(cfg: HarnessConfig) -> dict[str, str]:
 
 
 def _read_result_file(folder: Path) -> dict[str, Any] | None:
-    from runners.execute import load_result
+    from runners.records import load_result
 
     result = load_result(folder)
     return result.to_dict() if result is not None else None

@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from harness.serving.client import Endpoint, RequestRecord, new_session, send
-from harness.serving.figures import Level
+from harness.loadgen.client import Endpoint, RequestRecord, new_session, send
+from harness.loadgen.figures import Level
 
 TICK_S = 0.010  # the lag ticker's period
 

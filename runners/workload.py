@@ -15,9 +15,9 @@ from typing import Any
 
 from harness.config import BenchConfig, WorkflowConfig
 from harness.errors import ConfigError
+from harness.loadgen.client import Endpoint, request_body
+from harness.loadgen.load import Planned
 from harness.models.loader import LoadedModel
-from harness.serving.client import Endpoint, request_body
-from harness.serving.load import Planned
 
 
 def _need_tokenizer(loaded: LoadedModel, workload: str) -> Any:

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import ConfigError, HarnessError, ModelLoadError
+from harness.loadgen.client import Endpoint, probe
 from harness.processes import TOKEN_ENV, dies_with_this_process
-from harness.serving.client import Endpoint, probe
 
 LAUNCHES = ("harness", "llamacpp_server", "vllm")
 # Arguments a launch gets when engine.server_args gives none. vLLM: a context cap so the KV cache fits a small

@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from harness.serving.client import RequestRecord
+from harness.loadgen.client import RequestRecord
 from harness.stats import percentile, summarize, summarize_proportion
 
 

@@ -2,7 +2,7 @@
 that drives it: the requests/s and chunks/s this machine's client reaches when the server costs nothing, so a
 load test can say how far its own figures are from the client's ceiling.
 
-Run alone: python -m harness.serving.null_server --port 8123
+Run alone: python -m harness.loadgen.null_server --port 8123
 """
 
 from __future__ import annotations
@@ -57,9 +57,9 @@ def calibrate(cache_dir: Path, workers: int = 1) -> dict[str, Any]:
     """The client's ceiling against the null server in another process (cached per machine and worker count)."""
     import importlib.metadata
 
-    from harness.serving.client import Endpoint, probe
-    from harness.serving.launch import free_port, log_tail
-    from harness.serving.load import Planned, run_level
+    from harness.loadgen.client import Endpoint, probe
+    from harness.loadgen.launch import free_port, log_tail
+    from harness.loadgen.load import Planned, run_level
 
     key = f"{platform.node()}|{importlib.metadata.version('aiohttp')}|workers={workers}"
     store = cache_dir / "client-ceiling.json"
@@ -74,7 +74,7 @@ def calibrate(cache_dir: Path, workers: int = 1) -> dict[str, Any]:
     cache_dir.mkdir(parents=True, exist_ok=True)
     with open(log, "wb") as out:
         server = subprocess.Popen(
-            [sys.executable, "-m", "harness.serving.null_server", "--port", str(port)],
+            [sys.executable, "-m", "harness.loadgen.null_server", "--port", str(port)],
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
