@@ -29,14 +29,26 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 SOURCES = ("auto", "path", "hub", "gguf", "random")
 CHAT_FORMATS = ("auto", "template", "chatml", "plain")
 QUANT_METHODS = ("none", "bitsandbytes", "gptq", "gguf", "onnx")
-ENGINE_CHOICES = ("transformers", "llamacpp", "onnxruntime", "openai", "vllm")
+_CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def engine_choices() -> tuple[str, ...]:
+    """The engines: conf/engine/'s options (harness.engines.ENGINES maps each to its module)."""
+    return tuple(sorted(p.stem for p in (_CONF_DIR / "engine").glob("*.yaml")))
+
+
+def engine_fields(name: str) -> frozenset[str]:
+    """The engine.* fields an engine reads: the keys its conf/engine/<name>.yaml declares."""
+    return frozenset(OmegaConf.load(_CONF_DIR / "engine" / f"{name}.yaml").keys()) - {"name"}
+
+
 HTTP_ENGINES = ("openai", "vllm")  # engines that drive a server over HTTP (launched for the point, or running)
 LAUNCHES = ("none", "harness", "llamacpp_server", "vllm")  # engine.launch also takes auto
 SERVE_TARGETS = ("engine", "url", "harness", "llamacpp_server", "vllm")
 # Which engines run each quantization method (checked before any point runs). engine=openai runs a quantization
 # through the server it launches: harness serves `<entry>:<quant>`, llama.cpp's server a GGUF file.
-QUANT_ENGINES = {
-    "none": ENGINE_CHOICES,
+# ("none": every engine)
+QUANT_ENGINES: dict[str, tuple[str, ...]] = {
     "bitsandbytes": ("transformers", "openai"),
     "gptq": ("transformers", "openai"),
     "gguf": ("llamacpp", "openai"),
@@ -263,7 +275,7 @@ class EngineConfig:
     token_prompts: bool | None = None
 
     def __post_init__(self) -> None:
-        _one_of("engine.name", self.name, ENGINE_CHOICES)
+        _one_of("engine.name", self.name, engine_choices())
         _check(self.threads is None or self.threads >= 1, "engine.threads", self.threads, "null or an integer >= 1")
         _check(self.n_ctx >= 0, "engine.n_ctx", self.n_ctx, "0 (the model's context) or a positive integer")
         _check(self.n_batch >= 1, "engine.n_batch", self.n_batch, "an integer >= 1")
@@ -592,6 +604,14 @@ class BenchConfig:
                 "bench.target=url needs the server's address, and bench.base_url is not set.",
                 "set bench.base_url=http://host:port/v1, or bench.target=harness|llamacpp_server|vllm to launch one.",
             )
+        for name in ("base_url", "api_key_env", "served_model"):
+            if getattr(self, name) is not None and self.target != "url":
+                # the point would load-test another server (a launched one) and report it as this one
+                raise ConfigError(
+                    f"bench.{name} names a running server's {name.replace('_', ' ')}, and bench.target={self.target} "
+                    "does not load a running server, so it would be ignored.",
+                    f"add bench.target=url to load-test that server, or drop bench.{name}.",
+                )
         if self.base_url is not None:
             check_base_url("bench.base_url", self.base_url)
         check_key_env("bench.api_key_env", self.api_key_env)
@@ -626,13 +646,13 @@ class HarnessConfig:
     def _check_engine_fits(self) -> None:
         """Quantization, attention and dtype choices that only some engines run are refused before any work."""
         engine, method = self.engine.name, self.quant.method
-        if engine not in QUANT_ENGINES[method]:
-            runs_here = sorted(m for m, engines in QUANT_ENGINES.items() if engine in engines)
+        if method != "none" and engine not in QUANT_ENGINES[method]:
+            runs_here = ["none", *sorted(m for m, engines in QUANT_ENGINES.items() if engine in engines)]
             raise ConfigError(
                 f"quant={self.quant.name} (method {method}) runs only on engine={'|'.join(QUANT_ENGINES[method])}, "
                 f"not on engine={engine}, which runs the quantization methods: {', '.join(runs_here)}.",
-                f"pick a quantization engine={engine} runs ({_QUANT_HINT[engine]}), or a matching engine; a sweep "
-                "over both axes must be split into one command per engine.",
+                f"pick a quantization engine={engine} runs ({_QUANT_HINT.get(engine, 'quant=none')}), or a matching "
+                "engine; a sweep over both axes must be split into one command per engine.",
             )
         if engine != "transformers" and self.attention.name != "auto":
             raise ConfigError(
@@ -757,7 +777,7 @@ def load_config(overrides: list[str]) -> HarnessConfig:
 
 def conf_dir() -> Path:
     """The conf/ folder beside the packages (the project is installed editable, or run from its root)."""
-    return Path(__file__).resolve().parent.parent / "conf"
+    return _CONF_DIR
 
 
 def group_options(group: str) -> list[str]:

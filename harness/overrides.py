@@ -155,3 +155,29 @@ def compose_point(overrides: list[str]):
         raise
     except Exception as exc:
         raise hydra_error(exc, overrides) from None
+
+
+# bench=serve with a target of its own launches (or reaches) that server with engine=transformers chosen: these
+# engine.* fields still shape the launch and the client.
+_LAUNCH_FIELDS = frozenset({"python", "server_args", "launch_timeout_s", "send_min_tokens", "token_prompts"})
+
+
+def check_fields_apply(overrides: list[str], cfg: HarnessConfig) -> None:
+    """An engine.* override the point's engine does not read (its conf/engine/<name>.yaml does not declare it)
+    would be silently ignored: refuse it, naming the engines that read it."""
+    from harness.config import engine_choices, engine_fields
+
+    reads = set(engine_fields(cfg.engine.name))
+    if cfg.server_launch() is not None:
+        reads |= _LAUNCH_FIELDS
+    for text in overrides:
+        key = parse(text).key_or_group
+        if not key.startswith("engine.") or key.split(".", 1)[1] in reads:
+            continue
+        field = key.split(".", 1)[1]
+        readers = [e for e in engine_choices() if field in engine_fields(e)]
+        raise ConfigError(
+            f"{key} is read by engine={'|'.join(readers) or 'none'}, not by engine={cfg.engine.name}, so it would be "
+            "ignored.",
+            f"drop {key}, or choose an engine that reads it.",
+        )

@@ -11,7 +11,7 @@ from hydra.experimental.callback import Callback
 
 from harness.config import NOT_MEASURED, check_group_choices, compose_config
 from harness.errors import ConfigError
-from harness.overrides import check_keys, compose_point, hydra_error, is_hydra_key, parse
+from harness.overrides import check_fields_apply, check_keys, compose_point, hydra_error, is_hydra_key, parse
 from harness.result import Result
 
 # Overrides that change how a sweep runs, not what it measures: the same sweep with or without them resumes
@@ -146,5 +146,6 @@ def precheck(args: list[str], multirun: bool) -> set[str]:
     points = expand(overrides)
     for point in points:
         validated, _ = compose_point(point)
+        check_fields_apply(point, validated)
         check_point(validated)
     return {o.key_or_group for o in sweeps}

@@ -124,7 +124,6 @@ def assert_only_allowed_changes(cfg, point):
         ("bench.num_requests=100000", "limit for a job"),
         ("engine.threads=100000", "limit for a job"),
         ("engine.kv_cache_tokens=100000000", "limit for a job"),
-        ("engine.n_ctx=1000000", "limit for a job"),
         ("bench.turns=1000", "limit for a job"),
         ("bench.max_runs=100000", "limit for a job"),
         ("bench.min_seconds=1e9", "limit for a job"),
@@ -136,6 +135,11 @@ def assert_only_allowed_changes(cfg, point):
 def test_escapes_and_excess_are_refused(override, message):
     with pytest.raises(ConfigError, match=message.replace("+", r"\+").replace("(", r"\(")):
         compose(["model=tiny-gpt2", override])
+
+
+def test_a_llamacpp_context_beyond_the_job_limits_is_refused():
+    with pytest.raises(ConfigError, match="engine.n_ctx=1e\\+06 is above this server's limit for a job"):
+        compose(["model=smollm2", "engine=llamacpp", "engine.n_ctx=1000000"])
 
 
 def test_an_allowed_job_composes_only_what_it_may_change():

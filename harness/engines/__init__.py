@@ -1,11 +1,19 @@
-"""Inference engines. Heavy backends are imported only when their engine is created."""
+"""Inference engines, as plug-ins: a registry of names and the modules that implement them, imported only when
+their engine is used (heavy backends stay out of processes that never run them).
+
+Each engine module has `load(cfg, log_dir) -> LoadedModel` (the model in the form the engine runs) and
+`create(loaded, cfg) -> Engine`. Adding an engine is one YAML file (conf/engine/<name>.yaml, which also declares the
+engine.* fields it reads), one module, one line in ENGINES, its extra and its tests: docs/engines.md.
+"""
 
 from __future__ import annotations
 
+import difflib
+import importlib
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING
 
-from harness.config import ENGINE_CHOICES, HTTP_ENGINES
 from harness.engines.base import Engine, Generation, GenerationParams, TokenEvent, TokenStream
 from harness.errors import ConfigError
 
@@ -13,49 +21,45 @@ if TYPE_CHECKING:
     from harness.config import HarnessConfig
     from harness.models.loader import LoadedModel
 
-ENGINES = ENGINE_CHOICES
+# engine name -> its module. The names are conf/engine/'s options (a test keeps the two equal).
+ENGINES: dict[str, str] = {
+    "transformers": "harness.engines.transformers",
+    "llamacpp": "harness.engines.llamacpp",
+    "onnxruntime": "harness.engines.onnxruntime",
+    "openai": "harness.engines.openai",
+    "vllm": "harness.engines.openai",  # vLLM is an OpenAI-compatible server, launched from its own environment
+}
+
+
+def engine_module(name: str) -> ModuleType:
+    """The module of a registered engine; ConfigError with the closest name for any other."""
+    if name not in ENGINES:
+        close = difflib.get_close_matches(name, list(ENGINES), n=1)
+        raise ConfigError(
+            f"engine={name!r} is not known; the engines are: {', '.join(ENGINES)}."
+            + (f" Did you mean '{close[0]}'?" if close else ""),
+            "pick one of those, or add an engine (docs/engines.md).",
+        )
+    return importlib.import_module(ENGINES[name])
+
+
+def _engine_of(cfg: HarnessConfig) -> str:
+    """The engine a point runs: bench=serve with a target of its own drives that server over HTTP."""
+    drives_server = cfg.server_launch() is not None and cfg.engine.name not in ("openai", "vllm")
+    return "openai" if drives_server else cfg.engine.name
 
 
 def load_for_engine(cfg: HarnessConfig, log_dir: Path | None = None) -> LoadedModel:
-    """Load the point's model in the form its engine runs: a transformers module, a GGUF file in llama.cpp,
-    an ONNX model converted once from the checkpoint, or a server (launched, its log in log_dir, or running)
-    with only the tokenizer here."""
-    if cfg.server_launch() is not None:
-        from harness.engines.openai import load_remote_model
-
-        return load_remote_model(cfg, log_dir or cfg.cache_path / "server-logs")
-    if cfg.engine.name == "llamacpp":
-        from harness.engines.llamacpp import load_llamacpp_model
-
-        return load_llamacpp_model(cfg)
-    if cfg.engine.name == "onnxruntime":
-        from harness.engines.onnxruntime import load_onnx_model
-
-        return load_onnx_model(cfg)
-    from harness.models import load_model
-
-    return load_model(cfg.model, cfg.quant, cfg.attention, cfg.cache_path, cfg.seed)
+    """Load the point's model in the form its engine runs (a transformers module, a GGUF file in llama.cpp, an ONNX
+    model converted once, or a server, launched with its log in log_dir or running, with only the tokenizer here)."""
+    return engine_module(_engine_of(cfg)).load(cfg, log_dir)
 
 
 def create_engine(name: str, loaded: LoadedModel, cfg: HarnessConfig | None = None) -> Engine:
-    if name in HTTP_ENGINES or (cfg is not None and cfg.server_launch() is not None):
-        from harness.engines.openai import OpenAIEngine
-
-        return OpenAIEngine(loaded, name if name in HTTP_ENGINES else "openai")
-    if name == "transformers":
-        from harness.engines.transformers import TransformersEngine
-
-        return TransformersEngine(loaded, cfg.engine if cfg else None, cfg.cache_path if cfg else None)
-    if name == "llamacpp":
-        from harness.config import EngineConfig
-        from harness.engines.llamacpp import LlamaCppEngine
-
-        return LlamaCppEngine(loaded, cfg.engine if cfg else EngineConfig(name="llamacpp"))
-    if name == "onnxruntime":
-        from harness.engines.onnxruntime import OnnxRuntimeEngine
-
-        return OnnxRuntimeEngine(loaded, cfg.engine.threads if cfg else None)
-    raise ConfigError(f"engine={name!r} is not known; the engines are: {', '.join(ENGINES)}.", "pick one of those.")
+    """The engine `name` bound to a loaded model (cfg: the point's, for the engine's options)."""
+    if cfg is not None:
+        name = _engine_of(cfg) if name == cfg.engine.name else name
+    return engine_module(name).create(loaded, cfg, name)
 
 
 __all__ = [
@@ -66,5 +70,6 @@ __all__ = [
     "TokenEvent",
     "TokenStream",
     "create_engine",
+    "engine_module",
     "load_for_engine",
 ]

@@ -176,11 +176,17 @@ def check_scoring_window(n_ids: int, n_scored: int, window: int | None, fix: str
 
 
 class Engine(ABC):
-    """An inference backend bound to one loaded model."""
+    """An inference backend bound to one loaded model. An engine implements `stream` and `describe`; `generate`
+    runs a stream to its end and `batch` takes one prompt per call unless the engine has a real batch."""
 
     name: str
-    # False: batch() takes one prompt at a time (it refuses more); benches record larger batch sizes as not run.
-    batches: bool = True
+    # False: batch() takes one prompt at a time (it refuses more, saying why and what to do instead); benches record
+    # larger batch sizes as not run.
+    batches: bool = False
+    batch_refusal: tuple[str, str] = (
+        "takes one prompt per call; a batch of {n} would be {n} requests in a row, which is not a batch.",
+        "use bench.batch_sizes=[1] on this engine (bench.concurrency measures requests in turn).",
+    )
     # True: requests may be sent from several threads at once (a server or a batching manager runs them together);
     # False: one at a time.
     concurrent: bool = False
@@ -194,13 +200,16 @@ class Engine(ABC):
         return None  # most engines start nothing of their own
 
     @abstractmethod
-    def generate(self, prompt: Prompt, params: GenerationParams) -> Generation: ...
-
-    @abstractmethod
     def stream(self, prompt: Prompt, params: GenerationParams) -> TokenStream: ...
 
-    @abstractmethod
-    def batch(self, prompts: Sequence[Prompt], params: GenerationParams) -> list[Generation]: ...
+    def generate(self, prompt: Prompt, params: GenerationParams) -> Generation:
+        """One request run to its end, through the streaming path (so every token is timed the same way)."""
+        return streamed(self, prompt, params)
+
+    def batch(self, prompts: Sequence[Prompt], params: GenerationParams) -> list[Generation]:
+        """Several prompts in one call; an engine without a real batch takes one and refuses more (a batch of n
+        would be n requests in a row, and its figure would mean something else)."""
+        return one_at_a_time(self, prompts, params, *self.batch_refusal)
 
     @abstractmethod
     def describe(self) -> dict[str, Any]:

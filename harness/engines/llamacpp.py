@@ -16,6 +16,7 @@ import importlib.metadata
 import os
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from harness.config import EngineConfig, HarnessConfig
@@ -229,3 +230,12 @@ class LlamaCppEngine(PullEngine):
             f"{what} failed in llama.cpp: {type(exc).__name__}: {exc}",
             "check the generation parameters against engine.n_ctx and n_batch; see error.log for the traceback.",
         )
+
+
+# -- the registry's entry points (harness.engines) ----------------------------------------------------------------
+def load(cfg: HarnessConfig, log_dir: Path | None = None) -> LoadedModel:
+    return load_llamacpp_model(cfg)
+
+
+def create(loaded: LoadedModel, cfg: HarnessConfig | None, name: str = "llamacpp") -> LlamaCppEngine:
+    return LlamaCppEngine(loaded, cfg.engine if cfg else EngineConfig(name="llamacpp"))

@@ -231,3 +231,12 @@ def _version(package: str) -> str | None:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+# -- the registry's entry points (harness.engines) ----------------------------------------------------------------
+def load(cfg: HarnessConfig, log_dir: Path | None = None) -> LoadedModel:
+    return load_onnx_model(cfg)
+
+
+def create(loaded: LoadedModel, cfg: HarnessConfig | None, name: str = "onnxruntime") -> OnnxRuntimeEngine:
+    return OnnxRuntimeEngine(loaded, cfg.engine.threads if cfg else None)

@@ -17,7 +17,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -27,14 +26,11 @@ from harness.config import HarnessConfig
 from harness.device import Placement
 from harness.engines.base import (
     Engine,
-    Generation,
     GenerationParams,
     Prompt,
     TokenEvent,
     TokenPrompt,
     TokenStream,
-    one_at_a_time,
-    streamed,
 )
 from harness.errors import ConfigError, HarnessError, InferenceError
 from harness.loadgen.client import Endpoint, RequestRecord, new_session, probe, request_body, send
@@ -169,8 +165,12 @@ def _context_window(endpoint: Endpoint, listed: dict[str, Any]) -> int | None:
 class OpenAIEngine(Engine):
     """Requests over HTTP on a private event loop thread; concurrent requests reach the server concurrently."""
 
-    batches = False
     concurrent = True
+    batch_refusal = (
+        "sends requests to a server, which batches concurrent requests itself; a batch of {n} in one call is not "
+        "something its API offers.",
+        "use bench.batch_sizes=[1] here; bench.concurrency and bench=serve measure the server's batching.",
+    )
 
     def __init__(self, loaded: LoadedModel, name: str = "openai") -> None:
         self.name = name
@@ -242,19 +242,6 @@ class OpenAIEngine(Engine):
         self.remote.check_alive()
         path, body, prompt_tokens = self._request(prompt, params)
         return _HttpStream(self, path, body, prompt_tokens, params)
-
-    def generate(self, prompt: Prompt, params: GenerationParams) -> Generation:
-        return streamed(self, prompt, params)
-
-    def batch(self, prompts: Sequence[Prompt], params: GenerationParams) -> list[Generation]:
-        return one_at_a_time(
-            self,
-            prompts,
-            params,
-            "sends requests to a server, which batches concurrent requests itself; a batch of {n} in one call is "
-            "not something its API offers.",
-            "use bench.batch_sizes=[1] here; bench.concurrency and bench=serve measure the server's batching.",
-        )
 
     def describe(self) -> dict[str, Any]:
         server = self.loaded.provenance.get("server", {})
@@ -392,3 +379,12 @@ class _HttpStream(TokenStream):
             self._future.cancel()
         self._done = True
         self._set_generation(self._events, self._text, "stop")
+
+
+# -- the registry's entry points (harness.engines): engine=openai and engine=vllm ----------------------------------
+def load(cfg: HarnessConfig, log_dir: Path | None = None) -> LoadedModel:
+    return load_remote_model(cfg, log_dir or cfg.cache_path / "server-logs")
+
+
+def create(loaded: LoadedModel, cfg: HarnessConfig | None, name: str = "openai") -> OpenAIEngine:
+    return OpenAIEngine(loaded, name if name in ("openai", "vllm") else "openai")

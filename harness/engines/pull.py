@@ -11,19 +11,17 @@ from __future__ import annotations
 
 import time
 from abc import abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 from harness.chat import adds_special_tokens, format_chat
 from harness.engines.base import (
     Engine,
-    Generation,
     GenerationParams,
     Prompt,
     TokenEvent,
     TokenPrompt,
     TokenStream,
     decode_output,
-    one_at_a_time,
 )
 from harness.errors import InferenceError, OutOfMemoryError
 from harness.models.loader import LoadedModel
@@ -32,7 +30,11 @@ from harness.models.loader import LoadedModel
 class PullEngine(Engine):
     """An engine whose backend produces tokens one at a time from `_token_ids(prompt_ids, params)`."""
 
-    batches = False
+    batch_refusal = (
+        "generates one sequence at a time through its Python API; a batch of {n} would be {n} requests in a row, "
+        "which is not a batch.",
+        "use bench.batch_sizes=[1] on this engine (bench.concurrency measures requests in turn).",
+    )
 
     def __init__(self, loaded: LoadedModel, eos_ids: set[int]) -> None:
         self.loaded = loaded
@@ -66,23 +68,6 @@ class PullEngine(Engine):
     def stream(self, prompt: Prompt, params: GenerationParams) -> TokenStream:
         ids, stop, tokenize_ns = self._encode(prompt, params)
         return _PullStream(self, ids, stop, tokenize_ns, params)
-
-    def generate(self, prompt: Prompt, params: GenerationParams) -> Generation:
-        stream = self.stream(prompt, params)
-        for _ in stream:
-            pass
-        assert stream.generation is not None
-        return stream.generation
-
-    def batch(self, prompts: Sequence[Prompt], params: GenerationParams) -> list[Generation]:
-        return one_at_a_time(
-            self,
-            prompts,
-            params,
-            "generates one sequence at a time through its Python API; a batch of {n} would be {n} requests in a "
-            "row, which is not a batch.",
-            "use bench.batch_sizes=[1] on this engine (bench.concurrency measures requests in turn).",
-        )
 
     def decode(self, ids: list[int], stop: tuple[str, ...]) -> tuple[str, str]:
         return decode_output(self.tokenizer, ids, stop, self.eos_ids)

@@ -36,7 +36,7 @@ from harness.errors import ConfigError, InferenceError, OutOfMemoryError
 from harness.models.loader import LoadedModel
 
 if TYPE_CHECKING:
-    from harness.config import EngineConfig
+    from harness.config import EngineConfig, HarnessConfig
 
 # bitsandbytes 8-bit logs a warning on every matmul that casts float32 inputs to float16: once per token.
 logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
@@ -197,6 +197,7 @@ def compile_blockers(model: Any, device: str) -> list[str]:
 
 class TransformersEngine(Engine):
     name = "transformers"
+    batches = True  # generate() over padded rows: a real batch
 
     def __init__(self, loaded: LoadedModel, options: EngineConfig | None = None, cache_dir: Path | None = None) -> None:
         from harness.config import EngineConfig
@@ -491,3 +492,14 @@ class TransformersEngine(Engine):
             while row and row[-1] == self.pad_id:
                 row = row[:-1]
         return row
+
+
+# -- the registry's entry points (harness.engines) ----------------------------------------------------------------
+def load(cfg: HarnessConfig, log_dir: Path | None = None) -> LoadedModel:
+    from harness.models import load_model
+
+    return load_model(cfg.model, cfg.quant, cfg.attention, cfg.cache_path, cfg.seed)
+
+
+def create(loaded: LoadedModel, cfg: HarnessConfig | None, name: str = "transformers") -> TransformersEngine:
+    return TransformersEngine(loaded, cfg.engine if cfg else None, cfg.cache_path if cfg else None)

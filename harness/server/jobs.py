@@ -36,8 +36,8 @@ from hydra.core.override_parser.types import OverrideType
 
 from harness.config import GROUPS, HarnessConfig, check_group_choices, flatten, group_options
 from harness.errors import ConfigError
+from harness.overrides import check_fields_apply, parse, schema_fields
 from harness.overrides import compose_point as compose_overrides
-from harness.overrides import parse, schema_fields
 from harness.processes import job_environment
 from harness.result import write_json_atomic
 from harness.server.job_fields import ALLOWED, REFUSED, allowed_value
@@ -176,10 +176,11 @@ def pick_target(targets: list[JobTarget], choice: str | int | None) -> JobTarget
     return picked
 
 
-def _aim_at(cfg: HarnessConfig, target: JobTarget | None) -> HarnessConfig:
-    """The point as it runs against the operator's target (bench=serve, target=url, the target's URL and key)."""
+def _aim_at(cfg: HarnessConfig, target: JobTarget | None, served_model: str | None) -> HarnessConfig:
+    """The point as it runs against the operator's target (bench=serve, target=url, the target's URL and key, and
+    the job's name for the model there)."""
     if target is None:
-        if cfg.bench.served_model is not None:
+        if served_model is not None:
             raise ConfigError(
                 "bench.served_model names a model on another server, and the job picked no target.",
                 "add the request's `target` (one of the operator's --job-targets), or drop bench.served_model.",
@@ -190,7 +191,9 @@ def _aim_at(cfg: HarnessConfig, target: JobTarget | None) -> HarnessConfig:
             f"a job target is a server to load-test, which bench=serve does; this job runs bench={cfg.bench.name}.",
             "add bench=serve, or drop the request's `target`.",
         )
-    bench = dataclasses.replace(cfg.bench, target="url", base_url=target.base_url, api_key_env=target.key_env)
+    bench = dataclasses.replace(
+        cfg.bench, target="url", base_url=target.base_url, api_key_env=target.key_env, served_model=served_model
+    )
     return dataclasses.replace(cfg, bench=bench)  # validated again: the quantization must suit a running server
 
 
@@ -200,7 +203,11 @@ def compose_job(
     """The validated config of one job's point and its group choices; ConfigError for anything refused."""
     from runners.point import preflight
 
+    # bench.served_model belongs with a target (bench.target=url), which only the server sets: applied with it
+    served = [parse(o) for o in overrides if parse(o).key_or_group == "bench.served_model"]
+    overrides = [o for o in overrides if parse(o).key_or_group != "bench.served_model"]
     cfg, composed = compose_overrides(overrides)
+    check_fields_apply(overrides, cfg)
     choices = {g: str(composed.hydra.runtime.choices.get(g)) for g in GROUPS}
     base, _ = compose_overrides([f"{g}={choices[g]}" for g in GROUPS])
     changed = _changed_beyond_allowed(cfg, base)
@@ -208,7 +215,7 @@ def compose_job(
         raise ConfigError(
             f"the overrides change {', '.join(changed)}, which a job may not change.", "leave those fields alone."
         )
-    cfg = _aim_at(cfg, target)
+    cfg = _aim_at(cfg, target, str(served[-1].value()) if served and served[-1].value() is not None else None)
     for c in (cfg, base):
         c.cache_dir, c.isolation, c.force, c.print_text = cache_dir, "process", True, False
         c.model.trust_remote_code = c.model.trust_remote_code and allow_remote_code
