@@ -165,8 +165,10 @@ class Server:
     def servable_spec(self, name: str) -> ModelSpec:
         """The spec of a model this server can load now; 503 at once (not after the hub's retries) otherwise."""
         spec = self.spec(name)
+        if self.manager.peek(spec.key) is not None:  # loaded: nothing left to fetch
+            return spec
         found = self.registry.servable(spec)
-        if not found.offline and self.manager.peek(spec.key) is None:
+        if not found.offline:
             raise APIError(
                 503,
                 f"model {name!r} cannot be served here: its weights are not on this machine ({found.how}). Fix: "

@@ -204,8 +204,9 @@ def compose_job(
     from runners.point import preflight
 
     # bench.served_model belongs with a target (bench.target=url), which only the server sets: applied with it
-    served = [parse(o) for o in overrides if parse(o).key_or_group == "bench.served_model"]
-    overrides = [o for o in overrides if parse(o).key_or_group != "bench.served_model"]
+    parsed = [parse(o) for o in overrides]
+    served = [p for p in parsed if p.key_or_group == "bench.served_model"]
+    overrides = [o for o, p in zip(overrides, parsed, strict=True) if p.key_or_group != "bench.served_model"]
     cfg, composed = compose_overrides(overrides)
     check_fields_apply(overrides, cfg)
     choices = {g: str(composed.hydra.runtime.choices.get(g)) for g in GROUPS}
