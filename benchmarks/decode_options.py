@@ -36,7 +36,8 @@ def main() -> None:
     from harness.config import load_config
     from harness.engines import create_engine, load_for_engine
     from harness.engines.base import GenerationParams, streamed
-    from runners.measure import exact_prompt, request_metrics
+    from harness.prompts import exact_prompt
+    from runners.benches.measure import request_metrics
 
     params = GenerationParams(max_new_tokens=args.tokens, min_new_tokens=args.tokens)
     engines, loads = {}, {}

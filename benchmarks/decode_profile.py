@@ -47,7 +47,7 @@ def main(overrides: list[str]) -> None:
     from harness.config import load_config
     from harness.engines import create_engine, load_for_engine
     from harness.engines.base import GenerationParams, streamed
-    from runners.measure import exact_prompt
+    from harness.prompts import exact_prompt
 
     cfg = load_config(overrides)
     loaded = load_for_engine(cfg)

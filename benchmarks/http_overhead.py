@@ -27,7 +27,8 @@ def main() -> None:
     from harness.engines import create_engine, load_for_engine
     from harness.engines.base import GenerationParams, streamed
     from harness.loadgen.launch import launch
-    from runners.measure import exact_prompt, request_metrics
+    from harness.prompts import exact_prompt
+    from runners.benches.measure import request_metrics
 
     server = launch("harness", args.model, Path(tempfile.mkdtemp(prefix="http-overhead-")), timeout_s=600)
     try:

@@ -15,7 +15,8 @@ import json
 import time
 
 from harness.engines.base import streamed
-from runners.measure import StopRule, exact_prompt, generation_params, repeat_until_stable, request_metrics
+from harness.prompts import exact_prompt
+from runners.benches.measure import StopRule, generation_params, repeat_until_stable, request_metrics
 
 
 def main() -> None:

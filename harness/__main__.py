@@ -38,7 +38,7 @@ def _point_status(result, gate: str | None) -> str:
 @hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
 def _point(cfg: DictConfig) -> None:
     from runners import execute_point, summary_line
-    from runners.e2e import below_gate
+    from runners.benches.e2e import below_gate
     from runners.point import preflight
 
     try:
@@ -198,7 +198,7 @@ def main() -> int:
             signal.signal(s, handler)
 
     if not _outcomes and last_sweep_dir:  # a launcher ran the points in other processes: read what they left
-        from runners.e2e import below_gate
+        from runners.benches.e2e import below_gate
 
         for r in results_in(last_sweep_dir[0]):
             point = " ".join(f"{k}={v}" for k, v in r.point.items())

@@ -132,27 +132,17 @@ def serve_settings(args: argparse.Namespace):
     from harness.server import ServerSettings
     from harness.server.settings import parse_job_targets
 
+    # `harness serve`'s options named as the settings' fields (and as the transformers engine's) carry over as they are.
+    same = ("host", "port", "capacity", "memory_budget_mb", "max_tokens_limit", "max_body_bytes", "allow_remote_code",
+            "jobs_dir", "job_max_seconds", "job_max_runs", "allow_downloads")  # fmt: skip
+    engine_options = ("threads", "cache", "compile", "batching", "max_batch_requests")
     return ServerSettings(
-        host=args.host,
-        port=args.port,
+        **{name: getattr(args, name) for name in same},
         model_dirs=args.model_dir,
-        capacity=args.capacity,
-        memory_budget_mb=args.memory_budget_mb,
-        max_tokens_limit=args.max_tokens_limit,
         default_max_tokens=min(256, args.max_tokens_limit),
-        max_body_bytes=args.max_body_bytes,
-        allow_remote_code=args.allow_remote_code,
-        jobs_dir=args.jobs_dir,
-        job_max_seconds=args.job_max_seconds,
-        job_max_runs=args.job_max_runs,
         job_targets=parse_job_targets(args.job_targets, args.job_target_key),
-        allow_downloads=args.allow_downloads,
         engine=EngineConfig(
-            threads=args.threads,
-            cache=args.cache,
-            compile=args.compile,
-            batching=args.batching,
-            max_batch_requests=args.max_batch_requests,
+            **{name: getattr(args, name) for name in engine_options},
             # Per-request sampling unless the operator turns it off: every OpenAI client defaults to temperature 1.
             batch_sampling=args.batching == "continuous" if args.batch_sampling is None else args.batch_sampling,
             strict=True,  # an operator asked for it: a server that cannot compile says so at start

@@ -7,7 +7,9 @@ sweep point records `error_record()` in its result.json.
 
 from __future__ import annotations
 
+import difflib
 import errno
+from collections.abc import Iterable
 
 
 class HarnessError(Exception):
@@ -40,6 +42,34 @@ class InferenceError(HarnessError):
 
 class OutOfMemoryError(HarnessError):
     """A load or a generation ran out of host or device memory."""
+
+
+def did_you_mean(value: object, options: Iterable[str]) -> str:
+    """ " Did you mean 'x'?" for the option closest to a mistyped value, or "" when none is close."""
+    close = difflib.get_close_matches(str(value), list(options), n=1)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+# What backends say when an allocation fails: torch (CPU and CUDA), ONNX Runtime's C++ allocator, glibc.
+_OUT_OF_MEMORY_WORDS = ("out of memory", "can't allocate memory", "bad_alloc", "failed to allocate")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether an exception from any backend means memory ran out (torch's OutOfMemoryError is recognised by name,
+    so this module never imports torch)."""
+    if isinstance(exc, MemoryError | OutOfMemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    if isinstance(exc, HarnessError) or not isinstance(exc, Exception):
+        return False
+    return any(w in str(exc).lower() for w in _OUT_OF_MEMORY_WORDS)
+
+
+def out_of_memory(exc: BaseException, what: str, fix: str) -> OutOfMemoryError:
+    """The one OutOfMemoryError of the harness: what ran out, the backend's first line, and the fix."""
+    if isinstance(exc, OutOfMemoryError):
+        return exc
+    detail = str(exc).splitlines()[0] if str(exc) else "an allocation was refused"
+    return OutOfMemoryError(f"{what} ran out of memory ({type(exc).__name__}: {detail}).", fix)
 
 
 def format_error(error: BaseException) -> str:

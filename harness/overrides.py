@@ -136,7 +136,7 @@ def hydra_error(exc: BaseException, overrides: list[str]) -> ConfigError:
     point = f" in the point {' '.join(overrides)}" if overrides else ""
     return ConfigError(
         f"the configuration does not compose{point}{where}: {first}",
-        "fix the value it names; each field's type and default are in harness/config.py and "
+        "fix the value it names; each field's type and default are in harness/config/ and "
         "`python -m harness --cfg job` prints the composed config.",
     )
 

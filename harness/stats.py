@@ -1,4 +1,6 @@
-"""The statistic of docs/metrics.md: {unit, n, mean, stdev, min, p50, p90, p95, p99, max, ci95}.
+"""The statistic of docs/metrics.md: {unit, n, mean, stdev, min, p50, p90, p95, p99, max, ci95}, and the one
+computation of a request's latency figures (TTFT, E2E, TPOT, decode and prefill rates) that every bench, the
+load client, the workflows and the server use.
 
 ci95 is the half-width of the 95% confidence interval of the mean (Student's t), None below two samples.
 """
@@ -110,3 +112,17 @@ def summarize_proportion(flags: Sequence[bool]) -> dict[str, Any]:
     stat["ci95"] = max(stat["mean"] - low, high - stat["mean"]) if flags else None
     stat["ci95_low"], stat["ci95_high"] = low, high
     return stat
+
+
+def request_latency(first_s: float, last_s: float, n_out: int, prompt_tokens: int | None = None) -> dict[str, float]:
+    """One request's figures (docs/metrics.md), in seconds and tokens/s, from the arrival of its first and last
+    output token counted from the request's start, and its output token count: ttft_s, e2e_s, output_tokens, and
+    where defined tpot_s (two tokens or more), decode_tok_s (and time between them) and prefill_tok_s."""
+    out = {"ttft_s": first_s, "e2e_s": last_s, "output_tokens": float(n_out)}
+    if prompt_tokens is not None and first_s > 0:
+        out["prefill_tok_s"] = prompt_tokens / first_s
+    if n_out > 1 and last_s >= first_s:
+        out["tpot_s"] = (last_s - first_s) / (n_out - 1)
+        if last_s > first_s:
+            out["decode_tok_s"] = (n_out - 1) / (last_s - first_s)
+    return out

@@ -10,7 +10,7 @@ __getattr__ = lazy_attributes(
     __name__,
     {
         "execute_point": "runners.execute",
-        "BENCHES": "runners.point",
+        "BENCHES": "runners.benches",
         "run_point": "runners.point",
         "summary_line": "runners.point",
     },

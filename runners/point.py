@@ -8,35 +8,29 @@ traceback; it never escapes as an exception, so a sweep goes on to its next poin
 from __future__ import annotations
 
 import contextlib
-import importlib
 import sys
 import time
 import traceback
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from harness.config import GROUPS, HTTP_ENGINES, HarnessConfig
-from harness.errors import ConfigError, HarnessError, OutOfMemoryError, format_error, is_storage_error, storage_error
+from harness.errors import (
+    ConfigError,
+    HarnessError,
+    format_error,
+    is_out_of_memory,
+    is_storage_error,
+    out_of_memory,
+    storage_error,
+)
 from harness.result import Result, check_writable, write_result
+from runners.benches import exact_length_prompts, headline, resolve_bench
 from runners.records import interrupted_result
 
 if TYPE_CHECKING:
     from harness.workflows import Workflow
-    from runners.measure import BenchContext, BenchOutput
-
-# bench name -> its runner, imported when a point runs it: the sweep's parent process validates and summarizes
-# points without importing torch, the engines or the benches.
-BENCHES: dict[str, Any] = {
-    "smoke": "runners.smoke:run_smoke",
-    "latency": "runners.latency:run_latency",
-    "memory": "runners.memory:run_memory",
-    "throughput": "runners.throughput:run_throughput",
-    "e2e": "runners.e2e:run_e2e",
-    "quality": "runners.quality:run_quality",
-    "serve": "runners.serve:run_serve",
-}
 
 
 class _Progress:
@@ -58,33 +52,6 @@ class _Progress:
             sys.stderr.flush()
 
 
-def resolve_bench(name: str) -> Callable[[BenchContext], BenchOutput]:
-    """A built-in bench, or a user's own as `package.module:function` taking a BenchContext."""
-    if name in BENCHES:
-        entry = BENCHES[name]
-        if callable(entry):  # a runner put in place by code (tests do)
-            return entry
-        module_name, _, attribute = entry.partition(":")
-        return getattr(importlib.import_module(module_name), attribute)
-    if ":" in name:
-        module_name, _, attribute = name.partition(":")
-        try:
-            return getattr(importlib.import_module(module_name), attribute)
-        except Exception as exc:  # not found, an empty name, or the user's module failing as it imports
-            raise ConfigError(
-                f"bench.name={name!r} names no importable function ({exc}).",
-                "give `package.module:function` of a function that takes a BenchContext.",
-            ) from exc
-    raise ConfigError(
-        f"bench={name!r} has no runner; the benches are: {', '.join(BENCHES)}.",
-        "pick one of those, or give your own as bench.name=package.module:function.",
-    )
-
-
-# Benches whose prompts are bench.prompt_lengths tokens long, followed by bench.max_new_tokens generated ones.
-_EXACT_LENGTH_BENCHES = ("latency", "memory", "throughput")
-
-
 def check_point(cfg: HarnessConfig) -> None:
     """What is knowably wrong with a point before anything loads, for the pre-check of a whole sweep: the bench
     exists, an explicit model.path is a model, and the prompt lengths fit the model's declared context window.
@@ -97,7 +64,7 @@ def check_point(cfg: HarnessConfig) -> None:
             source_of_path(cfg.model.path)
         except HarnessError as exc:  # an explicit path is never replaced by another source
             raise ConfigError(exc.cause, exc.fix + " Or drop model.path to use the entry's own source.") from None
-    if cfg.bench.name not in _EXACT_LENGTH_BENCHES or cfg.engine.name in HTTP_ENGINES:
+    if not exact_length_prompts(cfg.bench.name) or cfg.engine.name in HTTP_ENGINES:
         return  # a server's window is the server's to say
     window = declared_context_window(cfg.model)
     if cfg.engine.name == "llamacpp" and cfg.engine.n_ctx:
@@ -131,12 +98,9 @@ def _as_error(exc: BaseException) -> HarnessError | None:
         return storage_error(
             exc, "a file the point needs", how_to_move="cache_dir=<folder> or hydra.sweep.dir=<folder>"
         )
-    import torch
-
-    if isinstance(exc, torch.OutOfMemoryError | MemoryError):
-        return OutOfMemoryError(
-            f"the point ran out of memory ({type(exc).__name__}: {exc or 'an allocation was refused'}).",
-            "use a smaller model, a quantized one (quant=8bit or 4bit), or free memory.",
+    if is_out_of_memory(exc):
+        return out_of_memory(
+            exc, "the point", "use a smaller model, a quantized one (quant=8bit or 4bit), or free memory."
         )
     return None
 
@@ -147,7 +111,7 @@ def run_point(
     from harness.engines import create_engine, load_for_engine
     from harness.environment import capture_environment
     from harness.memory import MemoryMonitor
-    from runners.measure import BenchContext, write_samples
+    from runners.benches.measure import BenchContext, write_samples
 
     t_start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -252,59 +216,3 @@ def summary_line(result: Result, out_dir: Path, swept: set[str] | None = None) -
     ]
     parts.append(headline(bench, m))
     return f"{head}: " + " | ".join(parts) + f"\n  result: {out_dir / 'result.json'}"
-
-
-def _first(metrics: dict[str, Any], prefix: str) -> dict[str, Any] | None:
-    for key, stat in metrics.items():
-        if key == prefix or key.startswith(prefix + "["):
-            return stat
-    return None
-
-
-def headline(bench: str, m: dict[str, Any]) -> str:
-    """The one or two figures a person looks at first, per bench."""
-    if bench == "e2e" and "pass_rate" in m:
-        rate = m["pass_rate"]
-        line = f"pass rate {rate['mean']:.0%} of {rate['n']} cases"
-        errored = m.get("check_pass_rate[check=generated]")
-        if errored:
-            line += f" ({errored['n']} could not be generated: the reason is in cases.jsonl)"
-        return line
-    if bench == "quality" and "perplexity" in m:
-        return (
-            f"perplexity {m['perplexity']['mean']:.2f} over {m['scored_tokens']['mean']:.0f} tokens, "
-            f"{m['bits_per_byte']['mean']:.3f} bits/byte"
-        )
-    if bench == "memory":
-        peak, weights = _first(m, "load_rss_peak_mib"), _first(m, "weights_mib")
-        return f"weights {weights['mean']:.0f} MiB, load peak RSS {peak['mean']:.0f} MiB" if peak and weights else ""
-    if bench == "serve":
-        return _serve_headline(m)
-    if bench == "throughput":
-        rates = [(k, v["mean"]) for k, v in m.items() if k.startswith("output_tok_s[")]
-        return ", ".join(f"{k.split('[')[1].rstrip(']')}: {v:.1f} tok/s" for k, v in rates)
-    ttft, decode, tokens = _first(m, "ttft_ms"), _first(m, "decode_tok_s"), _first(m, "output_tokens")
-    if not (ttft and decode):
-        return ""
-    lead = f"{tokens['mean']:.0f} tokens, " if tokens else ""
-    ci = f" ±{decode['ci95']:.1f}" if decode.get("ci95") else ""
-    return f"{lead}TTFT {ttft['mean']:.0f} ms, decode {decode['mean']:.1f}{ci} tok/s"
-
-
-def _serve_headline(m: dict[str, Any]) -> str:
-    """bench=serve: the best throughput among the levels, TTFT at the lightest one, and the max rate found."""
-    tok_s = {k.split("[", 1)[1].rstrip("]"): v["mean"] for k, v in m.items() if k.startswith("output_tok_s[")}
-    if not tok_s:
-        return "no level completed a request"
-    best = max(tok_s, key=tok_s.__getitem__)
-    parts = [f"{len(tok_s)} levels, peak {tok_s[best]:.1f} tok/s at {best}"]
-    first = next(iter(tok_s))
-    ttft = m.get(f"ttft_ms[{first}]")
-    if ttft:
-        parts.append(f"TTFT p50 {ttft['p50']:.0f} ms at {first}")
-    if "max_rate_rps" in m:
-        parts.append(f"max rate {m['max_rate_rps']['mean']:.2f} req/s within the SLOs")
-    failed = sum(v["mean"] for k, v in m.items() if k.startswith("failed["))
-    if failed:
-        parts.append(f"{failed:.0f} requests failed")
-    return ", ".join(parts)

@@ -58,7 +58,7 @@ fi
 python - "$out" <<'PY'
 import sys
 from analysis import load_results
-from runners.point import headline
+from runners.benches import headline
 rows = load_results(sys.argv[1])
 print(f"\n{'point':52s} {'status':7s} {'device':6s} {'dtype':9s} {'attention':18s} {'load s':>7s}  headline")
 for r in rows:

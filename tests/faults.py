@@ -35,6 +35,6 @@ def kill_server(ctx):
     server = ctx.engine.remote.server
     os.killpg(server.process.pid, signal.SIGKILL)
     server.process.wait(10)
-    from runners.smoke import run_smoke
+    from runners.benches import smoke
 
-    return run_smoke(ctx)
+    return smoke.run(ctx)

@@ -16,7 +16,7 @@ from conftest import needs_smollm2, point, run_harness
 from harness.engines import create_engine
 from harness.engines.base import Generation
 from runners import run_point, summary_line
-from runners.quality import windows
+from runners.benches.quality import windows
 
 ROOT = Path(__file__).resolve().parent.parent
 

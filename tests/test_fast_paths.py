@@ -8,8 +8,9 @@ import pytest
 
 from conftest import TOKEN, Http, needs_smollm2, serving
 from harness.engines import create_engine
-from harness.engines.base import GenerationParams, TokenPrompt, streamed
+from harness.engines.base import GenerationParams, streamed
 from harness.errors import ConfigError, InferenceError
+from harness.prompts import TokenPrompt
 
 QUESTIONS = [
     "What is the capital of France?",

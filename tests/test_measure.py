@@ -5,15 +5,8 @@ import pytest
 
 from harness.config import BenchConfig
 from harness.errors import ConfigError, InferenceError
-from runners.measure import (
-    StopRule,
-    case_key,
-    exact_prompt,
-    itl_s,
-    repeat_until_stable,
-    request_metrics,
-    write_samples,
-)
+from harness.prompts import exact_prompt
+from runners.benches.measure import StopRule, case_key, itl_s, repeat_until_stable, request_metrics, write_samples
 
 
 def test_stop_rule_needs_min_runs_and_min_seconds():

@@ -14,9 +14,9 @@ import pytest
 
 from conftest import SMOLLM2, point, run_harness
 from harness.engines import create_engine, load_for_engine
-from harness.engines.base import GenerationParams, TokenPrompt, streamed
+from harness.engines.base import GenerationParams, streamed
 from harness.errors import ConfigError, InferenceError
-from runners.measure import exact_prompt
+from harness.prompts import TokenPrompt, exact_prompt
 from runners.point import run_point
 
 LLAMACPP = importlib.util.find_spec("llama_cpp") is not None

@@ -2,9 +2,8 @@ import json
 
 import pytest
 
-import runners.point
 from runners import run_point, summary_line
-from runners.measure import request_metrics
+from runners.benches.measure import request_metrics
 
 
 def test_request_metrics_arithmetic():
@@ -45,22 +44,22 @@ def test_a_failing_point_records_cause_and_fix(compose, tmp_path):
     assert "ConfigError" in summary_line(result, tmp_path)
 
 
-def test_an_unexpected_crash_is_recorded_with_its_traceback(compose, tmp_path, monkeypatch):
-    def boom(ctx):
-        raise RuntimeError("kaboom in the bench")
+def boom(ctx):
+    raise RuntimeError("kaboom in the bench")
 
-    monkeypatch.setitem(runners.point.BENCHES, "smoke", boom)
-    result = run_point(compose("model=tiny-gpt2"), tmp_path)
+
+def oom(ctx):
+    raise MemoryError("cannot allocate")
+
+
+def test_an_unexpected_crash_is_recorded_with_its_traceback(compose, tmp_path):
+    result = run_point(compose("model=tiny-gpt2", "bench.name=test_runner:boom"), tmp_path)
     assert result.status == "failed" and result.error["type"] == "RuntimeError"
     assert "Traceback" in (tmp_path / "error.log").read_text()
 
 
-def test_out_of_memory_in_a_point_becomes_out_of_memory_error(compose, tmp_path, monkeypatch):
-    def oom(ctx):
-        raise MemoryError("cannot allocate")
-
-    monkeypatch.setitem(runners.point.BENCHES, "smoke", oom)
-    result = run_point(compose("model=tiny-gpt2"), tmp_path)
+def test_out_of_memory_in_a_point_becomes_out_of_memory_error(compose, tmp_path):
+    result = run_point(compose("model=tiny-gpt2", "bench.name=test_runner:oom"), tmp_path)
     assert result.error["type"] == "OutOfMemoryError" and "quant=8bit" in result.error["hint"]
 
 

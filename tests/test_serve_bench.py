@@ -12,9 +12,10 @@ import pytest
 
 from harness.config import load_config
 from harness.engines import create_engine, load_for_engine
-from harness.engines.base import GenerationParams, TokenPrompt
+from harness.engines.base import GenerationParams
 from harness.errors import ConfigError, InferenceError
 from harness.loadgen.launch import launch
+from harness.prompts import TokenPrompt
 from runners import run_point
 from tests.conftest import needs_smollm2, run_harness
 from tests.mock_openai import MockServer, Script

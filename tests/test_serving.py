@@ -1,5 +1,5 @@
 """The serving client and its figures against a scripted mock server (docs/metrics.md, "A server under load"):
-the client's chunk times are checked against the moments the server wrote each event, within 1 ms, and every
+the client's chunk times are checked against the moments the server wrote each event, within 2 ms, and every
 figure is recomputed here from those times by the definitions."""
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from harness.loadgen.figures import Level, check_slo, count_tokens, level_metric
 from harness.loadgen.load import Planned, arrival_offsets, run_level
 from tests.mock_openai import DISCONNECT, FINISH, ROLE, MockServer, Script, content, usage_only
 
-TOLERANCE_S = 0.001
+# Server and client share one process (two threads, one GIL) on a 2-core machine: from a write to the client's stamp
+# took 0.3 to 0.7 ms typically and up to 1.34 ms in 15 runs here (2026-11-30), so 1 ms failed about one run in three.
+TOLERANCE_S = 0.002
 
 
 class WordTokenizer:
@@ -320,7 +322,7 @@ def tiny_loaded():
 
 def _workload(tiny_loaded, api="completions", token_prompts=True, **bench):
     from harness.config import BenchConfig
-    from runners.workload import Workload
+    from runners.benches.workload import Workload
 
     cfg = BenchConfig(name="serve", max_new_tokens=8, **bench)
     return Workload(cfg, tiny_loaded, Endpoint("http://x/v1", "m", api, token_prompts=token_prompts), seed=3)

@@ -10,10 +10,11 @@ from typing import Any
 
 from harness.config import HarnessConfig
 from harness.device import Placement
-from harness.engines.base import Engine, GenerationParams, Prompt, TokenEvent, TokenStream
+from harness.engines.base import Engine, GenerationParams, TokenEvent, TokenStream
 from harness.models.attention import AttentionChoice
 from harness.models.loader import LoadedModel
 from harness.models.sources import Source
+from harness.prompts import Prompt
 
 REPLY = ["a", "fixed", "reply", "from", "the", "toy", "engine"]
 

@@ -8,14 +8,12 @@ engine.* fields it reads), one module, one line in ENGINES, its extra and its te
 
 from __future__ import annotations
 
-import difflib
-import importlib
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
 
 from harness.engines.base import Engine, Generation, GenerationParams, TokenEvent, TokenStream
-from harness.errors import ConfigError
+from harness.plugins import plugin_module
 
 if TYPE_CHECKING:
     from harness.config import HarnessConfig
@@ -33,14 +31,7 @@ ENGINES: dict[str, str] = {
 
 def engine_module(name: str) -> ModuleType:
     """The module of a registered engine; ConfigError with the closest name for any other."""
-    if name not in ENGINES:
-        close = difflib.get_close_matches(name, list(ENGINES), n=1)
-        raise ConfigError(
-            f"engine={name!r} is not known; the engines are: {', '.join(ENGINES)}."
-            + (f" Did you mean '{close[0]}'?" if close else ""),
-            "pick one of those, or add an engine (docs/engines.md).",
-        )
-    return importlib.import_module(ENGINES[name])
+    return plugin_module("engine", name, ENGINES, "pick one of those, or add an engine (docs/engines.md).")
 
 
 def _engine_of(cfg: HarnessConfig) -> str:

@@ -9,19 +9,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from harness.errors import InferenceError
-
-Message = dict[str, str]
-
-
-@dataclass(frozen=True)
-class TokenPrompt:
-    """A prompt given as token ids, used as they are (benches use it for prompts of an exact length)."""
-
-    ids: tuple[int, ...]
-
-
-Prompt = str | Sequence[Message] | TokenPrompt  # raw text, chat messages the engine formats, or token ids
+from harness.errors import HarnessError, InferenceError, is_out_of_memory, out_of_memory
+from harness.prompts import Prompt
+from harness.stats import request_latency
 
 
 @dataclass(frozen=True)
@@ -106,9 +96,12 @@ class Generation:
         tokenizer's reading of the text, which can differ by a token)."""
         return self.reported_tokens if self.reported_tokens is not None else len(self.token_ids)
 
-    @property
-    def e2e_s(self) -> float:
-        return (self.end_ns - self.start_ns) / 1e9
+    def latency(self) -> dict[str, float]:
+        """TTFT, E2E, TPOT, decode and prefill rates of this request (stats.request_latency); empty without tokens."""
+        if not self.token_ns:
+            return {}
+        first, last = ((t - self.start_ns) / 1e9 for t in (self.token_ns[0], self.token_ns[-1]))
+        return request_latency(first, last, len(self.token_ns), self.prompt_tokens)
 
 
 @dataclass(frozen=True)
@@ -147,15 +140,59 @@ class TokenStream(ABC, Iterator[TokenEvent]):
         )
 
 
-def decode_output(tokenizer, ids: list[int], stop: tuple[str, ...], eos_ids: set[int]) -> tuple[str, str]:
+class StopStrings:
+    """A request's stop strings, one behaviour everywhere: whether one has just appeared in the tokens so far (a
+    stream ends there, as transformers ends one, whatever min_new_tokens says), where the text is cut (before it),
+    and how much of a growing text a server may send without sending part of one."""
+
+    def __init__(self, strings: Sequence[str]) -> None:
+        self.strings = tuple(s for s in strings if s)
+        # A character is at most 4 byte-level tokens: the newest tokens and this many before them hold any stop
+        # string that has just ended (an earlier one ended the stream already), so a check decodes only that tail.
+        self._context = 4 * max((len(s) for s in self.strings), default=0)
+
+    def __bool__(self) -> bool:
+        return bool(self.strings)
+
+    def ended(self, tokenizer: Any, ids: Sequence[int], arrived: int = 1) -> bool:
+        """Whether a stop string ends in the `arrived` newest of ids."""
+        if not self.strings or arrived <= 0:
+            return False
+        raw = tokenizer.decode(list(ids[-(arrived + self._context) :]), skip_special_tokens=False)
+        return any(s in raw for s in self.strings)
+
+    def cut(self, text: str, raw: str) -> str | None:
+        """The text cut before the first listed stop string that appears in raw (the text with special tokens),
+        or None when none does."""
+        for s in self.strings:
+            if s in raw:
+                found = text.find(s)
+                return text[:found] if found >= 0 else text
+        return None
+
+    def sendable(self, text: str, sent: int) -> int:
+        """How much of a growing text may be sent: up to a stop string, and short of a tail that may begin one.
+        text[:sent] was sendable before, so it holds no stop string and only the rest is looked at."""
+        end = len(text)
+        for s in self.strings:
+            found = text.find(s, sent)
+            if found >= 0:
+                end = min(end, found)
+            for k in range(min(len(s) - 1, len(text) - sent), 0, -1):
+                if text.endswith(s[:k]):
+                    end = min(end, len(text) - k)
+                    break
+        return end
+
+
+def decode_output(tokenizer, ids: list[int], stop: Sequence[str], eos_ids: set[int]) -> tuple[str, str]:
     """Text of generated ids (cut before a stop string) and why generation ended: stop | eos | length."""
     text = tokenizer.decode(ids, skip_special_tokens=True)
-    if stop:
-        raw = tokenizer.decode(ids, skip_special_tokens=False)
-        for s in stop:
-            if s in raw:
-                cut = text.find(s)
-                return (text[:cut] if cut >= 0 else text), "stop"
+    stops = StopStrings(stop)
+    if stops:
+        cut = stops.cut(text, tokenizer.decode(ids, skip_special_tokens=False))
+        if cut is not None:
+            return cut, "stop"
     if ids and ids[-1] in eos_ids:
         return text, "eos"
     return text, "length"
@@ -194,6 +231,11 @@ class Engine(ABC):
     # inside requests (each one's time is then not a steady-state figure).
     compile_s: float | None = None
     compiles_in_requests: int = 0
+    # How a backend's own exception reads to a user: the backend's name, and the fix for running out of memory and
+    # for any other failure (wrap_error).
+    backend: str = "the engine"
+    memory_fix: str = "lower max_new_tokens or the model size, or free memory held by other processes."
+    failure_fix: str = "check the generation parameters; see error.log beside result.json for the traceback."
 
     def shutdown(self) -> None:
         """Release what the engine started (threads, a batching manager), after its running requests end."""
@@ -201,6 +243,15 @@ class Engine(ABC):
 
     @abstractmethod
     def stream(self, prompt: Prompt, params: GenerationParams) -> TokenStream: ...
+
+    def wrap_error(self, exc: BaseException, what: str) -> BaseException:
+        """A backend's exception as the harness's error: out of memory (whatever the backend calls it), or an
+        InferenceError naming the backend. Harness errors and interruptions (Ctrl-C, SIGTERM) pass unchanged."""
+        if not isinstance(exc, Exception) or isinstance(exc, HarnessError):
+            return exc
+        if is_out_of_memory(exc):
+            return out_of_memory(exc, what, self.memory_fix)
+        return InferenceError(f"{what} failed in {self.backend}: {type(exc).__name__}: {exc}", self.failure_fix)
 
     def generate(self, prompt: Prompt, params: GenerationParams) -> Generation:
         """One request run to its end, through the streaming path (so every token is timed the same way)."""

@@ -15,7 +15,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from harness.engines.base import Generation, GenerationParams, TokenEvent, TokenStream, decode_output
+from harness.engines.base import Generation, GenerationParams, StopStrings, TokenEvent, TokenStream, decode_output
 from harness.errors import ConfigError, InferenceError
 
 if TYPE_CHECKING:
@@ -222,6 +222,7 @@ class BatchedStream(TokenStream):
         self._params = params
         self._ids = encoded.input_ids[0, encoded.input_ids.shape[1] - encoded.lengths[0] :].tolist()
         self.stop = encoded.stop
+        self._stops = StopStrings(encoded.stop)
         self.prompt_tokens = encoded.lengths[0]
         self.tokenize_ns = encoded.tokenize_ns
         self.start_ns = 0
@@ -255,7 +256,7 @@ class BatchedStream(TokenStream):
             arrived = [TokenEvent(int(t), _ns(stamp)) for t, stamp in zip(new, stamps, strict=False)]
             self._events.extend(arrived)
             self._pending.extend(arrived)
-            if output.is_finished() or self._stopped(len(arrived)):
+            if output.is_finished() or self._stops.ended(self._engine.tokenizer, output.generated_tokens, len(arrived)):
                 if not output.is_finished():
                     self._batcher.cancel(self._request)
                 self._finish()
@@ -263,17 +264,6 @@ class BatchedStream(TokenStream):
                 return self._pending.pop(0)
             if self._done:
                 raise StopIteration
-
-    def _stopped(self, arrived: int) -> bool:
-        """Whether a stop string ends in the tokens that just arrived. Earlier text was checked as it came, so only
-        the new tokens and enough before them to hold a stop string are decoded (4 tokens per character covers
-        byte-level tokens), not the whole output per token."""
-        if not self.stop or not arrived:
-            return False
-        window = arrived + 4 * max(len(s) for s in self.stop)
-        tail = [e.token_id for e in self._events[-window:]]
-        raw = self._engine.tokenizer.decode(tail, skip_special_tokens=False)
-        return any(s in raw for s in self.stop)
 
     def _end(self) -> None:
         self._done = True

@@ -22,8 +22,8 @@ from typing import Any
 from harness.config import EngineConfig, HarnessConfig
 from harness.device import Placement
 from harness.engines.base import GenerationParams, check_scoring_window
-from harness.engines.pull import PullEngine, out_of_memory, summed_nll
-from harness.errors import ConfigError, InferenceError, ModelLoadError
+from harness.engines.pull import PullEngine, summed_nll
+from harness.errors import ConfigError, ModelLoadError
 from harness.models.attention import AttentionChoice
 from harness.models.cache import file_digest
 from harness.models.gguf import gguf_info, gguf_source, import_llama_cpp, requantize, tokenizer_folder
@@ -124,6 +124,9 @@ def load_llamacpp_model(cfg: HarnessConfig) -> LoadedModel:
 
 class LlamaCppEngine(PullEngine):
     name = "llamacpp"
+    backend = "llama.cpp"
+    memory_fix = "lower max_new_tokens, engine.n_ctx or the model size, or free memory held by other processes."
+    failure_fix = "check the generation parameters against engine.n_ctx and n_batch; see error.log for the traceback."
 
     def __init__(self, loaded: LoadedModel, engine_cfg: EngineConfig) -> None:
         self.llama = loaded.model
@@ -215,21 +218,11 @@ class LlamaCppEngine(PullEngine):
                 if lo < hi:
                     rows.append(np.array(logits[lo - begin : hi - begin], dtype=np.float64))
         except Exception as exc:
-            raise self._wrap_error(exc, f"scoring a window of {len(ids)} tokens") from exc
+            raise self.wrap_error(exc, f"scoring a window of {len(ids)} tokens") from exc
         finally:
             llm._ctx.kv_cache_seq_rm(-1, 0, -1)
             llm.n_tokens = 0
         return summed_nll(np.concatenate(rows), ids[first + 1 :])
-
-    def _wrap_error(self, exc: Exception, what: str) -> Exception:
-        if isinstance(exc, InferenceError):
-            return exc
-        if isinstance(exc, MemoryError):
-            return out_of_memory(exc, what)
-        return InferenceError(
-            f"{what} failed in llama.cpp: {type(exc).__name__}: {exc}",
-            "check the generation parameters against engine.n_ctx and n_batch; see error.log for the traceback.",
-        )
 
 
 # -- the registry's entry points (harness.engines) ----------------------------------------------------------------

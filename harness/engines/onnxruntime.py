@@ -21,7 +21,7 @@ from typing import Any
 from harness.config import HarnessConfig
 from harness.device import Placement, resolve_placement
 from harness.engines.base import GenerationParams, check_scoring_window
-from harness.engines.pull import PullEngine, out_of_memory, summed_nll
+from harness.engines.pull import PullEngine, summed_nll
 from harness.errors import InferenceError, ModelLoadError
 from harness.models.attention import AttentionChoice
 from harness.models.cache import COMPLETE
@@ -141,6 +141,9 @@ def _hub_folder(hub_id: str, cfg: HarnessConfig, source: Source) -> str:
 
 class OnnxRuntimeEngine(PullEngine):
     name = "onnxruntime"
+    backend = "ONNX Runtime GenAI"
+    memory_fix = "lower max_new_tokens or the model size, or free memory held by other processes."
+    failure_fix = "check the generation parameters and the converted model (delete its cache folder to convert again)."
 
     def __init__(self, loaded: LoadedModel, threads: int | None = None) -> None:
         genai = json.loads((Path(loaded.checkpoint) / "genai_config.json").read_text())
@@ -205,7 +208,7 @@ class OnnxRuntimeEngine(PullEngine):
             generator.append_tokens(np.asarray([list(ids)], dtype=np.int32))
             logits = np.asarray(generator.get_output("logits"), dtype=np.float64)[0]
         except Exception as exc:
-            raise self._wrap_error(exc, f"scoring a window of {len(ids)} tokens") from exc
+            raise self.wrap_error(exc, f"scoring a window of {len(ids)} tokens") from exc
         finally:
             del generator
         if logits.shape[0] != len(ids):
@@ -214,16 +217,6 @@ class OnnxRuntimeEngine(PullEngine):
                 "use engine=transformers for bench=quality with this model.",
             )
         return summed_nll(logits[-n_scored - 1 : -1], ids[-n_scored:])
-
-    def _wrap_error(self, exc: Exception, what: str) -> Exception:
-        if isinstance(exc, InferenceError):
-            return exc
-        if isinstance(exc, MemoryError) or "bad_alloc" in str(exc) or "Failed to allocate" in str(exc):
-            return out_of_memory(exc, what)
-        return InferenceError(
-            f"{what} failed in ONNX Runtime GenAI: {type(exc).__name__}: {exc}",
-            "check the generation parameters and the converted model (delete its cache folder to convert again).",
-        )
 
 
 def _version(package: str) -> str | None:

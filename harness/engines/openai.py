@@ -27,19 +27,18 @@ from harness.device import Placement
 from harness.engines.base import (
     Engine,
     GenerationParams,
-    Prompt,
     TokenEvent,
-    TokenPrompt,
     TokenStream,
 )
 from harness.errors import ConfigError, HarnessError, InferenceError
 from harness.loadgen.client import Endpoint, RequestRecord, new_session, probe, request_body, send
-from harness.loadgen.figures import rescale, token_times
+from harness.loadgen.figures import RunningTokenCount, rescale, token_times
 from harness.loadgen.launch import LaunchedServer, launch
 from harness.loadgen.target import RemoteModel, harness_engine_args, served_name, server_plan
 from harness.models.attention import AttentionChoice
 from harness.models.loader import LoadedModel, checkpoint_for, effective_chat_format, gguf_file_for, load_tokenizer
 from harness.models.sources import Source, resolve_source
+from harness.prompts import Prompt, TokenPrompt
 
 
 def _local_model(cfg: HarnessConfig, need: str, events: list[str]) -> tuple[Any, str | None, Source]:
@@ -286,6 +285,7 @@ class _HttpStream(TokenStream):
         self._pending: list[TokenEvent] = []
         self._events: list[TokenEvent] = []
         self._text = ""
+        self._reading = RunningTokenCount(engine.tokenizer)
         self._count = 0  # the running maximum of the tokenizer's count of the text so far
         self._chunks: list[tuple[float, int]] = []  # (arrival, tokens) of each chunk
         self._done = False
@@ -322,7 +322,7 @@ class _HttpStream(TokenStream):
         if not self.start_ns:
             self.start_ns = int(self._record.t_send * 1e9)
         self._text += chunk.text
-        ids = self._engine.tokenizer(self._text, add_special_tokens=False)["input_ids"]
+        ids = self._reading.add(chunk.text)
         k = max(0, len(ids) - self._count)  # the rise of the running count (as figures.count_tokens reads it)
         self._chunks.append((chunk.t, k))
         if not k:

@@ -17,14 +17,14 @@ from harness.chat import adds_special_tokens, format_chat
 from harness.engines.base import (
     Engine,
     GenerationParams,
-    Prompt,
+    StopStrings,
     TokenEvent,
-    TokenPrompt,
     TokenStream,
     decode_output,
 )
-from harness.errors import InferenceError, OutOfMemoryError
+from harness.errors import InferenceError
 from harness.models.loader import LoadedModel
+from harness.prompts import Prompt, TokenPrompt
 
 
 class PullEngine(Engine):
@@ -44,9 +44,6 @@ class PullEngine(Engine):
     @abstractmethod
     def _token_ids(self, prompt_ids: list[int], params: GenerationParams) -> Iterator[int]:
         """New token ids, one per next(); the prefill runs inside the first. Closing it stops the backend."""
-
-    @abstractmethod
-    def _wrap_error(self, exc: Exception, what: str) -> Exception: ...
 
     # -- preparing requests -------------------------------------------------------------------------------
     def _encode(self, prompt: Prompt, params: GenerationParams) -> tuple[list[int], tuple[str, ...], int]:
@@ -87,7 +84,8 @@ class _PullStream(TokenStream):
         self._source: Iterator[int] | None = None
         self._events: list[TokenEvent] = []
         self._done = False
-        self._stop_tail = 4 * max((len(s) for s in stop), default=0) + 4
+        self._stops = StopStrings(stop)
+        self._ids_out: list[int] = []
 
     def __next__(self) -> TokenEvent:
         if self._done:
@@ -103,10 +101,11 @@ class _PullStream(TokenStream):
         except Exception as exc:
             self._done = True
             self._close_source()
-            raise self._engine._wrap_error(exc, "streaming generation") from exc
+            raise self._engine.wrap_error(exc, "streaming generation") from exc
         t_ns = time.perf_counter_ns()
         event = TokenEvent(int(token_id), t_ns)
         self._events.append(event)
+        self._ids_out.append(event.token_id)
         if self._ended(event.token_id):
             self._finish()
         return event
@@ -117,13 +116,7 @@ class _PullStream(TokenStream):
             return True
         if token_id in self._engine.eos_ids and n >= self._params.min_new_tokens:
             return True
-        if self.stop:  # as transformers' stop strings: checked on the text so far, whatever min_new_tokens says
-            # Only the newest tokens can complete a stop string (an earlier one ended the stream already); a
-            # character takes at most 4 byte-level tokens, so this tail holds any stop string that just ended.
-            tail = [e.token_id for e in self._events[-self._stop_tail :]]
-            raw = self._engine.tokenizer.decode(tail, skip_special_tokens=False)
-            return any(s in raw for s in self.stop)
-        return False
+        return self._stops.ended(self._engine.tokenizer, self._ids_out)
 
     def _close_source(self) -> None:
         if self._source is not None and hasattr(self._source, "close"):
@@ -132,7 +125,7 @@ class _PullStream(TokenStream):
     def _finish(self) -> None:
         self._done = True
         self._close_source()
-        text, reason = self._engine.decode([e.token_id for e in self._events], self.stop)
+        text, reason = self._engine.decode(self._ids_out, self.stop)
         self._set_generation(self._events, text, reason)
 
     def close(self) -> None:
@@ -148,10 +141,3 @@ def summed_nll(predicted, targets) -> float:
     top = logits.max(axis=1)
     log_z = top + np.log(np.exp(logits - top[:, None]).sum(axis=1))
     return float((log_z - logits[np.arange(len(logits)), np.asarray(targets)]).sum())
-
-
-def out_of_memory(exc: BaseException, what: str) -> OutOfMemoryError:
-    return OutOfMemoryError(
-        f"{what} ran out of memory ({str(exc).splitlines()[0] if str(exc) else 'no detail'}).",
-        "lower max_new_tokens, engine.n_ctx or the model size, or free memory held by other processes.",
-    )

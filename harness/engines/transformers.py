@@ -25,29 +25,20 @@ from harness.engines.base import (
     Engine,
     Generation,
     GenerationParams,
-    Prompt,
     TokenEvent,
-    TokenPrompt,
     TokenStream,
     check_scoring_window,
     decode_output,
 )
-from harness.errors import ConfigError, InferenceError, OutOfMemoryError
+from harness.errors import ConfigError, InferenceError
 from harness.models.loader import LoadedModel
+from harness.prompts import Prompt, TokenPrompt
 
 if TYPE_CHECKING:
     from harness.config import EngineConfig, HarnessConfig
 
 # bitsandbytes 8-bit logs a warning on every matmul that casts float32 inputs to float16: once per token.
 logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
-
-
-def _oom(exc: BaseException, what: str) -> OutOfMemoryError:
-    return OutOfMemoryError(
-        f"{what} ran out of memory ({str(exc).splitlines()[0] if str(exc) else 'no detail'}).",
-        "lower max_new_tokens or the batch size, use a quantized model (quant=8bit/4bit), "
-        "or free memory held by other processes.",
-    )
 
 
 class _Cancelled(Exception):
@@ -150,7 +141,7 @@ class _Stream(TokenStream):
         self._done = True
         self._kwargs = {}
         if error is not None:
-            raise self._engine._wrap_error(error, "streaming generation")
+            raise self._engine.wrap_error(error, "streaming generation")
         text, reason = self._engine._decode([t.token_id for t in self._tokens], self.stop)
         self._set_generation(self._tokens, text, reason)
 
@@ -198,6 +189,15 @@ def compile_blockers(model: Any, device: str) -> list[str]:
 class TransformersEngine(Engine):
     name = "transformers"
     batches = True  # generate() over padded rows: a real batch
+    backend = "transformers"
+    memory_fix = (
+        "lower max_new_tokens or the batch size, use a quantized model (quant=8bit/4bit), or free memory held by "
+        "other processes."
+    )
+    failure_fix = (
+        "check the generation parameters and the model; rerun with HYDRA_FULL_ERROR=1 and see error.log for the "
+        "traceback."
+    )
 
     def __init__(self, loaded: LoadedModel, options: EngineConfig | None = None, cache_dir: Path | None = None) -> None:
         from harness.config import EngineConfig
@@ -298,7 +298,7 @@ class TransformersEngine(Engine):
     def _compile_warm_up(self) -> None:
         """Two generations of different lengths: the second lets dynamo mark the lengths dynamic, so later
         prompt and output lengths reuse the compiled step instead of recompiling."""
-        from harness.engines.base import TokenPrompt
+        from harness.prompts import TokenPrompt
 
         vocab = self.model.get_input_embeddings().num_embeddings
         for n_prompt, n_new in ((8, 4), (16, 8)):
@@ -401,21 +401,6 @@ class TransformersEngine(Engine):
             self.compiles_in_requests += 1  # a shape the warm-up did not cover: this request's time includes it
         return out
 
-    def _wrap_error(self, exc: BaseException, what: str) -> BaseException:
-        if not isinstance(exc, Exception):  # KeyboardInterrupt (Ctrl-C, SIGTERM), SystemExit: not the model's fault
-            return exc
-        if isinstance(exc, torch.OutOfMemoryError):
-            return _oom(exc, what)
-        if isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc):
-            return _oom(exc, what)
-        if isinstance(exc, InferenceError | OutOfMemoryError):
-            return exc
-        return InferenceError(
-            f"{what} failed in transformers: {type(exc).__name__}: {exc}",
-            "check the generation parameters and the model; rerun with HYDRA_FULL_ERROR=1 "
-            "and see error.log for the traceback.",
-        )
-
     def _decode(self, ids: list[int], stop: tuple[str, ...]) -> tuple[str, str]:
         return decode_output(self.tokenizer, ids, stop, self.eos_ids)
 
@@ -451,7 +436,7 @@ class TransformersEngine(Engine):
             try:
                 return generate_many(self, encoded, params)
             except Exception as exc:
-                raise self._wrap_error(exc, f"continuous batching of {len(prompts)} prompt(s)") from exc
+                raise self.wrap_error(exc, f"continuous batching of {len(prompts)} prompt(s)") from exc
         stop, tokenize_ns, lengths = encoded.stop, encoded.tokenize_ns, encoded.lengths
         kwargs = self._generate_kwargs(encoded, params)
         start = time.perf_counter_ns()
@@ -459,7 +444,7 @@ class TransformersEngine(Engine):
             out = self._run_generate(kwargs)
             synchronize(self.device)
         except Exception as exc:
-            raise self._wrap_error(exc, f"generation of {len(prompts)} prompt(s)") from exc
+            raise self.wrap_error(exc, f"generation of {len(prompts)} prompt(s)") from exc
         end = time.perf_counter_ns()
         width = int(encoded.input_ids.shape[1])
         results = []
@@ -481,7 +466,7 @@ class TransformersEngine(Engine):
             nll = torch.nn.functional.cross_entropy(predicted, targets, reduction="sum")
             return float(nll.item())
         except Exception as exc:
-            raise self._wrap_error(exc, f"scoring a window of {len(ids)} tokens") from exc
+            raise self.wrap_error(exc, f"scoring a window of {len(ids)} tokens") from exc
 
     def _trim(self, row: list[int]) -> list[int]:
         """A finished sequence is padded to the batch's length: keep up to its first EOS."""

@@ -15,7 +15,51 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from harness.loadgen.client import RequestRecord
-from harness.stats import percentile, summarize, summarize_proportion
+from harness.stats import percentile, request_latency, summarize, summarize_proportion
+
+
+class RunningTokenCount:
+    """The client tokenizer's reading of a streamed text as it grows, chunk by chunk, without re-reading all of it.
+
+    Re-tokenizing the whole text at every chunk costs O(n²) over a long answer. A token more than CONTEXT tokens
+    behind the end is final: each chunk re-reads the text from CONTEXT tokens before the first token that is not
+    (so pre-tokenization and merges see the neighbourhood they see in the whole text), and keeps the tokens of that
+    reading that start at or after it. A tokenizer without character offsets (a slow one) re-reads the whole text.
+    """
+
+    CONTEXT = 8
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.text = ""
+        self.ids: list[int] = []
+        self._starts: list[int] = []  # the character where each token starts
+        self._settled = 0  # ids[:_settled] are final
+        self._offsets = bool(getattr(tokenizer, "is_fast", False))
+
+    def add(self, text: str) -> list[int]:
+        """The token ids of the whole text so far, after adding text."""
+        self.text += text
+        if not self._offsets:
+            self.ids = list(self.tokenizer(self.text, add_special_tokens=False)["input_ids"])
+            return self.ids
+        boundary = self._starts[self._settled] if self._settled else 0
+        origin = self._starts[max(0, self._settled - self.CONTEXT)] if self._settled else 0
+        encoded = self.tokenizer(self.text[origin:], add_special_tokens=False, return_offsets_mapping=True)
+        fresh = [
+            (token, origin + start)
+            for token, (start, _) in zip(encoded["input_ids"], encoded["offset_mapping"], strict=True)
+            if origin + start >= boundary
+        ]
+        self.ids = self.ids[: self._settled] + [token for token, _ in fresh]
+        self._starts = self._starts[: self._settled] + [start for _, start in fresh]
+        settled = max(self._settled, len(self.ids) - self.CONTEXT)
+        # Settle only where a token starts a character of its own: the byte tokens of one character share their
+        # offsets, and a boundary between them would count that character's earlier bytes twice.
+        while 0 < settled < len(self._starts) and self._starts[settled] <= self._starts[settled - 1]:
+            settled -= 1
+        self._settled = max(self._settled, settled)
+        return self.ids
 
 
 @dataclass
@@ -37,10 +81,8 @@ def count_tokens(record: RequestRecord, tokenizer: Any | None) -> Counted:
         counts["usage"] = usage["completion_tokens"]
     prefix_counts: list[int] | None = None
     if tokenizer is not None and chunks:
-        text, prefix_counts = "", []
-        for c in chunks:
-            text += c.text
-            prefix_counts.append(len(tokenizer(text, add_special_tokens=False)["input_ids"]))
+        running = RunningTokenCount(tokenizer)
+        prefix_counts = [len(running.add(c.text)) for c in chunks]
         counts["tokenizer"] = prefix_counts[-1]
     source = next(s for s in ("usage", "tokenizer", "chunks") if s in counts)
     n_out = counts[source]
@@ -129,14 +171,16 @@ def request_figures(record: RequestRecord, counted: Counted) -> RequestFigures:
         first_k = next((k for k in counted.k if k > 0), 0)
         itl = [(b - a) * 1e3 for a, b in itertools.pairwise(stamps[max(first_k - 1, 0) :])]
     n = counted.n_out
+    latency = request_latency(first - record.t_send, last - record.t_send, n)
+    lateness = record.t_send - record.t_sched  # TTFT and E2E from the schedule add the client's lateness
     return RequestFigures(
-        ttft_ms=(first - record.t_send) * 1e3,
-        ttft_sched_ms=(first - record.t_sched) * 1e3,
-        e2e_ms=(last - record.t_send) * 1e3,
-        e2e_sched_ms=(last - record.t_sched) * 1e3,
-        lateness_ms=(record.t_send - record.t_sched) * 1e3,
+        ttft_ms=latency["ttft_s"] * 1e3,
+        ttft_sched_ms=(latency["ttft_s"] + lateness) * 1e3,
+        e2e_ms=latency["e2e_s"] * 1e3,
+        e2e_sched_ms=(latency["e2e_s"] + lateness) * 1e3,
+        lateness_ms=lateness * 1e3,
         n_out=n,
-        tpot_ms=(last - first) * 1e3 / (n - 1) if n > 1 else None,
+        tpot_ms=latency["tpot_s"] * 1e3 if "tpot_s" in latency else None,
         chunk_itl_ms=chunk_itl,
         itl_ms=itl,
     )

@@ -16,7 +16,7 @@ from typing import Any
 
 from harness.config import AttentionConfig, ModelConfig, QuantConfig
 from harness.device import Placement, resolve_dtype, resolve_placement
-from harness.errors import ConfigError, HarnessError, ModelLoadError, OutOfMemoryError
+from harness.errors import ConfigError, HarnessError, ModelLoadError, is_out_of_memory, out_of_memory
 from harness.models import quantization
 from harness.models.attention import AttentionChoice, choose_attention, model_class_for
 from harness.models.cache import COMPLETE, build_once, spec_digest
@@ -207,7 +207,7 @@ def _from_pretrained(
     except HarnessError:
         raise
     except RuntimeError as exc:
-        if "out of memory" in str(exc).lower() or "can't allocate memory" in str(exc).lower():
+        if is_out_of_memory(exc):
             raise torch.OutOfMemoryError(str(exc)) from exc
         raise ModelLoadError(
             f"the weights of {checkpoint} could not be loaded: {type(exc).__name__}: {exc}",
@@ -363,9 +363,9 @@ def load_model(
             )
             log.warning(events[-1])
             return _load_once(cfg, quant, attention, cache, seed, cpu, events)
-        raise OutOfMemoryError(
-            f"loading model '{cfg.name}' on {placement.device} in {placement.dtype} ran out of memory "
-            f"({str(exc).splitlines()[0] if str(exc) else 'no detail'}).",
+        raise out_of_memory(
+            exc,
+            f"loading model '{cfg.name}' on {placement.device} in {placement.dtype}",
             "free memory (other processes, other loaded models), use quant=8bit or quant=4bit, a smaller "
             "dtype (model.dtype=bfloat16), or set model.fallback_to_cpu=true.",
         ) from exc

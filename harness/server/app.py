@@ -23,9 +23,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from harness.engines.base import GenerationParams, Prompt, TokenPrompt
+from harness.engines.base import GenerationParams
 from harness.errors import ConfigError, HarnessError, InferenceError
 from harness.models.manager import ModelManager, ModelSpec
+from harness.prompts import Prompt, TokenPrompt
 from harness.server.jobs import FINISHED, JobLimits, JobRunner
 from harness.server.metrics import CONTENT_TYPE, ServerMetrics
 from harness.server.registry import ModelRegistry, UnknownModel

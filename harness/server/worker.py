@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from harness.config import EngineConfig
-from harness.engines.base import Engine, Generation, GenerationParams, Prompt, TokenStream
+from harness.engines.base import Engine, Generation, GenerationParams, StopStrings, TokenStream
 from harness.models.loader import LoadedModel
 from harness.models.manager import ModelManager, ModelSpec
+from harness.prompts import Prompt
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class DeltaDecoder:
 
     def __init__(self, tokenizer: Any, stop: tuple[str, ...]) -> None:
         self.tokenizer = tokenizer
-        self.stop = stop
+        self.stops = StopStrings(stop)
         self.ids: list[int] = []
         self.text = ""  # the decoded text of ids[:read]
         self.sent = 0  # characters of text already sent
@@ -67,20 +68,6 @@ class DeltaDecoder:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def _safe_end(self) -> int:
-        """How much of text may be sent: up to a stop sequence, and short of a tail that may begin one. Text
-        already sent never ends with part of a stop sequence, so only the unsent text needs looking at."""
-        end = len(self.text)
-        for s in self.stop:
-            found = self.text.find(s, self.sent)
-            if found >= 0:
-                end = min(end, found)
-            for k in range(min(len(s) - 1, len(self.text) - self.sent), 0, -1):
-                if self.text.endswith(s[:k]):
-                    end = min(end, len(self.text) - k)
-                    break
-        return end
-
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
         context = self._decode(self.ids[self._prefix : self._read])
@@ -89,7 +76,7 @@ class DeltaDecoder:
             return ""  # half a character (or nothing) so far: wait for the next token
         self.text += with_new[len(context) :]
         self._prefix, self._read = self._read, len(self.ids)
-        end = self._safe_end()
+        end = self.stops.sendable(self.text, self.sent)
         if end <= self.sent:
             return ""
         delta, self.sent = self.text[self.sent : end], end
@@ -208,10 +195,7 @@ class ModelWorker:
         def read(stream: TokenStream, tokenizer: Any) -> None:
             try:
                 decoder = DeltaDecoder(tokenizer, stream.stop)
-                first: float | None = None
                 for event in stream:
-                    if first is None:
-                        first = (event.t_ns - stream.start_ns) / 1e9
                     if cancelled.is_set():
                         stream.close()
                         if on_cancel is not None:
@@ -225,7 +209,7 @@ class ModelWorker:
                 rest = decoder.finish(generation.text)
                 if rest:
                     emit(TextDelta(rest))
-                emit(Finished(generation, first))
+                emit(Finished(generation, generation.latency().get("ttft_s")))
             except BaseException as exc:
                 emit(Failed(exc))
 

@@ -57,10 +57,10 @@ class CaseResult:
                     "prompt_tokens": g.prompt_tokens,
                     "output_tokens": g.output_tokens,
                     "finish_reason": g.finish_reason,
-                    "ttft_ms": (g.token_ns[0] - g.start_ns) / 1e6 if g.token_ns else None,
-                    "e2e_ms": (g.end_ns - g.start_ns) / 1e6,
+                    "ttft_ms": latency["ttft_s"] * 1e3 if latency else None,
+                    "e2e_ms": latency["e2e_s"] * 1e3 if latency else (g.end_ns - g.start_ns) / 1e6,
                 }
-                for g in self.requests
+                for g, latency in ((g, g.latency()) for g in self.requests)
             ],
             **self.extra,
         }

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from harness.chat import count_chat_tokens, format_chat
-from harness.engines.base import Message
 from harness.errors import InferenceError
+from harness.prompts import Message
 
 
 @dataclass

@@ -8,13 +8,21 @@ of TTFT for a tiny model on an H200) instead of the model; the warm-up's figures
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 from harness.engines.base import streamed
 from harness.stats import summarize
-from runners.measure import REQUEST_UNITS, BenchContext, BenchOutput, generation_params, request_metrics
+from runners.benches.measure import (
+    REQUEST_UNITS,
+    BenchContext,
+    BenchOutput,
+    generation_params,
+    request_headline,
+    request_metrics,
+)
 
 
-def run_smoke(ctx: BenchContext) -> BenchOutput:
+def run(ctx: BenchContext) -> BenchOutput:
     cfg = ctx.cfg
     messages = []
     if cfg.bench.system_prompt:
@@ -47,3 +55,7 @@ def run_smoke(ctx: BenchContext) -> BenchOutput:
         }
     ]
     return out
+
+
+def headline(metrics: dict[str, Any]) -> str:
+    return request_headline(metrics)

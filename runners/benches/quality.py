@@ -10,10 +10,12 @@ models with different tokenizers are compared by bits per byte (the same total N
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from harness.errors import InferenceError
+from harness.prompts import builtin_text
 from harness.stats import summarize
-from runners.measure import BenchContext, BenchOutput, builtin_text
+from runners.benches.measure import BenchContext, BenchOutput
 
 
 def windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
@@ -29,7 +31,7 @@ def windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int
     return spans
 
 
-def run_quality(ctx: BenchContext) -> BenchOutput:
+def run(ctx: BenchContext) -> BenchOutput:
     bench = ctx.cfg.bench
     text = builtin_text()[: bench.ppl_chars]
     ids = ctx.loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -69,3 +71,12 @@ def run_quality(ctx: BenchContext) -> BenchOutput:
         "special_tokens_added": False,
     }
     return out
+
+
+def headline(metrics: dict[str, Any]) -> str:
+    if "perplexity" not in metrics:
+        return ""
+    return (
+        f"perplexity {metrics['perplexity']['mean']:.2f} over {metrics['scored_tokens']['mean']:.0f} tokens, "
+        f"{metrics['bits_per_byte']['mean']:.3f} bits/byte"
+    )

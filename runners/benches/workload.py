@@ -11,13 +11,16 @@
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from harness.config import BenchConfig, WorkflowConfig
 from harness.errors import ConfigError
 from harness.loadgen.client import Endpoint, request_body
 from harness.loadgen.load import Planned
-from harness.models.loader import LoadedModel
+from harness.prompts import exact_prompt
+
+if TYPE_CHECKING:
+    from harness.models.loader import LoadedModel
 
 
 def _need_tokenizer(loaded: LoadedModel, workload: str) -> Any:
@@ -56,8 +59,6 @@ class Workload:
         return mean
 
     def _ids(self, n: int, offset: int) -> list[int]:
-        from runners.measure import exact_prompt
-
         return list(exact_prompt(self.loaded, n, offset).ids)
 
     def _plan(self, prompt: Any, prompt_tokens: int | None) -> Planned:

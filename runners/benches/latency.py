@@ -8,23 +8,29 @@ token's timestamp go to samples.csv.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from harness.bandwidth import mbu, peak_bandwidth
 from harness.engines import GenerationParams
-from harness.engines.base import TokenPrompt, streamed
+from harness.engines.base import streamed
+from harness.prompts import TokenPrompt, exact_prompt
 from harness.stats import summarize
-from runners.measure import (
+from runners.benches.measure import (
     REQUEST_UNITS,
     BenchContext,
     BenchOutput,
     StopRule,
     case_key,
-    exact_prompt,
     generation_params,
     itl_s,
     repeat_until_stable,
+    request_headline,
     request_metrics,
 )
+
+# Prompts of bench.prompt_lengths tokens followed by bench.max_new_tokens generated ones: the sweep checks before
+# any model loads that they fit the model's context window.
+EXACT_LENGTH_PROMPTS = True
 
 
 @dataclass
@@ -63,7 +69,7 @@ def _measure_case(
     return data, how
 
 
-def run_latency(ctx: BenchContext) -> BenchOutput:
+def run(ctx: BenchContext) -> BenchOutput:
     bench, loaded, engine = ctx.cfg.bench, ctx.loaded, ctx.engine
     params = generation_params(bench, ctx.cfg.seed)
     out = BenchOutput()
@@ -110,3 +116,7 @@ def run_latency(ctx: BenchContext) -> BenchOutput:
             f"length of {params.max_new_tokens} tokens"
         )
     return out
+
+
+def headline(metrics: dict[str, Any]) -> str:
+    return request_headline(metrics)

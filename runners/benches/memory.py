@@ -5,11 +5,17 @@ each result carries the figures analysis needs for ratios against quant=none."""
 from __future__ import annotations
 
 import gc
+from typing import Any
 
 from harness.engines import GenerationParams
 from harness.memory import MemoryMonitor, snapshot
+from harness.prompts import exact_prompt
 from harness.stats import summarize
-from runners.measure import BenchContext, BenchOutput, case_key, exact_prompt, generation_params
+from runners.benches.measure import BenchContext, BenchOutput, case_key, first_case, generation_params
+
+# Prompts of bench.prompt_lengths tokens followed by bench.max_new_tokens generated ones: the sweep checks before
+# any model loads that they fit the model's context window.
+EXACT_LENGTH_PROMPTS = True
 
 MIB = 2**20
 
@@ -18,7 +24,7 @@ def _mib(value: int | None) -> dict | None:
     return None if value is None else summarize([value / MIB], "MiB")
 
 
-def run_memory(ctx: BenchContext) -> BenchOutput:
+def run(ctx: BenchContext) -> BenchOutput:
     bench, loaded, engine = ctx.cfg.bench, ctx.loaded, ctx.engine
     out = BenchOutput()
     load = ctx.load_memory
@@ -76,3 +82,8 @@ def run_memory(ctx: BenchContext) -> BenchOutput:
         "note": "growth = peak during one forced-length batch minus the figure just before it",
     }
     return out
+
+
+def headline(metrics: dict[str, Any]) -> str:
+    peak, weights = first_case(metrics, "load_rss_peak_mib"), first_case(metrics, "weights_mib")
+    return f"weights {weights['mean']:.0f} MiB, load peak RSS {peak['mean']:.0f} MiB" if peak and weights else ""

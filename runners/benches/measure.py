@@ -11,15 +11,12 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from harness.config import BenchConfig, HarnessConfig
 from harness.engines import Engine, GenerationParams
-from harness.engines.base import TokenPrompt
-from harness.errors import InferenceError
-from harness.stats import summarize
+from harness.stats import request_latency, summarize
 from harness.workflows import Workflow
 
 if TYPE_CHECKING:
@@ -111,38 +108,6 @@ def repeat_until_stable(rule: StopRule, run: Callable[[], float]) -> tuple[list[
             }
 
 
-def builtin_text() -> str:
-    """Python's documentation topics (shipped with every Python), in a fixed order: real text for prompts and
-    for perplexity, the same on every machine."""
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[k] for k in sorted(topics))
-
-
-@lru_cache(maxsize=8)
-def _corpus_ids(tokenizer_key: int, tokenizer: Any) -> tuple[int, ...]:
-    return tuple(tokenizer(builtin_text(), add_special_tokens=False)["input_ids"])
-
-
-def exact_prompt(loaded: LoadedModel, n_tokens: int, offset: int = 0) -> TokenPrompt:
-    """A prompt of exactly n_tokens real text tokens (Python's documentation), checked against the context."""
-    window = loaded.context_window
-    if window is not None and n_tokens >= window:
-        raise InferenceError(
-            f"a prompt of {n_tokens} tokens does not fit the context window of {window} tokens.",
-            f"use bench.prompt_lengths below {window} (minus the output length).",
-        )
-    ids = _corpus_ids(id(loaded.tokenizer), loaded.tokenizer)
-    start = (offset * 997) % max(len(ids) - n_tokens, 1)
-    chunk = ids[start : start + n_tokens]
-    if len(chunk) < n_tokens:
-        raise InferenceError(
-            f"the built-in text has only {len(ids)} tokens for a {n_tokens}-token prompt.",
-            "use shorter bench.prompt_lengths.",
-        )
-    return TokenPrompt(tuple(chunk))
-
-
 def generation_params(bench: BenchConfig, seed: int, force_length: bool = True) -> GenerationParams:
     """The bench's sampling settings (greedy by default); force_length sets min_new_tokens = max_new_tokens."""
     return GenerationParams(
@@ -160,15 +125,8 @@ def request_metrics(start_ns: int, token_ns: list[int], prompt_tokens: int) -> d
     """TTFT, E2E, TPOT, decode and prefill tok/s of one streamed request, in seconds and tokens/s."""
     if not token_ns:
         return {}
-    ttft_s = (token_ns[0] - start_ns) / 1e9
-    e2e_s = (token_ns[-1] - start_ns) / 1e9
-    out: dict[str, float] = {"ttft_s": ttft_s, "e2e_s": e2e_s, "output_tokens": float(len(token_ns))}
-    if ttft_s > 0:
-        out["prefill_tok_s"] = prompt_tokens / ttft_s
-    if len(token_ns) > 1 and e2e_s > ttft_s:
-        out["tpot_s"] = (e2e_s - ttft_s) / (len(token_ns) - 1)
-        out["decode_tok_s"] = (len(token_ns) - 1) / (e2e_s - ttft_s)
-    return out
+    first, last = (token_ns[0] - start_ns) / 1e9, (token_ns[-1] - start_ns) / 1e9
+    return request_latency(first, last, len(token_ns), prompt_tokens)
 
 
 def itl_s(token_ns: list[int], first_chunk_tokens: int = 1) -> list[float]:
@@ -191,3 +149,22 @@ def write_samples(path: Path, rows: list[tuple[Any, ...]]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def first_case(metrics: dict[str, Any], name: str) -> dict[str, Any] | None:
+    """The metric `name`, or its first case (ttft_ms[prompt=128] for ttft_ms)."""
+    for key, stat in metrics.items():
+        if key == name or key.startswith(name + "["):
+            return stat
+    return None
+
+
+def request_headline(metrics: dict[str, Any]) -> str:
+    """Output length, TTFT and decode rate of the first case: the summary line of the request benches (and of a
+    user's bench that reports those metrics)."""
+    ttft, decode, tokens = (first_case(metrics, k) for k in ("ttft_ms", "decode_tok_s", "output_tokens"))
+    if not (ttft and decode):
+        return ""
+    lead = f"{tokens['mean']:.0f} tokens, " if tokens else ""
+    ci = f" ±{decode['ci95']:.1f}" if decode.get("ci95") else ""
+    return f"{lead}TTFT {ttft['mean']:.0f} ms, decode {decode['mean']:.1f}{ci} tok/s"

@@ -16,8 +16,15 @@ from harness.errors import InferenceError, OutOfMemoryError
 from harness.stats import summarize, summarize_proportion
 from harness.workflows import CaseResult, Workflow, create_workflow
 from harness.workflows.checks import Check
-from runners.measure import REQUEST_UNITS, BenchContext, BenchOutput, case_key, generation_params, request_metrics
-from runners.quality import run_quality
+from runners.benches import quality
+from runners.benches.measure import (
+    REQUEST_UNITS,
+    BenchContext,
+    BenchOutput,
+    case_key,
+    generation_params,
+    request_metrics,
+)
 
 CASES_FILE = "cases.jsonl"
 _REQUEST_METRICS = {**REQUEST_UNITS, "output_tokens": ("output_tokens", "tokens", 1.0)}
@@ -32,7 +39,7 @@ def _failed_case(case: dict[str, Any], exc: InferenceError) -> CaseResult:
     )
 
 
-def run_e2e(ctx: BenchContext) -> BenchOutput:
+def run(ctx: BenchContext) -> BenchOutput:
     cfg = ctx.cfg
     workflow: Workflow = ctx.workflow or create_workflow(cfg.workflow)
     params = generation_params(cfg.bench, cfg.seed, force_length=False)
@@ -91,7 +98,7 @@ def run_e2e(ctx: BenchContext) -> BenchOutput:
     if cfg.bench.perplexity:
         # The same scoring as bench=quality, so one sweep over models and quantizations gives the pass rates and
         # the perplexity of each point side by side (docs/real_model_guide.md's quality table).
-        scored = run_quality(ctx)
+        scored = quality.run(ctx)
         out.metrics.update(scored.metrics)
         out.samples.extend(scored.samples)
         out.details["perplexity"] = scored.details
@@ -114,3 +121,15 @@ def below_gate(result: Any, min_pass_rate: float | None) -> str | None:
         f"release gate: {workflow} passed {rate['mean']:.1%} of {rate['n']} cases, below validation.min_pass_rate="
         f"{min_pass_rate:g}. The failed cases and the check that failed each are in {CASES_FILE} beside result.json."
     )
+
+
+def headline(metrics: dict[str, Any]) -> str:
+    """The pass rate, and how many cases could not be generated at all."""
+    if "pass_rate" not in metrics:
+        return ""
+    rate = metrics["pass_rate"]
+    line = f"pass rate {rate['mean']:.0%} of {rate['n']} cases"
+    errored = metrics.get("check_pass_rate[check=generated]")
+    if errored:
+        line += f" ({errored['n']} could not be generated: the reason is in cases.jsonl)"
+    return line

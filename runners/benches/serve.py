@@ -13,8 +13,8 @@ from typing import Any
 
 from harness.loadgen.figures import Level, level_metrics
 from harness.loadgen.load import arrival_offsets, run_level, warm_up
-from runners.measure import BenchContext, BenchOutput
-from runners.workload import Workload
+from runners.benches.measure import BenchContext, BenchOutput
+from runners.benches.workload import Workload
 
 SEARCH_MIN_REQUESTS = 8  # a search level's fewest requests, whatever its rate
 CEILING_SHARE = 0.5  # a level past this share of the client's calibrated chunks/s is flagged client-bound
@@ -199,7 +199,7 @@ class _Run:
         return found
 
 
-def run_serve(ctx: BenchContext) -> BenchOutput:
+def run(ctx: BenchContext) -> BenchOutput:
     b = ctx.cfg.bench
     run = _Run(ctx)
     details: dict[str, Any] = {"workload": run.workload.describe(), "server": ctx.loaded.provenance.get("server")}
@@ -245,3 +245,23 @@ def run_serve(ctx: BenchContext) -> BenchOutput:
         )
     run.out.details = details
     return run.out
+
+
+def headline(metrics: dict[str, Any]) -> str:
+    """The best throughput among the levels, TTFT at the lightest one, and the max rate found."""
+    m = metrics
+    tok_s = {k.split("[", 1)[1].rstrip("]"): v["mean"] for k, v in m.items() if k.startswith("output_tok_s[")}
+    if not tok_s:
+        return "no level completed a request"
+    best = max(tok_s, key=tok_s.__getitem__)
+    parts = [f"{len(tok_s)} levels, peak {tok_s[best]:.1f} tok/s at {best}"]
+    first = next(iter(tok_s))
+    ttft = m.get(f"ttft_ms[{first}]")
+    if ttft:
+        parts.append(f"TTFT p50 {ttft['p50']:.0f} ms at {first}")
+    if "max_rate_rps" in m:
+        parts.append(f"max rate {m['max_rate_rps']['mean']:.2f} req/s within the SLOs")
+    failed = sum(v["mean"] for k, v in m.items() if k.startswith("failed["))
+    if failed:
+        parts.append(f"{failed:.0f} requests failed")
+    return ", ".join(parts)

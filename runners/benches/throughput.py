@@ -15,22 +15,27 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from typing import Any
 
 from harness.bandwidth import mbu, peak_bandwidth
 from harness.engines.base import streamed
+from harness.prompts import exact_prompt
 from harness.stats import summarize
-from runners.measure import (
+from runners.benches.measure import (
     BenchContext,
     BenchOutput,
     StopRule,
     case_key,
-    exact_prompt,
     generation_params,
     repeat_until_stable,
 )
 
+# Prompts of bench.prompt_lengths tokens followed by bench.max_new_tokens generated ones: the sweep checks before
+# any model loads that they fit the model's context window.
+EXACT_LENGTH_PROMPTS = True
 
-def run_throughput(ctx: BenchContext) -> BenchOutput:
+
+def run(ctx: BenchContext) -> BenchOutput:
     bench, loaded, engine = ctx.cfg.bench, ctx.loaded, ctx.engine
     params = generation_params(bench, ctx.cfg.seed)
     rule = StopRule.of(bench)
@@ -54,7 +59,7 @@ def run_throughput(ctx: BenchContext) -> BenchOutput:
     # A single request, streamed.
     def single() -> float:
         g = streamed(engine, exact_prompt(loaded, p_len), params)
-        seconds = (g.end_ns - g.start_ns) / 1e9
+        seconds = g.latency()["e2e_s"]
         out.samples.append(("throughput", "single", len(out.samples), "", "e2e_ms", seconds * 1e3, "ms"))
         return g.output_tokens / seconds
 
@@ -137,3 +142,9 @@ def run_throughput(ctx: BenchContext) -> BenchOutput:
         "concurrency": engine.describe()["concurrency"],
     }
     return out
+
+
+def headline(metrics: dict[str, Any]) -> str:
+    """Output tok/s of each batch size."""
+    rates = [(k, v["mean"]) for k, v in metrics.items() if k.startswith("output_tok_s[")]
+    return ", ".join(f"{k.split('[')[1].rstrip(']')}: {v:.1f} tok/s" for k, v in rates)

@@ -1,0 +1,178 @@
+"""bench: one schema for every bench, with bench=serve's SLOs."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from harness.config.checks import check, check_base_url, check_key_env, one_of
+from harness.config.options import SERVE_TARGETS
+from harness.errors import ConfigError
+
+
+@dataclass
+class SloConfig:
+    """Per-request service-level objectives of bench=serve (ms); goodput counts requests meeting every one set.
+    TTFT and E2E count from the scheduled send time, so queueing in the client or server counts against them."""
+
+    ttft_ms: float | None = None
+    tpot_ms: float | None = None
+    e2e_ms: float | None = None
+    itl_ms: float | None = None  # the request's largest token ITL
+
+    def __post_init__(self) -> None:
+        for name, limit in self.limits().items():
+            check(limit > 0, f"bench.slo.{name}", limit, "null or a limit > 0 (ms)")
+
+    def limits(self) -> dict[str, float]:
+        return {k: float(v) for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclass
+class BenchConfig:
+    """One schema for every bench; each bench reads the fields it needs (see conf/bench/*.yaml)."""
+
+    name: str = "smoke"
+    system_prompt: str | None = None
+    prompt: str = "In one sentence, what is a large language model?"
+    max_new_tokens: int = 32  # the output length; latency/memory/throughput force it (min_new_tokens = max)
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    prompt_lengths: list[int] = field(default_factory=lambda: [128])  # prompt tokens, exact
+    batch_sizes: list[int] = field(default_factory=lambda: [1])
+    concurrency: list[int] = field(default_factory=lambda: [1])  # closed-loop clients
+    requests_per_client: int = 4
+    warmup_runs: int = 1
+    min_runs: int = 3
+    max_runs: int = 30
+    min_seconds: float = 1.0
+    target_rel_ci: float = 0.02  # stop when the 95% CI half-width of the primary metric is within 2% of its mean
+    primary_metric: str = "e2e_ms"
+    perplexity: bool = False  # e2e: also score perplexity and bits per byte at this point, as bench=quality does
+    ppl_chars: int = 16000  # quality: characters of the built-in corpus scored (the same text for every model)
+    ppl_window: int = 512  # quality: tokens per forward pass (capped at the context window)
+    ppl_stride: int = 256  # quality: new tokens scored per window; the rest is context
+    # serve: a load test of an OpenAI-compatible server (docs/metrics.md, "A server under load")
+    target: str = "harness"  # harness | llamacpp_server | vllm (launched) | url (base_url) | engine (engine=openai's)
+    base_url: str | None = None  # target=url: http://host:port/v1
+    api_key_env: str | None = None  # target=url: the NAME of the variable holding the key
+    api: str = "completions"  # chat | completions
+    served_model: str | None = None  # target=url: the server's model name; None = the entry's
+    rates: list[float] = field(default_factory=list)  # open-loop levels, requests/s
+    arrival: str = "poisson"  # constant | poisson | gamma
+    burstiness: float = 1.0  # gamma shape: 1 = Poisson, < 1 burstier, > 1 more regular
+    num_requests: int = 32  # per level (open loop: the schedule's length)
+    duration_s: float | None = None  # per level: stop sending after this (with num_requests: whichever first)
+    ramp_up_s: float = 0.0  # open: the rate rises linearly over it; closed: clients start spread over it
+    max_concurrency: int | None = None  # open loop: at most this many in flight (a held send counts as lateness)
+    request_timeout_s: float = 120.0
+    slo: SloConfig = field(default_factory=lambda: SloConfig())  # bench.slo={ttft_ms:500,tpot_ms:50}
+    search: str = "none"  # none | max_rate: bisect for the highest rate whose goodput >= goodput_target × rate
+    goodput_target: float = 0.9  # max_rate: the share of scheduled requests that must meet every SLO
+    search_steps: int = 6  # levels the max_rate search may run
+    search_level_s: float = 20.0  # a search level offers at least this many seconds of load (short bursts are absorbed)
+    saturation_backlog: int | None = 64  # open loop: a level stops when more are in flight (the server fell behind)
+    client_workers: int = 1  # client processes sharing the load
+    calibrate: bool = True  # measure the client's ceiling against a local null server (cached per machine)
+    scrape_metrics: bool = True  # the server's Prometheus /metrics before and after each level, deltas kept
+    workload: str = "synthetic"  # synthetic (exact token lengths) | shared_prefix | search_qa | multi_turn
+    length_dist: str = "fixed"  # synthetic prompt lengths around prompt_lengths[0]: fixed | uniform | normal
+    length_spread: float = 0.25  # uniform: ±spread × length; normal: sd = spread × length
+    prefix_tokens: int = 256  # shared_prefix: tokens every prompt starts with
+    turns: int = 3  # multi_turn: user turns per session (each turn carries the whole conversation)
+
+    def __post_init__(self) -> None:
+        check(self.max_new_tokens >= 1, "bench.max_new_tokens", self.max_new_tokens, "an integer >= 1")
+        check(self.temperature >= 0, "bench.temperature", self.temperature, ">= 0 (0 means greedy)")
+        check(0 < self.top_p <= 1, "bench.top_p", self.top_p, "in (0, 1]")
+        check(self.top_k >= 0, "bench.top_k", self.top_k, ">= 0 (0 disables top-k)")
+        check(self.repetition_penalty > 0, "bench.repetition_penalty", self.repetition_penalty, "> 0")
+        for name in ("prompt_lengths", "batch_sizes", "concurrency"):
+            values = list(getattr(self, name))
+            check(
+                bool(values) and all(isinstance(v, int) and v >= 1 for v in values),
+                f"bench.{name}",
+                values,
+                "a non-empty list of integers >= 1",
+            )
+        check(self.requests_per_client >= 1, "bench.requests_per_client", self.requests_per_client, ">= 1")
+        check(self.warmup_runs >= 0, "bench.warmup_runs", self.warmup_runs, ">= 0")
+        check(self.min_runs >= 1, "bench.min_runs", self.min_runs, ">= 1")
+        check(self.max_runs >= self.min_runs, "bench.max_runs", self.max_runs, f">= bench.min_runs ({self.min_runs})")
+        check(self.min_seconds >= 0, "bench.min_seconds", self.min_seconds, ">= 0")
+        check(0 < self.target_rel_ci < 1, "bench.target_rel_ci", self.target_rel_ci, "in (0, 1)")
+        one_of("bench.primary_metric", self.primary_metric, ("e2e_ms", "ttft_ms", "tpot_ms"))
+        check(self.ppl_chars >= 100, "bench.ppl_chars", self.ppl_chars, "an integer >= 100")
+        check(self.ppl_window >= 2, "bench.ppl_window", self.ppl_window, "an integer >= 2")
+        self._check_serve()
+        check(
+            1 <= self.ppl_stride <= self.ppl_window - 1,
+            "bench.ppl_stride",
+            self.ppl_stride,
+            f"between 1 and bench.ppl_window - 1 ({self.ppl_window - 1})",
+        )
+
+    def _check_serve(self) -> None:
+        one_of("bench.target", self.target, SERVE_TARGETS)
+        one_of("bench.api", self.api, ("chat", "completions"))
+        one_of("bench.arrival", self.arrival, ("constant", "poisson", "gamma"))
+        one_of("bench.search", self.search, ("none", "max_rate"))
+        one_of("bench.workload", self.workload, ("synthetic", "shared_prefix", "search_qa", "multi_turn"))
+        one_of("bench.length_dist", self.length_dist, ("fixed", "uniform", "normal"))
+        rates = list(self.rates)
+        check(
+            all(isinstance(r, int | float) and r > 0 for r in rates),
+            "bench.rates",
+            rates,
+            "a list of rates > 0 (req/s)",
+        )
+        self.rates = [float(r) for r in rates]
+        check(self.burstiness > 0, "bench.burstiness", self.burstiness, "> 0 (1 = Poisson)")
+        check(self.num_requests >= 1, "bench.num_requests", self.num_requests, "an integer >= 1")
+        check(self.duration_s is None or self.duration_s > 0, "bench.duration_s", self.duration_s, "null or > 0")
+        check(self.ramp_up_s >= 0, "bench.ramp_up_s", self.ramp_up_s, ">= 0")
+        check(
+            self.max_concurrency is None or self.max_concurrency >= 1,
+            "bench.max_concurrency",
+            self.max_concurrency,
+            "null or an integer >= 1",
+        )
+        check(self.request_timeout_s > 0, "bench.request_timeout_s", self.request_timeout_s, "> 0")
+        check(0 < self.goodput_target <= 1, "bench.goodput_target", self.goodput_target, "in (0, 1]")
+        check(self.search_steps >= 2, "bench.search_steps", self.search_steps, "an integer >= 2")
+        check(self.search_level_s > 0, "bench.search_level_s", self.search_level_s, "> 0")
+        check(
+            self.saturation_backlog is None or self.saturation_backlog >= 1,
+            "bench.saturation_backlog",
+            self.saturation_backlog,
+            "null or an integer >= 1",
+        )
+        check(1 <= self.client_workers <= 64, "bench.client_workers", self.client_workers, "between 1 and 64")
+        check(self.length_spread >= 0, "bench.length_spread", self.length_spread, ">= 0")
+        check(self.prefix_tokens >= 1, "bench.prefix_tokens", self.prefix_tokens, "an integer >= 1")
+        check(self.turns >= 1, "bench.turns", self.turns, "an integer >= 1")
+        if self.name != "serve":
+            return
+        if self.search == "max_rate" and not self.slo.limits():
+            raise ConfigError(
+                "bench.search=max_rate looks for the highest rate whose goodput meets the SLOs; bench.slo is empty.",
+                "set bench.slo, e.g. bench.slo={ttft_ms:1000,tpot_ms:100}.",
+            )
+        if self.target == "url" and not self.base_url:
+            raise ConfigError(
+                "bench.target=url needs the server's address, and bench.base_url is not set.",
+                "set bench.base_url=http://host:port/v1, or bench.target=harness|llamacpp_server|vllm to launch one.",
+            )
+        for name in ("base_url", "api_key_env", "served_model"):
+            if getattr(self, name) is not None and self.target != "url":
+                # the point would load-test another server (a launched one) and report it as this one
+                raise ConfigError(
+                    f"bench.{name} names a running server's {name.replace('_', ' ')}, and bench.target={self.target} "
+                    "does not load a running server, so it would be ignored.",
+                    f"add bench.target=url to load-test that server, or drop bench.{name}.",
+                )
+        if self.base_url is not None:
+            check_base_url("bench.base_url", self.base_url)
+        check_key_env("bench.api_key_env", self.api_key_env)

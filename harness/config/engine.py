@@ -1,0 +1,118 @@
+"""engine: the inference engine and the knobs each engine reads (conf/engine/<name>.yaml declares which)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from harness.config.checks import check, check_base_url, check_key_env, check_vllm_python, one_of
+from harness.config.options import COMPILE_MODES, HTTP_ENGINES, LAUNCHES, engine_choices
+from harness.errors import ConfigError
+
+
+@dataclass
+class EngineConfig:
+    """The inference engine and its own knobs; each engine reads its fields (see conf/engine/*.yaml)."""
+
+    name: str = "transformers"
+    threads: int | None = None  # CPU threads (torch's pool for transformers); None = the engine's default (recorded)
+    # transformers: how the decode step runs (all recorded in resolved.engine; defaults keep earlier figures)
+    cache: str = "dynamic"  # dynamic (grows per token) | static (preallocated, fixed shapes: what compile needs)
+    compile: bool = False  # torch.compile of the decode step, compiled during warm-up (timings.compile_s)
+    compile_mode: str = "auto"  # auto: reduce-overhead (CUDA graphs) on CUDA, default elsewhere | a torch mode
+    batching: str = "none"  # none: one request at a time | continuous: transformers' ContinuousBatchingManager
+    max_batch_requests: int = 16  # continuous: the most requests decoded in one step
+    kv_cache_tokens: int = 16384  # continuous: paged KV cache size, in tokens over all running requests
+    batch_sampling: bool = False  # continuous: also serve sampled requests (per-request temperature/top-k/top-p)
+    strict: bool = False  # true: an option that cannot run (compile without a compiler) fails instead of falling back
+    # llamacpp
+    n_ctx: int = 0  # context (KV cache) length; 0 = the model's training context
+    n_batch: int = 512  # prompt tokens per llama_decode call
+    flash_attn: str = "auto"  # auto | on | off
+    n_gpu_layers: int = 0  # layers offloaded to a GPU (-1 = all); needs a CUDA/Metal build of llama-cpp-python
+    # onnxruntime
+    provider: str = "auto"  # auto (cuda when the model is placed there, else cpu) | cpu | cuda
+    # openai, vllm: an OpenAI-compatible server, launched for the point or already running at base_url
+    launch: str = "auto"  # auto (none with base_url, else harness) | none | harness | llamacpp_server | vllm
+    base_url: str | None = None  # http://host:port/v1 of a running server (launch=none)
+    api_key_env: str | None = None  # the NAME of an environment variable holding the key (never the key)
+    served_model: str | None = None  # the model name the server knows; None = the entry's (with :quant)
+    api: str = "chat"  # chat | completions: the endpoint chat messages go to (token-id prompts use completions)
+    python: str | None = None  # vllm: that environment's python (or HARNESS_VLLM_PYTHON)
+    server_args: list[str] = field(default_factory=list)  # extra command-line arguments of a launched server
+    launch_timeout_s: float = 300.0  # a launched server must list its model within this
+    request_timeout_s: float = 300.0  # a request's whole answer must arrive within this
+    send_min_tokens: bool = True  # send min_tokens/ignore_eos to force output lengths (vLLM-style servers)
+    # Token-id prompts (exact lengths) to /completions; null = yes, but not to llama.cpp's server, which takes text
+    # only (prompts then go as their text, and their length is the server's usage count).
+    token_prompts: bool | None = None
+
+    def __post_init__(self) -> None:
+        one_of("engine.name", self.name, engine_choices())
+        check(self.threads is None or self.threads >= 1, "engine.threads", self.threads, "null or an integer >= 1")
+        check(self.n_ctx >= 0, "engine.n_ctx", self.n_ctx, "0 (the model's context) or a positive integer")
+        check(self.n_batch >= 1, "engine.n_batch", self.n_batch, "an integer >= 1")
+        one_of("engine.flash_attn", str(self.flash_attn).lower(), ("auto", "on", "off"))
+        self.flash_attn = str(self.flash_attn).lower()
+        check(self.n_gpu_layers >= -1, "engine.n_gpu_layers", self.n_gpu_layers, "-1 (all) or an integer >= 0")
+        one_of("engine.provider", self.provider, ("auto", "cpu", "cuda"))
+        self._check_transformers_options()
+        one_of("engine.launch", self.launch, ("auto", *LAUNCHES))
+        if self.launch == "auto":
+            self.launch = {"vllm": "vllm"}.get(self.name, "none" if self.base_url else "harness")
+        one_of("engine.api", self.api, ("chat", "completions"))
+        check(self.launch_timeout_s > 0, "engine.launch_timeout_s", self.launch_timeout_s, "> 0")
+        check(self.request_timeout_s > 0, "engine.request_timeout_s", self.request_timeout_s, "> 0")
+        self.server_args = [str(a) for a in self.server_args]
+        if self.base_url is not None:
+            check_base_url("engine.base_url", self.base_url)
+        check_key_env("engine.api_key_env", self.api_key_env)
+        if self.name == "vllm" and self.launch not in ("vllm", "none"):
+            raise ConfigError(
+                f"engine=vllm with engine.launch={self.launch}: vLLM is launched as launch=vllm, or reached at "
+                "engine.base_url with launch=none.",
+                "leave engine.launch=vllm, or use engine=openai for another server.",
+            )
+        if self.name in HTTP_ENGINES and self.launch == "none" and not self.base_url:
+            raise ConfigError(
+                f"engine={self.name} with engine.launch=none needs the server's address, and engine.base_url is "
+                "not set.",
+                "set engine.base_url=http://host:port/v1, or engine.launch=harness|llamacpp_server|vllm to start one.",
+            )
+        if self.launch == "vllm":
+            check_vllm_python(self.python)
+
+    def _check_transformers_options(self) -> None:
+        one_of("engine.cache", self.cache, ("dynamic", "static"))
+        one_of("engine.compile_mode", self.compile_mode, COMPILE_MODES)
+        one_of("engine.batching", self.batching, ("none", "continuous"))
+        check(self.max_batch_requests >= 1, "engine.max_batch_requests", self.max_batch_requests, "an integer >= 1")
+        check(self.kv_cache_tokens >= 256, "engine.kv_cache_tokens", self.kv_cache_tokens, "an integer >= 256")
+        changed = [
+            f"engine.{k}={getattr(self, k)}"
+            for k, default in (("cache", "dynamic"), ("compile", False), ("batching", "none"))
+            if getattr(self, k) != default
+        ]
+        if changed and self.name != "transformers":
+            raise ConfigError(
+                f"{', '.join(changed)} applies to engine=transformers, not engine={self.name}.",
+                "drop the option, or use engine=transformers (a server's own batching is set by its server_args).",
+            )
+        if self.compile and self.cache != "static":
+            raise ConfigError(
+                "engine.compile=true needs engine.cache=static: transformers compiles the decode step over a "
+                "preallocated cache of fixed shape; a dynamic cache grows every token and would recompile each step.",
+                "add engine.cache=static.",
+            )
+        if self.batch_sampling and self.batching != "continuous":
+            raise ConfigError(
+                "engine.batch_sampling=true configures continuous batching's manager, and engine.batching is "
+                f"{self.batching}.",
+                "add engine.batching=continuous, or drop engine.batch_sampling (one request at a time samples anyway).",
+            )
+        if self.batching == "continuous" and (self.cache != "dynamic" or self.compile):
+            raise ConfigError(
+                "engine.batching=continuous runs on transformers' own paged KV cache and compiles nothing: "
+                f"engine.cache={self.cache} and engine.compile={self.compile} do not apply to it.",
+                "leave engine.cache=dynamic and engine.compile=false with batching=continuous, or use "
+                "engine.batching=none for a static or compiled decode.",
+            )

@@ -1,0 +1,125 @@
+"""HarnessConfig: one sweep point, its groups together, and the checks that need more than one group (a
+quantization or attention the engine does not run, a server target that contradicts the engine)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import MISSING
+
+from harness.config.bench import BenchConfig
+from harness.config.checks import check, check_vllm_python, one_of
+from harness.config.engine import EngineConfig
+from harness.config.groups import AttentionConfig, ModelConfig, QuantConfig, ValidationConfig, WorkflowConfig
+from harness.config.options import HTTP_ENGINES, QUANT_ENGINES, QUANT_HINT, QUANT_LAUNCHES
+from harness.errors import ConfigError
+
+
+@dataclass
+class HarnessConfig:
+    model: ModelConfig = MISSING
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    workflow: WorkflowConfig = field(default_factory=WorkflowConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    seed: int = 0
+    cache_dir: str = "~/.cache/harness"  # materialized GGUF and random-weight checkpoints, quantized models
+    print_text: bool = True
+    # process: each point in a process of its own (clean memory, crash isolation), forked from a server that has
+    # imported torch once | spawn: a fresh interpreter per point | inline: in the sweep's process
+    isolation: str = "process"
+    force: bool = False  # redo points whose result.json already says ok
+    point_memory_limit_mb: int | None = None  # address space a point's process may add after start-up (MiB)
+    report: bool = True  # after a sweep, write summary.csv/.md, plots and report.html into its folder
+
+    def __post_init__(self) -> None:
+        self.cache_dir = os.path.expanduser(os.environ.get("HARNESS_CACHE_DIR") or self.cache_dir)
+        one_of("isolation", self.isolation, ("process", "spawn", "inline"))
+        if self.point_memory_limit_mb is not None:
+            check(self.point_memory_limit_mb >= 64, "point_memory_limit_mb", self.point_memory_limit_mb, ">= 64")
+        self._check_engine_fits()
+
+    def _check_engine_fits(self) -> None:
+        """Quantization, attention and dtype choices that only some engines run are refused before any work."""
+        engine, method = self.engine.name, self.quant.method
+        if method != "none" and engine not in QUANT_ENGINES[method]:
+            runs_here = ["none", *sorted(m for m, engines in QUANT_ENGINES.items() if engine in engines)]
+            raise ConfigError(
+                f"quant={self.quant.name} (method {method}) runs only on engine={'|'.join(QUANT_ENGINES[method])}, "
+                f"not on engine={engine}, which runs the quantization methods: {', '.join(runs_here)}.",
+                f"pick a quantization engine={engine} runs ({QUANT_HINT.get(engine, 'quant=none')}), or a matching "
+                "engine; a sweep over both axes must be split into one command per engine.",
+            )
+        if engine != "transformers" and self.attention.name != "auto":
+            raise ConfigError(
+                f"attention={self.attention.name} picks a transformers attention kernel; engine={engine} has its own.",
+                "leave attention=auto"
+                + ("; llama.cpp's flash attention is engine.flash_attn=auto|on|off." if engine == "llamacpp" else "."),
+            )
+        self._check_server_fits()
+        if engine == "llamacpp" and self.model.dtype != "auto":
+            raise ConfigError(
+                f"model.dtype={self.model.dtype} does not apply to engine=llamacpp: it computes in the GGUF's own "
+                "tensor types.",
+                "leave model.dtype=auto, and requantize with quant=q8_0 or q4_k_m (or quant.gguf_type=F16).",
+            )
+
+    def _check_server_fits(self) -> None:
+        """bench=serve's target and the engine agree; a launched server runs the point's quantization."""
+        engine, bench = self.engine.name, self.bench
+        if bench.name == "serve":
+            if bench.target == "engine" and engine not in HTTP_ENGINES:
+                raise ConfigError(
+                    f"bench=serve with bench.target=engine measures engine=openai|vllm's server, and engine={engine} "
+                    "runs in this process.",
+                    "set bench.target=harness|llamacpp_server|vllm|url, or engine=openai with its launch or base_url.",
+                )
+            if bench.target != "engine" and engine != "transformers":
+                raise ConfigError(
+                    f"bench=serve with bench.target={bench.target} names its own server, and engine={engine} "
+                    "names another.",
+                    f"drop engine={engine} (the target's server runs its own engine), or set bench.target=engine.",
+                )
+        launch = self.server_launch()
+        if launch is None:
+            return
+        if bench.name in ("memory", "quality"):
+            why = {
+                "memory": "measures the memory of this process, and the model lives in the server's",
+                "quality": "scores text with the model's logits, which an OpenAI-compatible stream does not give",
+            }[bench.name]
+            raise ConfigError(
+                f"bench={bench.name} {why}; engine={engine} reaches the model over HTTP.",
+                f"run bench={bench.name} on an in-process engine (transformers, llamacpp, onnxruntime); for a "
+                "server, bench=serve reports its load behaviour and scrapes its /metrics.",
+            )
+        if launch == "vllm":
+            check_vllm_python(self.engine.python)
+        method = self.quant.method
+        if launch == "none" and method != "none":
+            raise ConfigError(
+                f"quant={self.quant.name} cannot be applied to a server that is already running: it serves what it "
+                "loaded.",
+                "leave quant=none and name the quantized model in served_model, or launch the server for the point.",
+            )
+        if launch != "none" and launch not in QUANT_LAUNCHES.get(method, ()):
+            raise ConfigError(
+                f"quant={self.quant.name} (method {method}) is not run by a launched {launch} server.",
+                f"use a launch that runs it ({', '.join(QUANT_LAUNCHES.get(method, ())) or 'none'}), or quant=none.",
+            )
+
+    def server_launch(self) -> str | None:
+        """The server this point launches (none: it uses a running one); None when it runs no server."""
+        if self.bench.name == "serve" and self.bench.target != "engine":
+            return "none" if self.bench.target == "url" else self.bench.target
+        if self.engine.name in HTTP_ENGINES:
+            return self.engine.launch
+        return None
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir)
