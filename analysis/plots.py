@@ -17,6 +17,7 @@ import pandas as pd
 
 from analysis.summary import natural_key
 from harness.result import write_text_atomic
+from harness.stats import percentile
 
 DPI = 110
 
@@ -371,7 +372,11 @@ def _levels(frame: pd.DataFrame, metric: str, stat: str = "mean") -> dict[str, d
 def serve_curves(frame: pd.DataFrame, folder: Path) -> Path | None:
     """Latency against throughput, one curve per point through its load levels (closed-loop circles, open-loop
     squares): where TTFT and TPOT start to climb is where the server saturates."""
-    throughput = _levels(frame, "output_tok_s")
+    # Load levels only: a trace replay is its own figure (serve_replay), not a point on a load curve.
+    by_label = _levels(frame, "output_tok_s")
+    throughput = {label: {lv: v for lv, v in d.items() if lv.startswith(("concurrency=", "rate="))}
+                  for label, d in by_label.items()}  # fmt: skip
+    throughput = {label: d for label, d in throughput.items() if d}
     if not throughput:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -438,6 +443,85 @@ def serve_goodput(frame: pd.DataFrame, folder: Path) -> Path | None:
     return _save(fig, folder, "serve_goodput")
 
 
+def _replay_requests(result_path: Path) -> dict[str, list[dict[str, float]]]:
+    """bench=serve replay levels: per level, each request's schedule, send and end (s from the level's start),
+    whether it succeeded, its TTFT and TPOT (ms), from a point's samples.csv."""
+    path = result_path.parent / "samples.csv"
+    if not path.is_file():
+        return {}
+    requests: dict[tuple[str, str], dict[str, float]] = {}
+    with path.open() as fh:
+        for row in csv.DictReader(fh):
+            if row["bench"] == "serve" and row["case"].startswith("replay=") and row["token"] == "":
+                requests.setdefault((row["case"], row["request"]), {})[row["metric"]] = float(row["value"])
+    out: dict[str, list[dict[str, float]]] = {}
+    for (case, _), fields in requests.items():
+        out.setdefault(case, []).append(fields)
+    return out
+
+
+def replay_series(requests: list[dict[str, float]], windows: int = 40) -> dict[str, list[float]]:
+    """Over time windows of a replay: the offered rate (requests scheduled), the achieved rate (requests that
+    finished ok), TTFT and TPOT p50 and p90 of the requests sent in the window, and the requests in flight at the
+    window's middle. Windows are the replay's span over `windows`, at least 0.5 s."""
+    ends = [r.get("t_end_s", r["t_sched_s"]) for r in requests]
+    span = max([r["t_sched_s"] for r in requests] + ends)
+    width = max(span / windows, 0.5)
+    n = max(1, int(span // width) + 1)
+    names = ("t_s", "offered_rps", "achieved_rps", "ttft_p50_ms", "ttft_p90_ms", "tpot_p50_ms", "tpot_p90_ms",
+             "in_flight")  # fmt: skip
+    out: dict[str, list[float]] = {k: [] for k in names}
+    for i in range(n):
+        lo, hi = i * width, (i + 1) * width
+        sent = [r for r in requests if lo <= r.get("t_send_s", r["t_sched_s"]) < hi]
+        ttft = [r["ttft_ms"] for r in sent if "ttft_ms" in r]
+        tpot = [r["tpot_ms"] for r in sent if "tpot_ms" in r]
+        middle = (lo + hi) / 2
+        out["t_s"].append(middle)
+        out["offered_rps"].append(sum(lo <= r["t_sched_s"] < hi for r in requests) / width)
+        out["achieved_rps"].append(sum(r.get("ok") == 1.0 and lo <= r.get("t_end_s", -1) < hi for r in requests)
+                                   / width)  # fmt: skip
+        for name, values in (("ttft", ttft), ("tpot", tpot)):
+            for q in (50, 90):
+                out[f"{name}_p{q}_ms"].append(percentile(sorted(values), q) if values else float("nan"))
+        out["in_flight"].append(sum(r.get("t_send_s", 1e18) <= middle < r.get("t_end_s", 1e18) for r in requests))
+    return out
+
+
+def replay_over_time(results: list[dict], folder: Path) -> Path | None:
+    """bench=serve with bench.workload=trace: offered and achieved request rate, TTFT and TPOT percentiles and the
+    requests in flight over the replay, one color per point (and replay speed)."""
+    from analysis.table import point_labels
+
+    series = []
+    for r, label in zip(results, point_labels(results), strict=True):
+        if r["status"] != "ok" or r.get("config", {}).get("bench", {}).get("name") != "serve":
+            continue
+        for case, requests in sorted(_replay_requests(Path(r["path"])).items()):
+            if requests:
+                series.append((f"{label} {case}", replay_series(requests)))
+    if not series:
+        return None
+    colors = _colors(name for name, _ in series)
+    fig, axes = plt.subplots(4, 1, figsize=(10, 11), sharex=True)
+    for name, s in series:
+        c = colors[name]
+        axes[0].plot(s["t_s"], s["offered_rps"], color=c, linestyle=":", label=f"{name} offered")
+        axes[0].plot(s["t_s"], s["achieved_rps"], color=c, label=f"{name} completed")
+        axes[1].plot(s["t_s"], s["ttft_p50_ms"], color=c, label=f"{name} p50")
+        axes[1].plot(s["t_s"], s["ttft_p90_ms"], color=c, linestyle="--", label=f"{name} p90")
+        axes[2].plot(s["t_s"], s["tpot_p50_ms"], color=c, label=f"{name} p50")
+        axes[2].plot(s["t_s"], s["tpot_p90_ms"], color=c, linestyle="--", label=f"{name} p90")
+        axes[3].plot(s["t_s"], s["in_flight"], color=c, label=name)
+    for ax, ylabel in zip(axes, ("requests/s", "TTFT (ms)", "TPOT (ms)", "in flight"), strict=True):
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[3].set_xlabel("replay time (s)")
+    axes[0].set_title("Trace replay over time: the load offered and served, and what each window's requests waited")
+    return _save(fig, folder, "serve_replay")
+
+
 FRAME_PLOTS: tuple[Callable[[pd.DataFrame, Path], Path | None], ...] = (
     latency_overview,
     latency_percentiles,
@@ -455,4 +539,5 @@ FRAME_PLOTS: tuple[Callable[[pd.DataFrame, Path], Path | None], ...] = (
 def all_plots(frame: pd.DataFrame, results: list[dict], folder: Path) -> list[Path]:
     paths = [plot(frame, folder) for plot in FRAME_PLOTS]
     paths.append(itl_distributions(results, folder))
+    paths.append(replay_over_time(results, folder))
     return [p for p in paths if p is not None]

@@ -71,6 +71,18 @@ SERVE_COLUMNS = (
     ("failed", "mean", "failed"),
     ("short_outputs", "mean", "short outputs"),
     ("token_count_mismatches", "mean", "count mismatches"),
+    # Shown where a level has them: a thinking model's answer TTFT, the prefix cache, the token accounting, and
+    # the server's own figures from its /metrics (docs/metrics.md).
+    ("ttft_answer_ms", "p50", "answer TTFT p50 ms"),
+    ("ttft_answer_ms", "p99", "answer TTFT p99 ms"),
+    ("reasoning_tokens", "mean", "reasoning tokens"),
+    ("prefix_cache_hit_rate", "mean", "cache hit rate"),
+    ("token_count_mismatch_share", "mean", "count mismatch share"),
+    ("server_queue_ms", "mean", "server queue ms"),
+    ("server_prefill_ms", "mean", "server prefill ms"),
+    ("server_decode_ms", "mean", "server decode ms"),
+    ("server_preemptions", "mean", "server preemptions"),
+    ("server_prefix_cache_hit_rate", "mean", "server cache hit rate"),
 )
 MATCH = ("model", "attention", "engine", "workflow", "bench", "variant")
 

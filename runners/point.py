@@ -26,7 +26,7 @@ from harness.errors import (
     storage_error,
 )
 from harness.result import Result, check_writable, write_result
-from runners.benches import exact_length_prompts, headline, resolve_bench
+from runners.benches import bench_check, exact_length_prompts, headline, resolve_bench
 from runners.records import interrupted_result
 
 if TYPE_CHECKING:
@@ -59,6 +59,7 @@ def check_point(cfg: HarnessConfig) -> None:
     from harness.models.sources import declared_context_window, source_of_path
 
     resolve_bench(cfg.bench.name)
+    bench_check(cfg.bench.name, cfg)
     if cfg.model.path:
         try:
             source_of_path(cfg.model.path)

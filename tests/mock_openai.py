@@ -42,13 +42,21 @@ def usage_only(completion: int, prompt: int = 5) -> dict[str, Any]:
 class MockServer:
     """aiohttp server on a free loopback port in a thread of its own; `scripts[model]` answers a request."""
 
-    def __init__(self, scripts: dict[str, Script], models_status: int = 200, api_key: str | None = None) -> None:
+    def __init__(
+        self,
+        scripts: dict[str, Script],
+        models_status: int = 200,
+        api_key: str | None = None,
+        listing: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
         self.scripts = scripts
+        self.listing = listing or {}  # model -> extra fields of its /v1/models entry (max_model_len)
         self.models_status = models_status
         self.api_key = api_key
         self.writes: dict[str, list[list[float]]] = {}  # model -> per request, the perf_counter of each write
         self.bodies: list[dict[str, Any]] = []
         self.requests: list[tuple[str, str, str | None]] = []  # every request: method, path, Authorization header
+        self.client_ports: list[int | None] = []  # every request's client port: one per connection
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.port = 0
@@ -64,7 +72,8 @@ class MockServer:
                 return web.json_response({"error": {"message": "bad key"}}, status=401)
             if self.models_status != 200:
                 return web.Response(text="<html>not here</html>", status=self.models_status, content_type="text/html")
-            return web.json_response({"object": "list", "data": [{"id": m} for m in self.scripts]})
+            data = [{"id": m, **self.listing.get(m, {})} for m in self.scripts]
+            return web.json_response({"object": "list", "data": data})
 
         async def complete(request: web.Request) -> web.StreamResponse:
             if not self._authorized(request):
@@ -98,6 +107,8 @@ class MockServer:
         @web.middleware
         async def record(request: web.Request, handler: Any) -> web.StreamResponse:
             self.requests.append((request.method, request.path, request.headers.get("Authorization")))
+            peer = request.transport.get_extra_info("peername") if request.transport else None
+            self.client_ports.append(peer[1] if peer else None)
             return await handler(request)
 
         app = web.Application(middlewares=[record])

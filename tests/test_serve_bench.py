@@ -73,6 +73,10 @@ def test_serve_bench_launches_harness_runs_every_level_and_stops_the_server(tmp_
     levels = result.details["levels"]
     assert levels["rate=5"]["n_out_source"] == {"usage": 6}
     assert levels["rate=5"]["server_metrics_delta"]  # harness serve's /metrics moved
+    # ... and its changes are named figures beside the client's: the server's own TTFT of the level's 6 requests
+    # cannot exceed the client's (the client's includes the network and the HTTP layers).
+    assert 0 < m["server_ttft_ms[rate=5]"]["mean"] <= m["ttft_ms[rate=5]"]["max"]
+    assert m["server_e2e_ms[rate=5]"]["mean"] > 0
     assert "client_ceiling" in result.details and result.details["client_ceiling"]["chunks_s"] > 0
     server = result.resolved["engine"]["server"]
     assert server["launch"] == "harness" and server["startup_s"] > 0

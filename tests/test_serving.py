@@ -337,7 +337,14 @@ def test_synthetic_prompts_have_exact_seeded_lengths(tiny_loaded):
     lengths = [len(p.body["prompt"]) for p in uniform]
     assert min(lengths) >= 20 and max(lengths) <= 60 and len(set(lengths)) > 5
     again = _workload(tiny_loaded, prompt_lengths=[40], length_dist="uniform", length_spread=0.5).plans(40, 1)
-    assert [p.body for p in again] == [p.body for p in uniform]  # seeded
+    # Seeded: the same lengths; the cache salt (on by default) gives each run its own text, so no run is served from
+    # the prefix cache an earlier one filled. Without it, the same requests exactly.
+    assert [len(p.body["prompt"]) for p in again] == lengths
+    assert all(a.body["prompt"] != b.body["prompt"] for a, b in zip(again, uniform, strict=True))
+    unsalted = [_workload(tiny_loaded, prompt_lengths=[40], length_dist="uniform", length_spread=0.5,
+                          cache_salt="none").plans(40, 1) for _ in range(2)]  # fmt: skip
+    assert [p.body for p in unsalted[0]] == [p.body for p in unsalted[1]]
+    assert [len(p.body["prompt"]) for p in unsalted[0]] == lengths
     normal = _workload(tiny_loaded, prompt_lengths=[40], length_dist="normal", length_spread=0.2).plans(200, 2)
     assert statistics.mean(len(p.body["prompt"]) for p in normal) == pytest.approx(40, rel=0.1)
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 
 from harness.config.checks import check, check_base_url, check_key_env, one_of
-from harness.config.options import SERVE_TARGETS
+from harness.config.options import SERVE_TARGETS, WORKLOADS
 from harness.errors import ConfigError
 
 
@@ -19,6 +20,7 @@ class SloConfig:
     tpot_ms: float | None = None
     e2e_ms: float | None = None
     itl_ms: float | None = None  # the request's largest token ITL
+    ttft_answer_ms: float | None = None  # to the first answer token (after any reasoning), from the scheduled send
 
     def __post_init__(self) -> None:
         for name, limit in self.limits().items():
@@ -82,6 +84,22 @@ class BenchConfig:
     length_spread: float = 0.25  # uniform: ±spread × length; normal: sd = spread × length
     prefix_tokens: int = 256  # shared_prefix: tokens every prompt starts with
     turns: int = 3  # multi_turn: user turns per session (each turn carries the whole conversation)
+    # multi_turn: canned (fixed replies of the output length: exact, known lengths) | real (each turn carries the
+    # server's actual answers: sessions run turn after turn on one connection)
+    replies: str = "canned"
+    think_time_s: float = 0.0  # replies=real: the mean pause between an answer and the next question (exponential)
+    # trace: a production trace replayed at its own times (formats: docs/serving.md, "Replaying traffic")
+    trace: str | None = None  # the trace file
+    trace_speedup: float = 1.0  # the trace's times are divided by this
+    trace_start_s: float = 0.0  # the replayed window starts this far into the trace (trace time)
+    trace_duration_s: float | None = None  # and lasts this long (trace time); None: to the trace's end
+    trace_requests: int | None = None  # at most this many of the window's requests
+    dataset: str | None = None  # dataset: a JSONL of chat messages, ShareGPT conversations or prompts
+    dataset_output: str = "natural"  # natural: the model stops (bench.max_new_tokens at most) | forced: the entry's
+    # auto: every level's prompts are its own (a level cannot be served from a cache an earlier level or point
+    # filled) | none: the same prompts every time (cache studies)
+    cache_salt: str = "auto"
+    token_mismatch_limit: float = 0.05  # a level where a larger share of requests' token counts disagree is flagged
 
     def __post_init__(self) -> None:
         check(self.max_new_tokens >= 1, "bench.max_new_tokens", self.max_new_tokens, "an integer >= 1")
@@ -114,12 +132,67 @@ class BenchConfig:
             f"between 1 and bench.ppl_window - 1 ({self.ppl_window - 1})",
         )
 
+    def _check_replay(self) -> None:
+        """bench.workload=trace|dataset: the file, read later (runners.benches.serve.check) before any server starts;
+        a file or option given to a workload that would ignore it is refused."""
+        check(self.trace_speedup > 0, "bench.trace_speedup", self.trace_speedup, "> 0 (2 replays twice as fast)")
+        check(self.trace_start_s >= 0, "bench.trace_start_s", self.trace_start_s, ">= 0 (seconds of trace time)")
+        check(self.trace_duration_s is None or self.trace_duration_s > 0, "bench.trace_duration_s",
+              self.trace_duration_s, "null or > 0 (seconds of trace time)")  # fmt: skip
+        check(self.trace_requests is None or self.trace_requests >= 1, "bench.trace_requests", self.trace_requests,
+              "null or an integer >= 1")  # fmt: skip
+        one_of("bench.dataset_output", self.dataset_output, ("natural", "forced"))
+        one_of("bench.cache_salt", self.cache_salt, ("auto", "none"))
+        one_of("bench.replies", self.replies, ("canned", "real"))
+        check(self.think_time_s >= 0, "bench.think_time_s", self.think_time_s, ">= 0 (seconds)")
+        if (self.replies == "real" or self.think_time_s) and self.workload != "multi_turn":
+            raise ConfigError(
+                "bench.replies=real and bench.think_time_s shape multi-turn sessions, and bench.workload is "
+                f"{self.workload}, so they would be ignored.",
+                "add bench.workload=multi_turn, or drop them.",
+            )
+        if self.think_time_s and self.replies != "real":
+            raise ConfigError(
+                "bench.think_time_s pauses between a real answer and the next question; canned replies are sent "
+                "without waiting for an answer.",
+                "add bench.replies=real, or drop bench.think_time_s.",
+            )
+        if self.replies == "real" and self.client_workers > 1:
+            raise ConfigError(
+                "bench.replies=real builds each turn from the previous answer in the client that received it; "
+                f"bench.client_workers={self.client_workers} splits a level over processes.",
+                "use bench.client_workers=1 with real replies.",
+            )
+        check(0 <= self.token_mismatch_limit <= 1, "bench.token_mismatch_limit", self.token_mismatch_limit,
+              "a fraction in [0, 1]")  # fmt: skip
+        if self.workload == "trace" and self.search != "none":
+            raise ConfigError(
+                "bench.search=max_rate searches open-loop rates, and bench.workload=trace replays the trace's own "
+                "times.",
+                "drop bench.search, and sweep bench.trace_speedup instead (-m bench.trace_speedup=1,2,4).",
+            )
+        for name, workload in (("trace", "trace"), ("dataset", "dataset")):
+            path = getattr(self, name)
+            if self.workload == workload and not path:
+                raise ConfigError(
+                    f"bench.workload={workload} replays a file, and bench.{name} is not set.",
+                    f'set bench.{name}=/path/to/file (formats: docs/serving.md, "Replaying traffic").',
+                )
+            if path and self.workload != workload:
+                raise ConfigError(
+                    f"bench.{name}={path} is replayed only by bench.workload={workload}, and bench.workload is "
+                    f"{self.workload}, so it would be ignored.",
+                    f"add bench.workload={workload}, or drop bench.{name}.",
+                )
+            if path:
+                setattr(self, name, os.path.abspath(os.path.expanduser(path)))  # a point's process may run elsewhere
+
     def _check_serve(self) -> None:
         one_of("bench.target", self.target, SERVE_TARGETS)
         one_of("bench.api", self.api, ("chat", "completions"))
         one_of("bench.arrival", self.arrival, ("constant", "poisson", "gamma"))
         one_of("bench.search", self.search, ("none", "max_rate"))
-        one_of("bench.workload", self.workload, ("synthetic", "shared_prefix", "search_qa", "multi_turn"))
+        one_of("bench.workload", self.workload, WORKLOADS)
         one_of("bench.length_dist", self.length_dist, ("fixed", "uniform", "normal"))
         rates = list(self.rates)
         check(
@@ -153,6 +226,7 @@ class BenchConfig:
         check(self.length_spread >= 0, "bench.length_spread", self.length_spread, ">= 0")
         check(self.prefix_tokens >= 1, "bench.prefix_tokens", self.prefix_tokens, "an integer >= 1")
         check(self.turns >= 1, "bench.turns", self.turns, "an integer >= 1")
+        self._check_replay()
         if self.name != "serve":
             return
         if self.search == "max_rate" and not self.slo.limits():

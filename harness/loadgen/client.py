@@ -22,6 +22,7 @@ from harness.errors import ConfigError, ModelLoadError
 
 READ_BUFFER = 4 * 2**20  # aiohttp's 64 KiB default splits long SSE lines and slows long prompts down
 ERROR_TEXT_LIMIT = 2000
+DRAIN_S = 0.5  # after [DONE], how long the end of the body may take before the connection is dropped
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,12 @@ class Chunk:
     t: float  # perf_counter() seconds when the event's first line was read
     text: str
     usage_tokens: int | None = None  # completion tokens so far, where the server streams usage on every chunk
+    reasoning: str = ""  # the part of text that is reasoning (a thinking model's trace), not the answer
+
+    @property
+    def answers(self) -> bool:
+        """Whether the chunk carries answer text (content or a tool call), not only reasoning."""
+        return len(self.text) > len(self.reasoning)
 
 
 @dataclass
@@ -78,6 +85,8 @@ class RequestRecord:
     error: str = ""
     finish_reason: str | None = None
     usage: dict[str, Any] | None = None
+    session: int | None = None  # multi-turn sessions with real replies: which session and turn
+    turn: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -86,6 +95,11 @@ class RequestRecord:
     @property
     def text(self) -> str:
         return "".join(c.text for c in self.chunks)
+
+    @property
+    def answer(self) -> str:
+        """The answer without any reasoning before it: what a chat client keeps in the conversation."""
+        return "".join(c.text[len(c.reasoning) :] for c in self.chunks)
 
 
 def request_body(
@@ -113,16 +127,19 @@ def request_body(
     return path, body
 
 
-def _chunk_text(choice: dict[str, Any]) -> str:
+def _chunk_text(choice: dict[str, Any]) -> tuple[str, str]:
+    """An event's output text, and the part of it that is reasoning (`reasoning_content`, as vLLM and DeepSeek
+    send it, or `reasoning`, as llama.cpp's server and OpenRouter do)."""
     if "delta" in choice:
         delta = choice.get("delta") or {}
-        parts = [delta.get("content"), delta.get("reasoning_content"), delta.get("reasoning")]
+        reasoning = "".join(p for p in (delta.get("reasoning_content"), delta.get("reasoning")) if isinstance(p, str))
+        parts = [delta.get("content")]
         for call in delta.get("tool_calls") or []:
             function = call.get("function") or {}
             parts += [function.get("name"), function.get("arguments")]
-        return "".join(p for p in parts if isinstance(p, str))
+        return reasoning + "".join(p for p in parts if isinstance(p, str)), reasoning
     text = choice.get("text")
-    return text if isinstance(text, str) else ""
+    return (text if isinstance(text, str) else ""), ""
 
 
 class _Events:
@@ -175,9 +192,9 @@ class _Events:
             record.usage = usage
             usage_tokens = usage.get("completion_tokens")
         for choice in (event.get("choices") or [])[:1]:
-            text = _chunk_text(choice)
+            text, reasoning = _chunk_text(choice)
             if text:
-                chunk = Chunk(self.t, text, usage_tokens)
+                chunk = Chunk(self.t, text, usage_tokens, reasoning)
                 record.chunks.append(chunk)
                 if self.on_chunk is not None:
                     self.on_chunk(chunk)
@@ -220,6 +237,10 @@ async def send(
                 if events.done or record.status in ("bad_response", "error_event"):
                     break
             events.dispatch()
+            if events.done:
+                ended = time.perf_counter()
+                await _drain(response)
+                record.t_end = ended
     except asyncio.TimeoutError:
         record.status = "timeout"
         record.error = f"no complete answer within {endpoint.request_timeout_s:g} s."
@@ -230,7 +251,7 @@ async def send(
     except aiohttp.ClientError as exc:
         record.status, record.error = "bad_response", f"{type(exc).__name__}: {exc}"
     finally:
-        record.t_end = time.perf_counter()
+        record.t_end = record.t_end or time.perf_counter()
     if record.status == "streaming":
         if events.done or record.finish_reason:
             record.status = "ok"
@@ -238,6 +259,15 @@ async def send(
             record.status, record.error = "disconnected", "the stream ended before [DONE] or a finish reason."
     if record.status == "ok" and not record.chunks:
         record.status, record.error = "bad_response", "the stream carried no output text."
+
+
+async def _drain(response: Any) -> None:
+    """Read what follows [DONE] (the end of the body), so the connection goes back to the pool and the next
+    request of a conversation reuses it; a server that keeps the stream open is left to close."""
+    try:
+        await asyncio.wait_for(response.read(), timeout=DRAIN_S)
+    except Exception:  # a stream that does not end cleanly only costs its connection
+        response.close()
 
 
 def _error_message(text: str) -> str:
@@ -288,10 +318,11 @@ def probe(endpoint: Endpoint) -> list[dict[str, Any]]:
         ) from None
 
 
-def new_session(endpoint: Endpoint) -> Any:
-    """One connection pool for the process, without a connection cap (a cap silently limits concurrency)."""
+def new_session(endpoint: Endpoint, connections: int = 0) -> Any:
+    """A connection pool: by default for the whole process, without a cap (a cap silently limits concurrency);
+    connections=1 keeps a conversation on one connection, as a chat client does."""
     import aiohttp
 
     timeout = aiohttp.ClientTimeout(total=endpoint.request_timeout_s, sock_connect=endpoint.connect_timeout_s)
-    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300)
+    connector = aiohttp.TCPConnector(limit=connections, limit_per_host=connections, ttl_dns_cache=300)
     return aiohttp.ClientSession(connector=connector, timeout=timeout, read_bufsize=READ_BUFFER)

@@ -10,6 +10,7 @@ final stop token that has no text (finish_reason "stop" and one more token than 
 from __future__ import annotations
 
 import itertools
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,6 +72,8 @@ class Counted:
     k_source: str
     mismatch: bool  # the available counts disagree (beyond a stop token the text does not show)
     token_itl_ok: bool  # sum(k) matches n_out, so per-token gaps are defined
+    reasoning_tokens: int = 0  # of n_out, the tokens of reasoning (a thinking model's trace), not of the answer
+    reasoning_source: str | None = None  # usage | tokenizer | None (no reasoning text)
 
 
 def count_tokens(record: RequestRecord, tokenizer: Any | None) -> Counted:
@@ -102,7 +105,35 @@ def count_tokens(record: RequestRecord, tokenizer: Any | None) -> Counted:
         mismatch = not (gap == 0 or (stop_token and gap == 1))
     elif len(text_counts) > 1:
         mismatch = True
-    return Counted(n_out, source, counts, k, k_source, mismatch, token_itl_ok)
+    reasoning, reasoning_source = _reasoning_tokens(record, usage, tokenizer)
+    return Counted(n_out, source, counts, k, k_source, mismatch, token_itl_ok, reasoning, reasoning_source)
+
+
+def _reasoning_tokens(record: RequestRecord, usage: dict[str, Any], tokenizer: Any | None) -> tuple[int, str | None]:
+    """The server's count of reasoning tokens where it gives one, else the client tokenizer's count of the
+    reasoning text; (0, None) for an answer without reasoning."""
+    details = usage.get("completion_tokens_details")
+    if isinstance(details, dict) and isinstance(details.get("reasoning_tokens"), int) and details["reasoning_tokens"]:
+        return details["reasoning_tokens"], "usage"
+    text = "".join(c.reasoning for c in record.chunks)
+    if not text:
+        return 0, None
+    if tokenizer is None:
+        return sum(1 for c in record.chunks if c.reasoning), "chunks"
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"]), "tokenizer"
+
+
+def cached_prompt_tokens(record: RequestRecord) -> int | None:
+    """The prompt tokens the server served from its prefix cache (usage.prompt_tokens_details.cached_tokens), or
+    None where it does not say."""
+    details = (record.usage or {}).get("prompt_tokens_details")
+    value = details.get("cached_tokens") if isinstance(details, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def prompt_tokens_of(record: RequestRecord) -> int:
+    """The server's count of the prompt where it gives one, else the client's."""
+    return (record.usage or {}).get("prompt_tokens") or record.prompt_tokens or 0
 
 
 def _steps(running: list[int]) -> list[int]:
@@ -154,6 +185,8 @@ class RequestFigures:
     lateness_ms: float
     n_out: int
     tpot_ms: float | None
+    ttft_answer_ms: float | None = None  # to the first answer chunk (after any reasoning); None: no answer text
+    ttft_answer_sched_ms: float | None = None
     chunk_itl_ms: list[float] = field(default_factory=list)
     itl_ms: list[float] = field(default_factory=list)
 
@@ -172,6 +205,7 @@ def request_figures(record: RequestRecord, counted: Counted) -> RequestFigures:
         itl = [(b - a) * 1e3 for a, b in itertools.pairwise(stamps[max(first_k - 1, 0) :])]
     n = counted.n_out
     latency = request_latency(first - record.t_send, last - record.t_send, n)
+    answer = next((c.t - record.t_send for c in record.chunks if c.answers), None)
     lateness = record.t_send - record.t_sched  # TTFT and E2E from the schedule add the client's lateness
     return RequestFigures(
         ttft_ms=latency["ttft_s"] * 1e3,
@@ -181,6 +215,8 @@ def request_figures(record: RequestRecord, counted: Counted) -> RequestFigures:
         lateness_ms=lateness * 1e3,
         n_out=n,
         tpot_ms=latency["tpot_s"] * 1e3 if "tpot_s" in latency else None,
+        ttft_answer_ms=answer * 1e3 if answer is not None else None,
+        ttft_answer_sched_ms=(answer + lateness) * 1e3 if answer is not None else None,
         chunk_itl_ms=chunk_itl,
         itl_ms=itl,
     )
@@ -193,6 +229,8 @@ def check_slo(slo: dict[str, float], f: RequestFigures) -> bool:
         "e2e_ms": f.e2e_sched_ms,
         "tpot_ms": f.tpot_ms if f.tpot_ms is not None else 0.0,
         "itl_ms": max(f.itl_ms) if f.itl_ms else 0.0,
+        # An answer that never came (only reasoning, cut at the length limit) misses an answer-TTFT objective.
+        "ttft_answer_ms": f.ttft_answer_sched_ms if f.ttft_answer_sched_ms is not None else math.inf,
     }
     return all(values[name] <= limit for name, limit in slo.items())
 
@@ -220,7 +258,12 @@ CLIENT_CPU_SHARE = 0.8  # of one core over the level's wall time
 
 
 def level_metrics(
-    level: Level, tokenizer: Any | None, slo: dict[str, float], max_tokens: int
+    level: Level,
+    tokenizer: Any | None,
+    slo: dict[str, float],
+    max_tokens: int,
+    expected_cached: float | None = None,
+    mismatch_limit: float = 0.05,
 ) -> tuple[
     dict[str, dict[str, Any]], dict[str, Any], list[tuple[RequestRecord, Counted | None, RequestFigures | None]]
 ]:
@@ -247,6 +290,13 @@ def level_metrics(
     put("itl_ms", [v for _, _, f in ok for v in f.itl_ms], "ms")
     put("chunk_itl_ms", [v for _, _, f in ok for v in f.chunk_itl_ms], "ms")
     put("output_tokens", [float(f.n_out) for _, _, f in ok], "tokens")
+    reasoned = [(c, f) for _, c, f in ok if c is not None and c.reasoning_tokens]
+    if reasoned:  # a thinking model: the answer starts after its reasoning
+        put("ttft_answer_ms", [f.ttft_answer_ms for _, _, f in ok if f.ttft_answer_ms is not None], "ms")
+        put("ttft_answer_sched_ms", [f.ttft_answer_sched_ms for _, _, f in ok if f.ttft_answer_sched_ms is not None],
+            "ms")  # fmt: skip
+        put("reasoning_tokens", [float(c.reasoning_tokens) for _, c, _ in ok if c is not None], "tokens")
+        put("answer_tokens", [float(c.n_out - c.reasoning_tokens) for _, c, _ in ok if c is not None], "tokens")
 
     ends = [r.t_end for r in measured if r.t_end]
     span = (max(ends) - level.t0) if ends else 0.0
@@ -279,6 +329,8 @@ def level_metrics(
         ("token_count_mismatches", mismatches),
     ):
         metrics[f"{name}[{key}]"] = summarize([float(value)], "requests")
+    prefix_cache = _prefix_cache(ok, metrics, key, expected_cached)
+    accounting = _token_accounting(ok, metrics, key, mismatch_limit)
     sources = Counter(c.source for _, c, _ in ok if c is not None)
     k_sources = Counter(c.k_source for _, c, _ in ok if c is not None)
     chunks = sum(len(r.chunks) for r in measured)
@@ -300,10 +352,95 @@ def level_metrics(
         "span_s": span,
         "stopped_early": level.stopped_early,
         "client": client,
+        "prefix_cache": prefix_cache,
+        "token_accounting": accounting,
     }
+    if reasoned:
+        details["reasoning"] = {
+            "requests": len(reasoned),
+            "source": dict(Counter(c.reasoning_source for c, _ in reasoned)),
+            "no_answer": sum(1 for _, f in reasoned if f.ttft_answer_ms is None),
+        }
     if level.schedule:
         details["schedule_s"] = [round(s, 6) for s in level.schedule]
     return metrics, details, rows
+
+
+CACHE_EXCESS = 0.05  # a cached share this far above what the level's own prompts can share is flagged
+
+
+def _prefix_cache(
+    ok: list[tuple[RequestRecord, Counted | None, RequestFigures | None]],
+    metrics: dict[str, dict[str, Any]],
+    key: str,
+    expected: float | None,
+) -> dict[str, Any]:
+    """Prompt tokens served from the server's prefix cache, where the server says (usage.prompt_tokens_details
+    .cached_tokens); the level's hit rate beside the most its own prompts could share, flagged when above it."""
+    reported = [(r, cached_prompt_tokens(r)) for r, _, _ in ok]
+    reported = [(r, n) for r, n in reported if n is not None]
+    out: dict[str, Any] = {"reported_by": len(reported), "requests": len(ok), "expected_max_share": expected}
+    if not reported:
+        out["reason"] = "the server reports no usage.prompt_tokens_details.cached_tokens: no hit rate is known"
+        return out
+    cached = sum(n for _, n in reported)
+    prompt = sum(prompt_tokens_of(r) for r, _ in reported)
+    metrics[f"cached_prompt_tokens[{key}]"] = summarize([float(n) for _, n in reported], "tokens")
+    if prompt:
+        share = cached / prompt
+        metrics[f"prefix_cache_hit_rate[{key}]"] = summarize([share], "fraction")
+        out["hit_rate"] = share
+        if expected is not None and share > expected + CACHE_EXCESS:
+            out["flag"] = (
+                f"{share:.0%} of the prompt tokens came from the prefix cache, and the level's own prompts can share "
+                f"at most {expected:.0%}: the server served this level from what an earlier level or point cached "
+                "(was bench.cache_salt=none?), so its TTFT is not what these prompts cost"
+            )
+    return out
+
+
+def _token_accounting(
+    ok: list[tuple[RequestRecord, Counted | None, RequestFigures | None]],
+    metrics: dict[str, dict[str, Any]],
+    key: str,
+    limit: float,
+) -> dict[str, Any]:
+    """The client's and the server's output token counts side by side: how many requests disagree and by how
+    much, flagged past `limit` with the likely cause."""
+    counted = [c for _, c, _ in ok if c is not None]
+    both = [c for c in counted if "usage" in c.counts and "tokenizer" in c.counts]
+    out: dict[str, Any] = {"requests": len(counted), "compared": len(both)}
+    if not counted:
+        return out
+    if not both:
+        usage = sum(1 for c in counted if "usage" in c.counts)
+        out["reason"] = (
+            "the server reports no usage: output counts are the client tokenizer's" if not usage
+            else "no client tokenizer: output counts are the server's"
+        )  # fmt: skip
+        if not usage:
+            out["flag"] = out["reason"] + " (they may not be the server's own)"
+        return out
+    diffs = [c.counts["usage"] - c.counts["tokenizer"] for c in both]
+    disagree = [c for c in both if c.mismatch]
+    share = len(disagree) / len(both)
+    metrics[f"token_count_mismatch_share[{key}]"] = summarize_proportion([c.mismatch for c in both])
+    out.update(disagree=len(disagree), share=share, mean_diff=sum(diffs) / len(diffs),
+               max_abs_diff=max(abs(d) for d in diffs))  # fmt: skip
+    if share > limit:
+        off = [c.counts["usage"] - c.counts["tokenizer"] for c in disagree]
+        if all(d == 1 for d in off):
+            cause = "the server counts one token more each time: a stop token its text does not show"
+        else:
+            cause = (
+                "the client tokenizer reads the text differently from the server's: a different model or "
+                "tokenizer version than the one served"
+            )
+        out["flag"] = (
+            f"{share:.0%} of requests have client and server output counts that disagree (above "
+            f"bench.token_mismatch_limit={limit:g}); likely cause: {cause}"
+        )
+    return out
 
 
 def client_check(level: Level, chunks: int) -> dict[str, Any]:

@@ -65,7 +65,19 @@ def _time_of(work: float, rate: float, ramp_s: float) -> float:
     return ramp_s + (work - during) / rate
 
 
-async def _ticker(lags: list[float], stop: asyncio.Event) -> None:
+SPIN_S = 0.0015  # the last stretch before a send is waited out by yielding, not by the selector's timeout
+
+
+async def wait_until(t: float) -> None:
+    """Sleep until perf_counter() reaches t. The event loop's selector rounds a timeout up to whole milliseconds,
+    which alone made sends about 1 ms late; the last SPIN_S are spent yielding to the loop instead (other requests'
+    chunks are still read), at a cost of at most that much CPU per send."""
+    await asyncio.sleep(max(0.0, t - time.perf_counter() - SPIN_S))
+    while time.perf_counter() < t:
+        await asyncio.sleep(0)
+
+
+async def lag_ticker(lags: list[float], stop: asyncio.Event) -> None:
     while not stop.is_set():
         t = time.perf_counter()
         await asyncio.sleep(TICK_S)
@@ -116,7 +128,7 @@ async def run_closed(
             await send(session, endpoint, plans[i].path, plans[i].body, record)
             record.t_sched = record.t_send
 
-    ticker = asyncio.create_task(_ticker(lags, stop))
+    ticker = asyncio.create_task(lag_ticker(lags, stop))
     async with new_session(endpoint) as session:
         await asyncio.gather(*(client(c, session) for c in range(concurrency)))
     stop.set()
@@ -149,7 +161,7 @@ async def run_open(
 
     async def one(record: RequestRecord, session: Any) -> None:
         nonlocal in_flight
-        await asyncio.sleep(max(0.0, record.t_sched - time.perf_counter()))
+        await wait_until(record.t_sched)
         if duration_s and record.t_sched - start > duration_s:
             record.status = "past_duration"  # scheduled after the level's end: not part of it
             return
@@ -179,7 +191,7 @@ async def run_open(
             if cap is not None:
                 cap.release()
 
-    ticker = asyncio.create_task(_ticker(lags, stop))
+    ticker = asyncio.create_task(lag_ticker(lags, stop))
     async with new_session(endpoint) as session:
         tasks = [asyncio.create_task(one(r, session)) for r in records]
         done = await asyncio.gather(*tasks, return_exceptions=True)
@@ -235,9 +247,10 @@ def run_level(
     max_concurrency: int | None = None,
     backlog_limit: int | None = None,
     workers: int = 1,
+    key: str | None = None,
 ) -> Level:
     """One level, on this process or spread over `workers` client processes that share one start time."""
-    key = f"concurrency={int(value)}" if mode == "closed" else f"rate={value:g}"
+    key = key or (f"concurrency={int(value)}" if mode == "closed" else f"rate={value:g}")
     offsets = list(offsets or [])
     if workers <= 1:
         t0 = time.perf_counter() + 0.05

@@ -1,6 +1,7 @@
 """The benches, one module per conf/bench/ option. Each has `run(ctx: BenchContext) -> BenchOutput` and
 `headline(metrics) -> str`, the one or two figures a person looks at first in the sweep's summary line; one that
-builds prompts of exact token lengths says so with EXACT_LENGTH_PROMPTS. What they share is in `measure`.
+builds prompts of exact token lengths says so with EXACT_LENGTH_PROMPTS, and one with inputs of its own to check
+before anything loads has `check(cfg)`. What they share is in `measure`.
 
 A user's own bench is `bench.name=package.module:function` (a function taking a BenchContext); its summary line
 shows the request figures (TTFT, decode rate) where it reports them. Nothing here imports torch: the sweep's parent
@@ -51,6 +52,12 @@ def resolve_bench(name: str) -> Callable[[BenchContext], BenchOutput]:
     if ":" in name and name not in BENCHES:
         return _user_function(name)
     return bench_module(name).run
+
+
+def bench_check(name: str, cfg: Any) -> None:
+    """The bench's own pre-check of a point (its input files, say), run before anything loads or starts."""
+    if name in BENCHES and hasattr(module := bench_module(name), "check"):
+        module.check(cfg)
 
 
 def exact_length_prompts(name: str) -> bool:

@@ -9,46 +9,21 @@ chunk is in samples.csv; the client's own limits are checked per level (details.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from harness.loadgen.figures import Level, level_metrics
+from harness.loadgen.figures import Level, cached_prompt_tokens, level_metrics
 from harness.loadgen.load import arrival_offsets, run_level, warm_up
+from harness.loadgen.server_metrics import changed, scrape, server_figures
+from harness.loadgen.sessions import run_sessions
+from harness.stats import summarize
 from runners.benches.measure import BenchContext, BenchOutput
-from runners.benches.workload import Workload
+from runners.benches.workload import Workload, expected_cached_share, read_sources
+
+if TYPE_CHECKING:
+    from harness.config import HarnessConfig
 
 SEARCH_MIN_REQUESTS = 8  # a search level's fewest requests, whatever its rate
 CEILING_SHARE = 0.5  # a level past this share of the client's calibrated chunks/s is flagged client-bound
-
-
-def _scrape(endpoint) -> dict[str, float] | None:
-    """The server's Prometheus counters (harness serve and vLLM expose /metrics beside /v1), or None."""
-    import urllib.request
-
-    from prometheus_client.parser import text_string_to_metric_families
-
-    root = endpoint.base_url.rstrip("/").removesuffix("/v1")
-    try:
-        with urllib.request.urlopen(
-            urllib.request.Request(root + "/metrics", headers=endpoint.headers()), timeout=5
-        ) as r:
-            text = r.read(8_000_000).decode(errors="replace")
-        values: dict[str, float] = {}
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()) if k != "le")
-                if "le" in sample.labels:
-                    continue  # histogram buckets: their _sum and _count carry the means
-                values[f"{sample.name}{{{labels}}}"] = float(sample.value)
-        return values
-    except Exception:
-        return None
-
-
-def _delta(before: dict[str, float] | None, after: dict[str, float] | None) -> dict[str, float]:
-    if before is None or after is None:
-        return {}
-    changed = {k: v - before.get(k, 0.0) for k, v in after.items() if v != before.get(k, 0.0)}
-    return dict(sorted(changed.items())[:200])
 
 
 class _Run:
@@ -71,39 +46,59 @@ class _Run:
         return b.num_requests
 
     def level(self, mode: str, value: float, searching: bool = False) -> dict[str, Any]:
+        """Run one level (closed: `value` clients; open: `value` req/s; replay: the trace at `value`x) once, and
+        its figures."""
         b = self.bench
-        key = f"concurrency={int(value)}" if mode == "closed" else f"rate={value:g}"
+        key = {"closed": f"concurrency={int(value)}", "open": f"rate={value:g}", "replay": f"replay={value:g}x"}[mode]
         if key in self.levels:
             return self.levels[key]
         self.ctx.progress(f"serve {key}")
         self.level_index += 1
-        plans = self.workload.plans(self._count(value if mode == "open" else None, searching), self.level_index)
-        offsets = None
-        if mode == "open":
-            offsets = arrival_offsets(
-                len(plans), value, b.arrival, self.ctx.cfg.seed + self.level_index, b.burstiness, b.ramp_up_s
+        before = scrape(self.endpoint) if b.scrape_metrics else None
+        plans: list = []
+        if b.workload == "multi_turn" and b.replies == "real":
+            level = self._sessions(mode, value, key)
+        else:
+            if mode == "replay":  # a trace's window at its own times (sped up)
+                plans = self.workload.plans(len(self.workload.trace_window()), self.level_index)
+                offsets = self.workload.trace_offsets()
+                mode, value = "open", len(offsets) / max(offsets[-1], 1e-9) if len(offsets) > 1 else 1.0
+            else:
+                count = self._count(value if mode == "open" else None, searching)
+                plans = self.workload.plans(count, self.level_index)
+                offsets = None
+                if mode == "open":
+                    seed = self.ctx.cfg.seed + self.level_index
+                    offsets = arrival_offsets(len(plans), value, b.arrival, seed, b.burstiness, b.ramp_up_s)
+            level = run_level(
+                self.endpoint,
+                plans,
+                mode,
+                value,
+                offsets,
+                b.duration_s,
+                b.ramp_up_s,
+                b.max_concurrency,
+                b.saturation_backlog if mode == "open" else None,
+                b.client_workers,
+                key=key,
             )
-        before = _scrape(self.endpoint) if b.scrape_metrics else None
-        level = run_level(
-            self.endpoint,
-            plans,
-            mode,
-            value,
-            offsets,
-            b.duration_s,
-            b.ramp_up_s,
-            b.max_concurrency,
-            b.saturation_backlog if mode == "open" else None,
-            b.client_workers,
-        )
-        after = _scrape(self.endpoint) if b.scrape_metrics else None
+        after = scrape(self.endpoint) if b.scrape_metrics else None
         self.ctx.engine.remote.check_alive()  # type: ignore[attr-defined]
         if mode == "open" and b.ramp_up_s > 0:  # requests sent while the rate was still rising are warm-up
             for r in level.records:
                 r.warmup = r.warmup or (r.t_sched - level.t0) < b.ramp_up_s
-        metrics, details, rows = level_metrics(level, self.ctx.loaded.tokenizer, b.slo.limits(), b.max_new_tokens)
+        tokenizer = self.ctx.loaded.tokenizer
+        expected = expected_cached_share(plans, tokenizer) if plans else None
+        metrics, details, rows = level_metrics(
+            level, tokenizer, b.slo.limits(), b.max_new_tokens, expected, b.token_mismatch_limit
+        )
+        if self.workload.salt:
+            details["cache_salt"] = self.workload.salt
         self.out.metrics.update(metrics)
-        details["server_metrics_delta"] = _delta(before, after)
+        details["server_metrics_delta"] = changed(before, after)
+        for name, (figure, unit) in server_figures(before, after).items():
+            self.out.metrics[f"server_{name}[{key}]"] = summarize([figure], unit)
         self._against_ceiling(details, level)
         self._samples(level, rows)
         summary = {
@@ -117,6 +112,21 @@ class _Run:
         if len(self.out.outputs) < 3 and rows and rows[0][0].ok:
             self.out.outputs.append({"level": key, "text": rows[0][0].text})
         return summary
+
+    def _sessions(self, mode: str, value: float, key: str) -> Level:
+        """A level of conversations with the server's real replies (bench.replies=real): num_requests turns in
+        sessions of bench.turns, closed (value sessions at a time) or open (sessions starting at the rate)."""
+        import asyncio
+
+        b = self.bench
+        sessions = self.workload.sessions(math.ceil(b.num_requests / b.turns), self.level_index)
+        offsets = None
+        if mode == "open":
+            seed = self.ctx.cfg.seed + self.level_index
+            offsets = arrival_offsets(len(sessions), value, b.arrival, seed, b.burstiness, b.ramp_up_s)
+        return asyncio.run(
+            run_sessions(self.endpoint, sessions, self.workload.turn, mode, value, offsets, b.duration_s, key)
+        )
 
     def _against_ceiling(self, details: dict[str, Any], level: Level) -> None:
         """How close the level came to the client's own ceiling; past half of it the client may have shaped the
@@ -154,6 +164,14 @@ class _Run:
             if figures.tpot_ms is not None:
                 put("tpot_ms", figures.tpot_ms, "ms")
             put("output_tokens", float(counted.n_out), counted.source)
+            if figures.ttft_answer_ms is not None and counted.reasoning_tokens:
+                put("ttft_answer_ms", figures.ttft_answer_ms, "ms")
+                put("reasoning_tokens", float(counted.reasoning_tokens), counted.reasoning_source or "")
+            cached = cached_prompt_tokens(record)
+            if cached is not None:
+                put("cached_prompt_tokens", float(cached), "tokens")
+            if "usage" in counted.counts and "tokenizer" in counted.counts:
+                put("token_count_diff", float(counted.counts["usage"] - counted.counts["tokenizer"]), "tokens")
             for j, (chunk, k) in enumerate(zip(record.chunks, counted.k, strict=False)):
                 put("chunk_s", chunk.t - level.t0, "s", j)
                 put("chunk_tokens", float(k), counted.k_source, j)
@@ -222,18 +240,25 @@ def run(ctx: BenchContext) -> BenchOutput:
                 f"every warm-up request failed ({failed[0].status}: {failed[0].error[:400]}).",
                 "check the server (its log beside result.json when launched), the model name and the API key.",
             )
-    for c in b.concurrency:
-        run.level("closed", c)
-    for r in b.rates:
-        run.level("open", r)
+    if b.workload == "trace":  # the trace sets the schedule: bench.concurrency and bench.rates are not levels
+        run.level("replay", b.trace_speedup)
+    else:
+        for c in b.concurrency:
+            run.level("closed", c)
+        for r in b.rates:
+            run.level("open", r)
     if b.search == "max_rate":
         found = run.search()
         details["search"] = found
         if found["max_rate_rps"] is not None:
-            from harness.stats import summarize
-
             run.out.metrics["max_rate_rps"] = summarize([found["max_rate_rps"]], "req/s")
+    details["workload"] = run.workload.describe()  # again: with what the levels clipped to fit the model
     details["levels"] = {k: v["details"] for k, v in run.levels.items()}
+    flags = {
+        k: [v["details"][part]["flag"] for part in ("prefix_cache", "token_accounting") if "flag" in v["details"][part]]
+        for k, v in run.levels.items()
+    }
+    details["flags"] = {k: v for k, v in flags.items() if v}
     bound = {
         k: v["details"]["client"]["reasons"] for k, v in run.levels.items() if v["details"]["client"]["client_bound"]
     }
@@ -265,3 +290,8 @@ def headline(metrics: dict[str, Any]) -> str:
     if failed:
         parts.append(f"{failed:.0f} requests failed")
     return ", ".join(parts)
+
+
+def check(cfg: HarnessConfig) -> None:
+    """Before any server starts: the trace or dataset the workload replays is read and checked (ConfigError)."""
+    read_sources(cfg.bench)

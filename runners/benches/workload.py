@@ -1,26 +1,43 @@
-"""The prompts of a load test, built before a level starts (seeded, so a rerun sends the same requests).
+"""The prompts of a load test, built before a level starts (seeded: a rerun sends requests of the same shape).
 
 - synthetic: prompts of exact token lengths from the built-in text, the length fixed or drawn (uniform or normal
   around bench.prompt_lengths[0]); sent as token ids to /completions, or as text in a user message to chat.
 - shared_prefix: one prefix of bench.prefix_tokens shared by every prompt, then a distinct suffix (prefix caches).
 - search_qa: the workflow's questions with their retrieved passages, as the workflow sends them (chat messages).
-- multi_turn: sessions of bench.turns turns; turn t carries the t-1 earlier exchanges (assistant replies are fixed
-  text of the output length, so a session needs no earlier answer), so the context grows turn by turn.
+- multi_turn: sessions of bench.turns turns; turn t carries the t-1 earlier exchanges, so the context grows turn
+  by turn. Canned replies (fixed text of the output length) let every request be built before the level; with
+  bench.replies=real each turn carries the server's actual answers and is built when the previous one ends
+  (harness.loadgen.sessions), after a think time.
+- trace: a production trace's requests (harness.loadgen.traces) at its own times, each prompt built to the trace's
+  token count (blocks that share a hash id share their tokens) and its output length forced.
+- dataset: real prompts (harness.loadgen.datasets) sampled with the seed, as chat messages.
+
+The cache salt (bench.cache_salt=auto) makes every level's prompts its own: a random number drawn once per point
+moves where each prompt's text is taken from (token-id prompts keep their exact length) or leads the first message
+(text prompts), so no level can be served from the prefix cache an earlier level or point filled. Prompts inside
+a level still share what the workload shares (a shared prefix, a trace's blocks).
 """
 
 from __future__ import annotations
 
 import random
+import secrets
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from harness.config import BenchConfig, WorkflowConfig
 from harness.errors import ConfigError
 from harness.loadgen.client import Endpoint, request_body
+from harness.loadgen.datasets import Dataset, load_dataset
 from harness.loadgen.load import Planned
+from harness.loadgen.sessions import SessionPlan
+from harness.loadgen.traces import Trace, TraceRequest, load_trace
 from harness.prompts import exact_prompt
 
 if TYPE_CHECKING:
     from harness.models.loader import LoadedModel
+
+CACHE_BLOCK_TOKENS = 16  # the block a prefix cache reuses (vLLM's default): the unit of the expected cached share
 
 
 def _need_tokenizer(loaded: LoadedModel, workload: str) -> Any:
@@ -33,21 +50,48 @@ def _need_tokenizer(loaded: LoadedModel, workload: str) -> Any:
     return loaded.tokenizer
 
 
+def read_sources(bench: BenchConfig) -> tuple[Trace | None, Dataset | None]:
+    """The trace or dataset the workload replays, read and checked (a ConfigError names the file and row)."""
+    if bench.workload == "trace":
+        return load_trace(bench.trace), None  # type: ignore[arg-type]
+    if bench.workload == "dataset":
+        return None, load_dataset(bench.dataset)  # type: ignore[arg-type]
+    return None, None
+
+
 class Workload:
     def __init__(self, bench: BenchConfig, loaded: LoadedModel, endpoint: Endpoint, seed: int) -> None:
         self.bench, self.loaded, self.endpoint, self.seed = bench, loaded, endpoint, seed
         self._questions: list[list[dict[str, str]]] | None = None
+        self.trace, self.dataset = read_sources(bench)
+        self._salt = secrets.randbits(30) if bench.cache_salt == "auto" else 0
+        self.salt = 0  # the current level's
+        self._measured = False
+        self.clipped: Counter[str] = Counter()
 
     def describe(self) -> dict[str, Any]:
         b = self.bench
-        out: dict[str, Any] = {"workload": b.workload, "api": self.endpoint.api, "max_tokens": b.max_new_tokens}
+        out: dict[str, Any] = {"workload": b.workload, "api": self.endpoint.api, "max_tokens": b.max_new_tokens,
+                               "cache_salt": b.cache_salt}  # fmt: skip
         if b.workload in ("synthetic", "shared_prefix", "multi_turn"):
             out.update(prompt_tokens=b.prompt_lengths[0], length_dist=b.length_dist, length_spread=b.length_spread)
         if b.workload == "shared_prefix":
             out["prefix_tokens"] = b.prefix_tokens
         if b.workload == "multi_turn":
             out["turns"] = b.turns
+        if self.trace is not None:
+            out["trace"] = {**self.trace.describe(), "speedup": b.trace_speedup, "start_s": b.trace_start_s,
+                            "duration_s": b.trace_duration_s, "max_requests": b.trace_requests}  # fmt: skip
+        if self.dataset is not None:
+            out["dataset"] = {**self.dataset.describe(), "output": b.dataset_output}
+        if self.clipped:
+            out["clipped"] = dict(self.clipped)
         return out
+
+    def start_level(self, level_index: int) -> None:
+        """A new level (0: the warm-up): its own cache salt (none with bench.cache_salt=none)."""
+        self.salt = (self._salt * 7919 + level_index * 104_729) % 2**31 if self._salt else 0
+        self._measured = level_index > 0
 
     def _length(self, rng: random.Random) -> int:
         b, mean = self.bench, self.bench.prompt_lengths[0]
@@ -59,13 +103,16 @@ class Workload:
         return mean
 
     def _ids(self, n: int, offset: int) -> list[int]:
-        return list(exact_prompt(self.loaded, n, offset).ids)
+        return list(exact_prompt(self.loaded, n, offset + self.salt).ids)
 
-    def _plan(self, prompt: Any, prompt_tokens: int | None) -> Planned:
+    def _plan(
+        self, prompt: Any, prompt_tokens: int | None, max_tokens: int | None = None, forced: bool = True
+    ) -> Planned:
         b = self.bench
         sampling = {"temperature": b.temperature, "top_p": b.top_p, "seed": self.seed}
-        path, body = request_body(self.endpoint, prompt, b.max_new_tokens, b.max_new_tokens, **sampling)
-        return Planned(path, body, b.max_new_tokens, prompt_tokens)
+        max_tokens = max_tokens or b.max_new_tokens
+        path, body = request_body(self.endpoint, prompt, max_tokens, max_tokens if forced else 0, **sampling)
+        return Planned(path, body, max_tokens, prompt_tokens)
 
     def _as_prompt(self, ids: list[int]) -> tuple[Any, int | None]:
         """Token ids for /completions (exact length); a user message of their text for chat (the server's template
@@ -77,15 +124,28 @@ class Workload:
         text = self.loaded.tokenizer.decode(ids)
         return [{"role": "user", "content": text}], None
 
+    def _salted(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+        """Text prompts carry the level's salt at the start of their first message."""
+        if not self.salt:
+            return messages
+        first = dict(messages[0], content=f"[{self.salt:08x}] {messages[0]['content']}")
+        return [first, *messages[1:]]
+
     def plans(self, n: int, level_index: int) -> list[Planned]:
         """n requests for one level; each level draws its own (offset) prompts, the same on every run."""
         b = self.bench
+        self.start_level(level_index)
         rng = random.Random(self.seed * 1_000_003 + level_index)
         base = level_index * 10_007
         if b.workload == "search_qa":
             questions = self._search_qa()
-            return [self._plan(*self._chat_prompt(questions[(base + i) % len(questions)])) for i in range(n)]
+            return [self._plan(*self._chat_prompt(self._salted(questions[(base + i) % len(questions)])))
+                    for i in range(n)]  # fmt: skip
+        if b.workload == "dataset":
+            return self._dataset_plans(n, rng)
         _need_tokenizer(self.loaded, b.workload)
+        if b.workload == "trace":
+            return [self._trace_plan(r, i) for i, r in enumerate(self.trace_window()[:n])]
         if b.workload == "shared_prefix":
             prefix = self._ids(b.prefix_tokens, 0)
             return [self._plan(*self._as_prompt(prefix + self._ids(self._length(rng), base + i + 1))) for i in range(n)]
@@ -93,6 +153,62 @@ class Workload:
             return self._multi_turn(n, base, rng)
         return [self._plan(*self._as_prompt(self._ids(self._length(rng), base + i))) for i in range(n)]
 
+    # -- traces -------------------------------------------------------------------------------------------------
+    def trace_window(self) -> list[TraceRequest]:
+        b = self.bench
+        assert self.trace is not None
+        return self.trace.window(b.trace_start_s, b.trace_duration_s, b.trace_requests)
+
+    def trace_offsets(self) -> list[float]:
+        """The window's send times, sped up by bench.trace_speedup."""
+        return [r.t / self.bench.trace_speedup for r in self.trace_window()]
+
+    def _fit(self, prompt: int, output: int) -> tuple[int, int]:
+        """Lengths that fit the model's window: the prompt gives way first; what was cut is counted, never hidden."""
+        window = self.loaded.context_window
+        if window is None or prompt + output <= window:
+            return prompt, output
+        new_output = output if output < window // 2 else window // 2
+        new_prompt = min(prompt, window - new_output)
+        if self._measured:  # the warm-up's requests are not the level's
+            self.clipped["requests"] += 1
+            self.clipped["prompt_tokens_removed"] += prompt - new_prompt
+            self.clipped["output_tokens_removed"] += output - new_output
+        return new_prompt, new_output
+
+    def _trace_plan(self, request: TraceRequest, index: int) -> Planned:
+        output = request.output_tokens or self.bench.max_new_tokens
+        prompt, output = self._fit(request.input_tokens, output)
+        if request.hash_ids and self.trace is not None and self.trace.block_tokens:
+            block = self.trace.block_tokens
+            ids: list[int] = []
+            for h in request.hash_ids:  # the same id, the same tokens: the trace's own prefix sharing
+                if len(ids) >= prompt:
+                    break
+                ids += self._ids(block, 1_000_003 + h * 31)
+            if len(ids) < prompt:
+                ids += self._ids(prompt - len(ids), 7 * index + 3)
+            ids = ids[:prompt]
+        else:
+            ids = self._ids(prompt, 7 * index + 3)
+        return self._plan(*self._as_prompt(ids), max_tokens=output)
+
+    # -- datasets -----------------------------------------------------------------------------------------------
+    def _dataset_plans(self, n: int, rng: random.Random) -> list[Planned]:
+        assert self.dataset is not None
+        entries = self.dataset.entries
+        order = rng.sample(range(len(entries)), len(entries))
+        chosen = [entries[order[i % len(order)]] for i in range(n)]
+        forced = self.bench.dataset_output == "forced"
+        out = []
+        for entry in chosen:
+            length = entry.output_tokens
+            if forced and length is None and entry.reference and self.loaded.tokenizer is not None:
+                length = len(self.loaded.tokenizer(entry.reference, add_special_tokens=False)["input_ids"])
+            out.append(self._plan(*self._chat_prompt(self._salted(entry.chat())), max_tokens=length, forced=forced))
+        return out
+
+    # -- conversations ------------------------------------------------------------------------------------------
     def _multi_turn(self, n: int, base: int, rng: random.Random) -> list[Planned]:
         tokenizer = self.loaded.tokenizer
         out: list[Planned] = []
@@ -110,6 +226,28 @@ class Workload:
                 history.append({"role": "assistant", "content": reply})
             session += 1
         return out
+
+    def sessions(self, n: int, level_index: int) -> list[SessionPlan]:
+        """bench.replies=real: n sessions of bench.turns user messages (built-in text of the drawn lengths) and
+        their think times (exponential around bench.think_time_s), drawn with the seed."""
+        self.start_level(level_index)
+        _need_tokenizer(self.loaded, "multi_turn")
+        rng = random.Random(self.seed * 1_000_003 + level_index)
+        base, turns, mean = level_index * 10_007, self.bench.turns, self.bench.think_time_s
+        return [
+            SessionPlan(
+                [
+                    self.loaded.tokenizer.decode(self._ids(self._length(rng), base + s * 100 + t * 2))
+                    for t in range(turns)
+                ],
+                [rng.expovariate(1 / mean) if mean else 0.0 for _ in range(turns)],
+            )
+            for s in range(n)
+        ]
+
+    def turn(self, history: list[dict[str, str]]) -> Planned:
+        """The request that continues a conversation (bench.replies=real)."""
+        return self._plan(*self._chat_prompt([dict(m) for m in history]))
 
     def _search_qa(self) -> list[list[dict[str, str]]]:
         if self._questions is None:
@@ -136,3 +274,35 @@ class Workload:
             return text, None
         ids = tokenizer(text, add_special_tokens=adds_special_tokens(self.loaded.chat_format))["input_ids"]
         return list(ids), len(ids)
+
+
+def expected_cached_share(plans: list[Planned], tokenizer: Any | None) -> float | None:
+    """The share of a level's prompt tokens a prefix cache could serve from the level's own earlier prompts, in
+    blocks of CACHE_BLOCK_TOKENS (a block is reusable when the whole prefix up to its end was sent before): the most
+    a server's cached share should be when no earlier level or point left its prompts in the cache. None when the
+    prompts' tokens are not known here (text prompts without a tokenizer)."""
+    seen: set[int] = set()
+    reusable = total = 0
+    for plan in plans:
+        ids = _prompt_ids(plan.body, tokenizer)
+        if ids is None:
+            return None
+        total += len(ids)
+        chain = 0
+        for end in range(CACHE_BLOCK_TOKENS, len(ids) + 1, CACHE_BLOCK_TOKENS):
+            chain = hash((chain, tuple(ids[end - CACHE_BLOCK_TOKENS : end])))
+            if chain in seen:
+                reusable += CACHE_BLOCK_TOKENS
+            else:
+                seen.add(chain)
+    return reusable / total if total else None
+
+
+def _prompt_ids(body: dict[str, Any], tokenizer: Any | None) -> list[int] | None:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list):
+        return prompt
+    if tokenizer is None:
+        return None
+    text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in body.get("messages", []))
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])

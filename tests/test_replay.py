@@ -1,0 +1,335 @@
+"""Replaying real traffic against the scripted mock server (tests/mock_openai.py): a trace's schedule kept, its
+lengths clipped to the model and counted, a dataset's prompts sent, the cache salt, and the figures a server's
+usage gives: cached prompt tokens, reasoning apart from the answer, client and server token counts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from harness.config import load_config
+from harness.loadgen.client import Endpoint
+from harness.loadgen.load import run_level
+from harness.loadgen.traces import load_trace
+from runners import run_point
+from runners.benches.workload import Workload, expected_cached_share
+from tests.conftest import run_harness
+from tests.mock_openai import FINISH, ROLE, MockServer, Script
+
+AZURE = Path(__file__).parent / "fixtures" / "traces" / "azure_code_2023_12min.csv"
+QUIET = ["bench.warmup_runs=1", "bench.calibrate=false", "bench.scrape_metrics=false"]
+
+
+def delta(fields: dict, usage: dict | None = None) -> dict:
+    event: dict = {"choices": [{"index": 0, "delta": fields, "finish_reason": None}]}
+    if usage is not None:
+        event["usage"] = usage
+    return event
+
+
+def answer(usage: dict, *deltas: dict, gap: float = 0.0) -> Script:
+    """A stream of the given deltas, then the finish and a usage-only event."""
+    events = [(0.0, ROLE), *((gap, delta(d)) for d in deltas)]
+    return Script([*events, (0.0, FINISH), (0.0, {"choices": [], "usage": usage}), (0.0, "[DONE]")])
+
+
+def usage(prompt: int, completion: int, cached: int | None = None, reasoning: int | None = None) -> dict:
+    out: dict = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    if cached is not None:
+        out["prompt_tokens_details"] = {"cached_tokens": cached}
+    if reasoning is not None:
+        out["completion_tokens_details"] = {"reasoning_tokens": reasoning}
+    return out
+
+
+def serve_point(tmp_path: Path, server: MockServer, *overrides: str, model: str = "tiny-qwen2"):
+    cfg = load_config([f"model={model}", "bench=serve", "bench.target=url", f"bench.base_url={server.base_url}",
+                       "bench.served_model=m", *QUIET, *overrides])  # fmt: skip
+    result = run_point(cfg, tmp_path)
+    assert result.status == "ok", result.error
+    return result
+
+
+def test_a_trace_is_sent_on_its_own_schedule(tmp_path):
+    """The first 12 requests of the Azure excerpt (1.4 s, bursts 25 us apart) through the whole point: the
+    schedule is the trace's, the client keeps up (its self-check), and the figures are keyed with the replay. (The
+    2 ms bound on each send is tested on the load loop alone below: here the model, the engine's loop and the mock
+    server share one process.)"""
+    with MockServer({"m": answer(usage(5, 1), {"content": "ok"})}) as server:
+        result = serve_point(
+            tmp_path / "point", server, "bench.workload=trace", f"bench.trace={AZURE}", "bench.trace_requests=12"
+        )
+    trace = load_trace(AZURE)
+    level = result.details["levels"]["replay=1x"]
+    assert level["schedule_s"] == pytest.approx([r.t for r in trace.requests[:12]], abs=1e-6)
+    assert level["requests"] == 12 and not level["client"]["client_bound"], level["client"]
+    assert result.details["workload"]["trace"]["format"] == "azure"
+    assert "rate=1" not in json.dumps(list(result.metrics))  # bench.rates are not levels of a replay
+    # The prompts have the trace's lengths (the server did not say its window, so nothing was clipped) and the
+    # outputs are forced to the trace's.
+    bodies = server.bodies[1:]  # after the warm-up
+    assert [len(b["prompt"]) for b in bodies] == [r.input_tokens for r in trace.requests[:12]]
+    assert [b["max_tokens"] for b in bodies] == [r.output_tokens for r in trace.requests[:12]]
+    assert all(b["min_tokens"] == b["max_tokens"] for b in bodies)
+    # The report draws the replay over time.
+    from analysis.__main__ import main as analyze
+
+    assert analyze([str(tmp_path)]) == 0
+    assert (tmp_path / "plots" / "serve_replay.png").is_file()
+    summary = (tmp_path / "summary.md").read_text()
+    assert "@ replay=1x" in summary and "cache hit rate" not in summary  # the mock reports no cached tokens
+
+
+def test_replay_series_windows_the_load_and_its_latency():
+    from analysis.plots import replay_series
+
+    # Ten requests, one every 0.5 s, each 1 s long; the second half twice as slow to first token.
+    requests = [{"t_sched_s": i * 0.5, "t_send_s": i * 0.5, "t_end_s": i * 0.5 + 1.0, "ok": 1.0,
+                 "ttft_ms": 100.0 if i < 5 else 200.0, "tpot_ms": 10.0} for i in range(10)]  # fmt: skip
+    s = replay_series(requests, windows=11)  # 5.5 s span: 0.5 s windows
+    assert s["t_s"][:2] == [0.25, 0.75] and len(s["t_s"]) == 12
+    assert s["offered_rps"][:10] == [2.0] * 10 and s["offered_rps"][10:] == [0.0, 0.0]
+    assert s["achieved_rps"][:2] == [0.0, 0.0] and s["achieved_rps"][2] == 2.0  # the first ends at 1.0 s
+    assert s["ttft_p50_ms"][0] == 100.0 and s["ttft_p90_ms"][9] == 200.0
+    assert s["in_flight"][4] == 2  # at 2.25 s: the requests sent at 1.5 s and 2.0 s
+
+
+def test_a_replay_sped_up_and_clipped_to_the_served_window(tmp_path):
+    listing = {"m": {"max_model_len": 1024}}
+    with MockServer({"m": answer(usage(5, 1), {"content": "ok"})}, listing=listing) as server:
+        result = serve_point(tmp_path, server, "bench.workload=trace", f"bench.trace={AZURE}",
+                             "bench.trace_requests=12", "bench.trace_speedup=4")  # fmt: skip
+    trace = load_trace(AZURE).requests[:12]
+    level = result.details["levels"]["replay=4x"]
+    assert level["schedule_s"] == pytest.approx([r.t / 4 for r in trace], abs=1e-6)
+    clipped = result.details["workload"]["clipped"]
+    over = [r for r in trace if r.input_tokens + r.output_tokens > 1024]
+    assert clipped["requests"] == len(over) > 0
+    assert clipped["prompt_tokens_removed"] == sum(r.input_tokens + r.output_tokens - 1024 for r in over)
+    assert all(len(b["prompt"]) + b["max_tokens"] <= 1024 for b in server.bodies)
+
+
+def test_cached_tokens_give_a_hit_rate_and_a_level_above_its_own_sharing_is_flagged(tmp_path):
+    script = answer(usage(32, 2, cached=24), {"content": "a"}, {"content": " b"})
+    with MockServer({"m": script}) as server:
+        result = serve_point(tmp_path, server, "bench.num_requests=4", "bench.max_new_tokens=2",
+                             "bench.prompt_lengths=[32]", "bench.concurrency=[2]", "bench.rates=[]")  # fmt: skip
+    cache = result.details["levels"]["concurrency=2"]["prefix_cache"]
+    assert result.metrics["prefix_cache_hit_rate[concurrency=2]"]["mean"] == pytest.approx(0.75)
+    assert result.metrics["cached_prompt_tokens[concurrency=2]"]["mean"] == 24
+    assert cache["expected_max_share"] == 0.0 and "earlier level or point" in cache["flag"]
+    assert result.details["flags"]["concurrency=2"]
+    # A server that does not say: no hit rate, and the reason.
+    with MockServer({"m": answer(usage(32, 2), {"content": "a"}, {"content": " b"})}) as server:
+        quiet = serve_point(tmp_path / "quiet", server, "bench.num_requests=2", "bench.concurrency=[1]",
+                            "bench.rates=[]")  # fmt: skip
+    assert "prefix_cache_hit_rate[concurrency=1]" not in quiet.metrics
+    assert "reports no" in quiet.details["levels"]["concurrency=1"]["prefix_cache"]["reason"]
+
+
+def test_the_cache_salt_makes_each_level_its_own_and_none_repeats_the_prompts(tmp_path):
+    with MockServer({"m": answer(usage(5, 1), {"content": "ok"})}) as server:
+        serve_point(tmp_path / "a", server, "bench.num_requests=2", "bench.concurrency=[1]", "bench.rates=[]")
+        serve_point(tmp_path / "b", server, "bench.num_requests=2", "bench.concurrency=[1]", "bench.rates=[]")
+        salted = [b["prompt"] for b in server.bodies]
+        server.bodies.clear()
+        for run in ("c", "d"):
+            serve_point(tmp_path / run, server, "bench.num_requests=2", "bench.concurrency=[1]", "bench.rates=[]",
+                        "bench.cache_salt=none")  # fmt: skip
+        plain = [b["prompt"] for b in server.bodies]
+    # Two runs of the same point: salted, no prompt repeats; unsalted, the second run repeats the first.
+    assert len({tuple(p) for p in salted}) == len(salted)
+    assert plain[:3] == plain[3:] and all(len(p) == 128 for p in salted + plain)
+
+
+def test_expected_sharing_follows_the_workload(compose, load):
+    loaded = load("tiny-qwen2")
+    endpoint = Endpoint("http://127.0.0.1:9/v1", "m", api="completions")
+
+    def plans(*overrides: str):
+        bench = compose("model=tiny-qwen2", "bench=serve", *overrides).bench
+        return Workload(bench, loaded, endpoint, 0).plans(8, 1)
+
+    assert expected_cached_share(plans(), None) == 0.0
+    share = expected_cached_share(plans("bench.workload=shared_prefix", "bench.prefix_tokens=64",
+                                        "bench.prompt_lengths=[64]"), None)  # fmt: skip
+    assert share == pytest.approx(7 * 64 / (8 * 128))  # every prompt after the first reuses the 64-token prefix
+
+
+def test_reasoning_is_told_apart_from_the_answer(tmp_path):
+    script = answer(usage(5, 5, reasoning=3), {"reasoning_content": "let me"}, {"reasoning_content": " think"},
+                    {"content": "Yes."}, gap=0.02)  # fmt: skip
+    with MockServer({"m": script}) as server:
+        result = serve_point(tmp_path, server, "bench.num_requests=2", "bench.concurrency=[1]", "bench.rates=[]",
+                             "bench.slo.ttft_answer_ms=20")  # fmt: skip
+    m = result.metrics
+    assert m["ttft_answer_ms[concurrency=1]"]["mean"] >= m["ttft_ms[concurrency=1]"]["mean"] + 35  # two 20 ms gaps
+    assert m["reasoning_tokens[concurrency=1]"]["mean"] == 3 and m["answer_tokens[concurrency=1]"]["mean"] == 2
+    assert m["slo_attainment[concurrency=1]"]["mean"] == 0  # the answer came after the 20 ms objective
+    assert result.details["levels"]["concurrency=1"]["reasoning"]["source"] == {"usage": 2}
+
+
+def test_reasoning_without_usage_details_is_counted_by_the_tokenizer(tmp_path):
+    script = answer(usage(5, 4), {"reasoning": "hmm hmm"}, {"content": "ok"})  # llama.cpp's field name
+    with MockServer({"m": script}) as server:
+        result = serve_point(tmp_path, server, "bench.num_requests=1", "bench.concurrency=[1]", "bench.rates=[]")
+    reasoning = result.details["levels"]["concurrency=1"]["reasoning"]
+    assert reasoning["source"] == {"tokenizer": 1} and result.metrics["reasoning_tokens[concurrency=1]"]["mean"] > 0
+
+
+def test_client_and_server_counts_that_disagree_are_flagged_with_the_likely_cause(tmp_path):
+    with MockServer({"m": answer(usage(5, 9), {"content": "one"}, {"content": " two"})}) as server:
+        result = serve_point(tmp_path, server, "bench.num_requests=3", "bench.concurrency=[1]", "bench.rates=[]")
+    accounting = result.details["levels"]["concurrency=1"]["token_accounting"]
+    assert accounting["compared"] == 3 and accounting["share"] == 1.0 and accounting["mean_diff"] > 0
+    assert "tokenizer" in accounting["flag"]
+    assert result.metrics["token_count_mismatch_share[concurrency=1]"]["mean"] == 1.0
+    with MockServer({"m": Script([(0.0, delta({"content": "one"})), (0.0, FINISH), (0.0, "[DONE]")])}) as server:
+        bare = serve_point(tmp_path / "bare", server, "bench.num_requests=1", "bench.concurrency=[1]",
+                           "bench.rates=[]")  # fmt: skip
+    assert "reports no usage" in bare.details["levels"]["concurrency=1"]["token_accounting"]["flag"]
+
+
+def test_a_dataset_is_replayed_as_chat_with_its_lengths(tmp_path):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("\n".join(json.dumps(x) for x in [
+        {"messages": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "Four."}]},
+        {"prompt": "Name a colour.", "output_tokens": 3},
+    ]) + "\n")  # fmt: skip
+    with MockServer({"m": answer(usage(9, 1), {"content": "ok"})}) as server:
+        result = serve_point(tmp_path / "out", server, "bench.workload=dataset", f"bench.dataset={data}",
+                             "bench.api=chat", "bench.num_requests=4", "bench.concurrency=[1]", "bench.rates=[]",
+                             "bench.dataset_output=forced")  # fmt: skip
+    bodies = server.bodies[1:]
+    asked = sorted(b["messages"][0]["content"].split("] ", 1)[1] for b in bodies)
+    assert asked == ["Name a colour.", "Name a colour.", "What is 2+2?", "What is 2+2?"]
+    assert all(b["messages"][0]["content"].startswith("[") for b in bodies)  # the level's salt leads
+    lengths = {b["messages"][0]["content"].split("] ", 1)[1]: b["max_tokens"] for b in bodies}
+    assert lengths["Name a colour."] == 3 and lengths["What is 2+2?"] >= 1
+    assert all(b["min_tokens"] == b["max_tokens"] for b in bodies)
+    assert result.details["workload"]["dataset"]["entries"] == 2
+
+
+def test_natural_dataset_outputs_are_not_forced(tmp_path):
+    data = tmp_path / "p.jsonl"
+    data.write_text('{"prompt": "Hi"}\n')
+    with MockServer({"m": answer(usage(9, 1), {"content": "ok"})}) as server:
+        serve_point(
+            tmp_path / "out",
+            server,
+            "bench.workload=dataset",
+            f"bench.dataset={data}",
+            "bench.api=chat",
+            "bench.num_requests=1",
+            "bench.concurrency=[1]",
+            "bench.rates=[]",
+            "bench.cache_salt=none",
+        )
+    body = server.bodies[-1]
+    assert "min_tokens" not in body and body["max_tokens"] == 32 and body["messages"][0]["content"] == "Hi"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "says"),
+    [
+        (["bench.workload=trace"], "bench.trace is not set"),
+        (["bench.trace=/x.csv"], "would be ignored"),
+        (["bench.workload=dataset"], "bench.dataset is not set"),
+        (["bench.workload=trace", "bench.trace=/x.csv", "bench.trace_speedup=0"], "bench.trace_speedup"),
+        (["bench.workload=trace", "bench.trace=/x.csv", "bench.search=max_rate", "bench.slo.ttft_ms=9"], "speedup"),
+        (["bench.cache_salt=off"], "bench.cache_salt"),
+        (["bench.dataset_output=long"], "bench.dataset_output"),
+    ],
+)
+def test_bad_replay_options_are_refused(compose, overrides, says):
+    from harness.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=says):
+        compose("model=tiny-qwen2", "bench=serve", *overrides)
+
+
+def test_a_bad_trace_exits_2_before_any_server_starts(tmp_path):
+    bad = tmp_path / "t.csv"
+    bad.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:17:05.0,10,1\n2023-11-16 18:17:04.0,10,1\n")
+    done = run_harness(tmp_path, "model=tiny-qwen2", "bench=serve", "bench.workload=trace", f"bench.trace={bad}")
+    assert done.returncode == 2, done.stderr
+    assert str(bad) in done.stderr and "row 3" in done.stderr and "Traceback" not in done.stderr
+    assert not list(tmp_path.rglob("server.log"))  # no server was launched
+
+
+def test_a_schedule_is_kept_by_the_client_when_the_server_is_instant():
+    """Sends at the trace's times (sped up 2x), straight through run_level: each within 2 ms of its time."""
+    trace = load_trace(AZURE).window(0.0, None, 30)
+    offsets = [r.t / 2 for r in trace]
+    from harness.loadgen.load import Planned
+
+    plans = [Planned("/completions", {"model": "m", "prompt": [1, 2], "stream": True, "max_tokens": 1}, 1)] * 30
+    with MockServer({"m": answer(usage(2, 1), {"content": "ok"})}) as server:
+        endpoint = Endpoint(server.base_url, "m", api="completions")
+        level = run_level(endpoint, plans, "open", 1.0, offsets, key="replay=2x")
+    late = [(r.t_send - r.t_sched) * 1e3 for r in level.records]
+    assert level.key == "replay=2x" and len(late) == 30 and max(late) < 2.0, sorted(late)[-3:]
+
+
+def test_server_counters_become_named_figures_and_missing_ones_stay_absent():
+    from harness.loadgen.server_metrics import server_figures
+
+    before = {
+        "vllm:request_queue_time_seconds_sum{model_name=m}": 1.0,
+        "vllm:request_queue_time_seconds_count{model_name=m}": 10.0,
+        "vllm:num_preemptions_total{model_name=m}": 2.0,
+        "vllm:prefix_cache_hits_total{model_name=m}": 100.0,
+        "vllm:prefix_cache_queries_total{model_name=m}": 400.0,
+        "vllm:request_prefill_time_seconds_sum{model_name=m}": 5.0,
+        "vllm:request_prefill_time_seconds_count{model_name=m}": 10.0,
+    }
+    after = {
+        "vllm:request_queue_time_seconds_sum{model_name=m}": 1.6,
+        "vllm:request_queue_time_seconds_count{model_name=m}": 14.0,
+        "vllm:num_preemptions_total{model_name=m}": 5.0,
+        "vllm:prefix_cache_hits_total{model_name=m}": 400.0,
+        "vllm:prefix_cache_queries_total{model_name=m}": 1400.0,
+        "vllm:request_prefill_time_seconds_sum{model_name=m}": 5.0,
+        "vllm:request_prefill_time_seconds_count{model_name=m}": 10.0,  # no request finished its prefill
+    }
+    figures = server_figures(before, after)
+    assert figures["queue_ms"] == (pytest.approx(150.0), "ms")  # 0.6 s over 4 requests
+    assert figures["preemptions"] == (3.0, "count")
+    assert figures["prefix_cache_hit_rate"] == (pytest.approx(0.3), "fraction")
+    assert "prefill_ms" not in figures and "decode_ms" not in figures  # no event, or no series: absent, not zero
+    assert server_figures(None, after) == {} and server_figures(before, {"other_metric": 1.0}) == {}
+
+
+def test_real_replies_carry_the_servers_answers_on_one_connection_after_a_think_time(tmp_path):
+    script = answer(usage(9, 2), {"reasoning_content": "hm"}, {"content": "Answer"}, {"content": " two"})
+    with MockServer({"m": script}) as server:
+        result = serve_point(tmp_path, server, "bench.workload=multi_turn", "bench.replies=real", "bench.turns=3",
+                             "bench.think_time_s=0.05", "bench.api=chat", "bench.num_requests=6",
+                             "bench.concurrency=[2]", "bench.rates=[]", "bench.warmup_runs=0")  # fmt: skip
+    bodies = server.bodies
+    assert len(bodies) == 6 and result.metrics["completed[concurrency=2]"]["mean"] == 6
+    third = [b for b in bodies if len(b["messages"]) == 5]
+    assert len(third) == 2  # two sessions reached their third turn
+    # The server's real answer (without its reasoning) is in the conversation, not a canned reply.
+    assert [m["content"] for m in third[0]["messages"] if m["role"] == "assistant"] == ["Answer two"] * 2
+    # One connection per session: 2 sessions, 2 connections for their 6 requests.
+    completions = [port for (_, path, _), port in zip(server.requests, server.client_ports, strict=True)
+                   if path.endswith("/chat/completions")]  # fmt: skip
+    assert len(completions) == 6 and len(set(completions)) == 2
+    # Each later turn waits for its answer and the think time: its schedule is after the previous turn's end.
+    level = result.details["levels"]["concurrency=2"]
+    assert level["requests"] == 6 and level["client"]["lateness_p99_ms"] < 50
+
+
+def test_real_replies_options_are_checked(compose):
+    from harness.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="would be ignored"):
+        compose("model=tiny-qwen2", "bench=serve", "bench.replies=real")
+    with pytest.raises(ConfigError, match="bench.replies=real"):
+        compose("model=tiny-qwen2", "bench=serve", "bench.workload=multi_turn", "bench.think_time_s=1")
+    with pytest.raises(ConfigError, match="client_workers=1"):
+        compose("model=tiny-qwen2", "bench=serve", "bench.workload=multi_turn", "bench.replies=real",
+                "bench.client_workers=2")  # fmt: skip
