@@ -44,6 +44,16 @@ def test_a_window_starts_at_zero_and_keeps_the_trace_gaps():
         trace.window(60.0, 100.0, None)
 
 
+def test_thinning_keeps_the_shape_of_ten_minutes_at_a_lower_rate():
+    trace = load_trace(AZURE)
+    full = trace.window(0.0, 600.0, None)
+    thin = trace.window(0.0, 600.0, None, sample=0.05, seed=7)
+    assert thin == trace.window(0.0, 600.0, None, sample=0.05, seed=7)  # seeded
+    assert 0.03 * len(full) < len(thin) < 0.07 * len(full)
+    assert thin[-1].t > 500  # still spans the ten minutes (times relative to the first kept request)
+    assert {r.row for r in thin} <= {r.row for r in full}
+
+
 def test_burstgpt_skips_and_counts_requests_that_failed_in_production(tmp_path):
     path = write(
         tmp_path,

@@ -94,6 +94,7 @@ class BenchConfig:
     trace_start_s: float = 0.0  # the replayed window starts this far into the trace (trace time)
     trace_duration_s: float | None = None  # and lasts this long (trace time); None: to the trace's end
     trace_requests: int | None = None  # at most this many of the window's requests
+    trace_sample: float = 1.0  # keep this share of the window's requests (seeded): the trace's shape at a lower rate
     dataset: str | None = None  # dataset: a JSONL of chat messages, ShareGPT conversations or prompts
     dataset_output: str = "natural"  # natural: the model stops (bench.max_new_tokens at most) | forced: the entry's
     # auto: every level's prompts are its own (a level cannot be served from a cache an earlier level or point
@@ -141,6 +142,7 @@ class BenchConfig:
               self.trace_duration_s, "null or > 0 (seconds of trace time)")  # fmt: skip
         check(self.trace_requests is None or self.trace_requests >= 1, "bench.trace_requests", self.trace_requests,
               "null or an integer >= 1")  # fmt: skip
+        check(0 < self.trace_sample <= 1, "bench.trace_sample", self.trace_sample, "a fraction in (0, 1]")
         one_of("bench.dataset_output", self.dataset_output, ("natural", "forced"))
         one_of("bench.cache_salt", self.cache_salt, ("auto", "none"))
         one_of("bench.replies", self.replies, ("canned", "real"))

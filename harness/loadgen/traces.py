@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import random
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -51,10 +52,16 @@ class Trace:
     block_tokens: int | None = None  # the tokens of one hash id (traces with hash_ids)
     skipped: dict[str, int] = field(default_factory=dict)  # why rows were not replayed, and how many
 
-    def window(self, start_s: float, duration_s: float | None, max_requests: int | None) -> list[TraceRequest]:
-        """The requests from start_s on (trace time), for duration_s and at most max_requests, their times
-        made relative to the window's start."""
+    def window(
+        self, start_s: float, duration_s: float | None, max_requests: int | None, sample: float = 1.0, seed: int = 0
+    ) -> list[TraceRequest]:
+        """The requests from start_s on (trace time), for duration_s, a seeded `sample` share of them (thinning
+        keeps the trace's shape over time at a lower rate) and at most max_requests, their times made relative to
+        the window's start."""
         chosen = [r for r in self.requests if r.t >= start_s and (duration_s is None or r.t < start_s + duration_s)]
+        if sample < 1.0:
+            rng = random.Random(seed)
+            chosen = [r for r in chosen if rng.random() < sample]
         chosen = chosen[:max_requests] if max_requests else chosen
         if not chosen:
             raise ConfigError(

@@ -183,6 +183,7 @@ REFUSED: dict[str, str] = {
     "bench.trace_start_s": "shapes a trace replay, which a job cannot start (bench.trace names a file)",
     "bench.trace_duration_s": "shapes a trace replay, which a job cannot start (bench.trace names a file)",
     "bench.trace_requests": "shapes a trace replay, which a job cannot start (bench.trace names a file)",
+    "bench.trace_sample": "shapes a trace replay, which a job cannot start (bench.trace names a file)",
     "bench.dataset": "names a file of this machine",
     "bench.dataset_output": "shapes a dataset replay, which a job cannot start (bench.dataset names a file)",
     "validation": "a mapping; set its field (validation.min_pass_rate=0.8)",

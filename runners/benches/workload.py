@@ -81,7 +81,8 @@ class Workload:
             out["turns"] = b.turns
         if self.trace is not None:
             out["trace"] = {**self.trace.describe(), "speedup": b.trace_speedup, "start_s": b.trace_start_s,
-                            "duration_s": b.trace_duration_s, "max_requests": b.trace_requests}  # fmt: skip
+                            "duration_s": b.trace_duration_s, "max_requests": b.trace_requests,
+                            "sample": b.trace_sample, "replayed": len(self.trace_window())}  # fmt: skip
         if self.dataset is not None:
             out["dataset"] = {**self.dataset.describe(), "output": b.dataset_output}
         if self.clipped:
@@ -157,7 +158,7 @@ class Workload:
     def trace_window(self) -> list[TraceRequest]:
         b = self.bench
         assert self.trace is not None
-        return self.trace.window(b.trace_start_s, b.trace_duration_s, b.trace_requests)
+        return self.trace.window(b.trace_start_s, b.trace_duration_s, b.trace_requests, b.trace_sample, self.seed)
 
     def trace_offsets(self) -> list[float]:
         """The window's send times, sped up by bench.trace_speedup."""
