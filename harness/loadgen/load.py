@@ -8,9 +8,12 @@ Request bodies are built before a level starts, so nothing but sending and readi
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import math
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -222,6 +225,19 @@ class LevelPlan:
     t0: float | None = None
 
 
+@contextlib.contextmanager
+def heap_frozen() -> Iterator[None]:
+    """While a level is timed, the objects that existed before it are out of the garbage collector's reach: a
+    full collection over a large heap (a loaded model, a tokenizer) stalls the event loop for milliseconds, which
+    would be charged to the server as lateness and TTFT."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def run_level_here(plan: LevelPlan) -> tuple[list[RequestRecord], list[float], float, float, str | None]:
     """Run a level's share on this process's own event loop."""
     if plan.mode == "closed":
@@ -234,6 +250,12 @@ def run_level_here(plan: LevelPlan) -> tuple[list[RequestRecord], list[float], f
             plan.endpoint, plan.plans, plan.offsets, plan.max_concurrency, plan.duration_s, plan.backlog_limit, plan.t0
         )
     )
+
+
+def _run_share(plan: LevelPlan) -> tuple[list[RequestRecord], list[float], float, float, str | None]:
+    """A client process's share of a level (its start time is seconds ahead, so the collection fits before)."""
+    with heap_frozen():
+        return run_level_here(plan)
 
 
 def run_level(
@@ -253,10 +275,13 @@ def run_level(
     key = key or (f"concurrency={int(value)}" if mode == "closed" else f"rate={value:g}")
     offsets = list(offsets or [])
     if workers <= 1:
-        t0 = time.perf_counter() + 0.05
-        records, lags, cpu, wall, stopped = run_level_here(
-            LevelPlan(endpoint, plans, mode, value, offsets, duration_s, ramp_up_s, max_concurrency, backlog_limit, t0)
-        )
+        with heap_frozen():  # before the start time is fixed: the collection itself takes a while
+            t0 = time.perf_counter() + 0.05
+            records, lags, cpu, wall, stopped = run_level_here(
+                LevelPlan(
+                    endpoint, plans, mode, value, offsets, duration_s, ramp_up_s, max_concurrency, backlog_limit, t0
+                )
+            )
         return Level(key, mode, value, records, t0, lags, cpu, wall, stopped, offsets)
     import concurrent.futures
     import multiprocessing
@@ -281,7 +306,7 @@ def run_level(
             )
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(len(shares), mp_context=context) as pool:
-        outcomes = list(pool.map(run_level_here, [s for _, s in shares]))
+        outcomes = list(pool.map(_run_share, [s for _, s in shares]))
     records, lags, cpu, wall, stopped = [], [], 0.0, 0.0, None
     for (idx, _), (recs, lag, c, w, s) in zip(shares, outcomes, strict=True):
         for r in recs:

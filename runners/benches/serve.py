@@ -12,7 +12,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from harness.loadgen.figures import Level, cached_prompt_tokens, level_metrics
-from harness.loadgen.load import arrival_offsets, run_level, warm_up
+from harness.loadgen.load import arrival_offsets, heap_frozen, run_level, warm_up
 from harness.loadgen.server_metrics import changed, scrape, server_figures
 from harness.loadgen.sessions import run_sessions
 from harness.stats import summarize
@@ -124,9 +124,10 @@ class _Run:
         if mode == "open":
             seed = self.ctx.cfg.seed + self.level_index
             offsets = arrival_offsets(len(sessions), value, b.arrival, seed, b.burstiness, b.ramp_up_s)
-        return asyncio.run(
-            run_sessions(self.endpoint, sessions, self.workload.turn, mode, value, offsets, b.duration_s, key)
-        )
+        with heap_frozen():
+            return asyncio.run(
+                run_sessions(self.endpoint, sessions, self.workload.turn, mode, value, offsets, b.duration_s, key)
+            )
 
     def _against_ceiling(self, details: dict[str, Any], level: Level) -> None:
         """How close the level came to the client's own ceiling; past half of it the client may have shaped the
