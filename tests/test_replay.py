@@ -4,8 +4,8 @@ usage gives: cached prompt tokens, reasoning apart from the answer, client and s
 
 from __future__ import annotations
 
-import gc
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -74,6 +74,8 @@ def test_a_trace_is_sent_on_its_own_schedule(tmp_path):
     assert [len(b["prompt"]) for b in bodies] == [r.input_tokens for r in trace.requests[:12]]
     assert [b["max_tokens"] for b in bodies] == [r.output_tokens for r in trace.requests[:12]]
     assert all(b["min_tokens"] == b["max_tokens"] for b in bodies)
+    # Each answer (1 token from the mock) is short of its own forced length, not of bench.max_new_tokens.
+    assert result.metrics["short_outputs[replay=1x]"]["mean"] == 12
     # The report draws the replay over time.
     from analysis.__main__ import main as analyze
 
@@ -217,7 +219,7 @@ def test_natural_dataset_outputs_are_not_forced(tmp_path):
     data = tmp_path / "p.jsonl"
     data.write_text('{"prompt": "Hi"}\n')
     with MockServer({"m": answer(usage(9, 1), {"content": "ok"})}) as server:
-        serve_point(
+        result = serve_point(
             tmp_path / "out",
             server,
             "bench.workload=dataset",
@@ -228,6 +230,7 @@ def test_natural_dataset_outputs_are_not_forced(tmp_path):
             "bench.rates=[]",
             "bench.cache_salt=none",
         )
+    assert result.metrics["short_outputs[concurrency=1]"]["mean"] == 0  # a natural length is never short
     body = server.bodies[-1]
     assert "min_tokens" not in body and body["max_tokens"] == 32 and body["messages"][0]["content"] == "Hi"
 
@@ -261,22 +264,35 @@ def test_a_bad_trace_exits_2_before_any_server_starts(tmp_path):
 
 
 def test_a_schedule_is_kept_by_the_client_when_the_server_is_instant():
-    """Sends at the trace's times (sped up 2x), straight through run_level: each within 2 ms of its time."""
-    trace = load_trace(AZURE).window(0.0, None, 30)
-    offsets = [r.t / 2 for r in trace]
+    """Sends at the trace's times, straight through run_level, to an instant server in a process of its own: its
+    first 12 requests (1.4 s, pairs 25 us apart), and its first 30 at 2x speed across a 14 s lull. Nine sends in ten
+    within 2 ms of their time, none past the self-check's 10 ms. (The outliers, 2.6-5.2 ms here, are a send right
+    after the level's first connection is opened and the first sends after the lull; the note of 2026-11-30 has
+    the figures.)"""
+    import os
+    import signal
+    import subprocess
+
     from harness.loadgen.load import Planned
 
-    plans = [Planned("/completions", {"model": "m", "prompt": [1, 2], "stream": True, "max_tokens": 1}, 1)] * 30
-    with MockServer({"m": answer(usage(2, 1), {"content": "ok"})}) as server:
-        endpoint = Endpoint(server.base_url, "m", api="completions")
-        # The mock server is a thread of this (test) process: its garbage collections would stall the client too.
-        gc.disable()
-        try:
-            level = run_level(endpoint, plans, "open", 1.0, offsets, key="replay=2x")
-        finally:
-            gc.enable()
-    late = [(r.t_send - r.t_sched) * 1e3 for r in level.records]
-    assert level.key == "replay=2x" and len(late) == 30 and max(late) < 2.0, sorted(late)[-3:]
+    trace = load_trace(AZURE)
+    runs = {"start": [r.t for r in trace.window(0.0, None, 12)], "lull": [r.t / 2 for r in trace.window(0.0, None, 30)]}
+    server = subprocess.Popen([sys.executable, str(Path(__file__).parent / "instant_server.py")],
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    late: dict[str, list[float]] = {}
+    try:
+        port = int(server.stdout.readline())  # type: ignore[union-attr]
+        endpoint = Endpoint(f"http://127.0.0.1:{port}/v1", "m", api="completions")
+        for name, offsets in runs.items():
+            plan = Planned("/completions", {"model": "m", "prompt": [1, 2], "stream": True, "max_tokens": 1}, 1)
+            level = run_level(endpoint, [plan] * len(offsets), "open", 1.0, offsets, key=name)
+            assert all(r.ok for r in level.records) and len(level.records) == len(offsets)
+            late[name] = sorted((r.t_send - r.t_sched) * 1e3 for r in level.records)
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(10)
+    for name, values in late.items():
+        assert values[int(0.9 * (len(values) - 1))] < 2.0 and values[-1] < 10.0, (name, values[-4:])
 
 
 def test_server_counters_become_named_figures_and_missing_ones_stay_absent():

@@ -227,7 +227,7 @@ def test_open_loop_sends_on_schedule_and_reports_lateness_and_goodput():
     for r, offset in zip(level.records, offsets, strict=True):
         assert r.t_sched == pytest.approx(level.t0 + offset)
         assert 0 <= r.t_send - r.t_sched < 0.02
-    metrics, details, _ = level_metrics(level, WordTokenizer(), {"ttft_ms": 1000.0}, 4)
+    metrics, details, _ = level_metrics(level, WordTokenizer(), {"ttft_ms": 1000.0})
     assert metrics["completed[rate=20]"]["mean"] == 10
     assert metrics["output_tokens[rate=20]"]["mean"] == 4
     span = max(r.t_end for r in level.records) - level.t0
@@ -237,7 +237,7 @@ def test_open_loop_sends_on_schedule_and_reports_lateness_and_goodput():
     assert details["n_out_source"] == {"usage": 10} and details["k_source"] == {"usage_stream": 10}
     assert details["client"]["lateness_p99_ms"] < 20 and details["schedule_s"] == pytest.approx(offsets)
     # An SLO nobody meets: goodput 0, attainment 0, throughput unchanged.
-    strict, _, _ = level_metrics(level, WordTokenizer(), {"ttft_ms": 0.001}, 4)
+    strict, _, _ = level_metrics(level, WordTokenizer(), {"ttft_ms": 0.001})
     assert strict["goodput_rps[rate=20]"]["mean"] == 0 and strict["slo_attainment[rate=20]"]["mean"] == 0
 
 
@@ -271,7 +271,7 @@ def test_saturation_stops_the_level_and_cancels_what_is_in_flight():
     statuses = {r.status for r in level.records}
     assert statuses == {"cancelled", "not_sent"}
     assert len(level.records) == 20  # the ones never sent stay in the level, against its goodput
-    metrics, details, _ = level_metrics(level, None, {"ttft_ms": 10_000.0}, 4)
+    metrics, details, _ = level_metrics(level, None, {"ttft_ms": 10_000.0})
     assert details["errors"]["cancelled"] == 5 and metrics[f"failed[{level.key}]"]["mean"] == 20
     assert metrics[f"slo_attainment[{level.key}]"]["mean"] == 0
 
@@ -290,10 +290,10 @@ def test_two_client_processes_share_one_schedule():
 
 def test_client_self_check_flags_a_lagging_loop():
     level = Level("rate=1", "open", 1.0, [], 0.0, loop_lag_ms=[50.0] * 10, client_cpu_s=0.1, wall_s=1.0)
-    _, details, _ = level_metrics(level, None, {}, 4)
+    _, details, _ = level_metrics(level, None, {})
     assert details["client"]["client_bound"] and "event-loop lag" in details["client"]["reasons"][0]
     calm = Level("rate=1", "open", 1.0, [], 0.0, loop_lag_ms=[0.2] * 10, client_cpu_s=0.1, wall_s=1.0)
-    assert not level_metrics(calm, None, {}, 4)[1]["client"]["client_bound"]
+    assert not level_metrics(calm, None, {})[1]["client"]["client_bound"]
 
 
 def test_slo_check_uses_the_scheduled_send():

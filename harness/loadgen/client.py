@@ -85,6 +85,7 @@ class RequestRecord:
     error: str = ""
     finish_reason: str | None = None
     usage: dict[str, Any] | None = None
+    forced: bool = True  # the request asked for exactly max_tokens (min_tokens): a shorter answer is counted
     session: int | None = None  # multi-turn sessions with real replies: which session and turn
     turn: int | None = None
 

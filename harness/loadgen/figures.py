@@ -261,7 +261,6 @@ def level_metrics(
     level: Level,
     tokenizer: Any | None,
     slo: dict[str, float],
-    max_tokens: int,
     expected_cached: float | None = None,
     mismatch_limit: float = 0.05,
 ) -> tuple[
@@ -318,7 +317,8 @@ def level_metrics(
             [bool(f is not None and (not slo or check_slo(slo, f))) for _, _, f in rows]
         )
     errors = Counter(r.status for r in measured if not r.ok)
-    short = sum(1 for _, c, _ in ok if c is not None and c.n_out < max_tokens)
+    # An output shorter than the length the request forced (a natural-length request may stop where it likes)
+    short = sum(1 for r, c, _ in ok if c is not None and r.forced and c.n_out < r.max_tokens)
     mismatches = sum(1 for _, c, _ in ok if c is not None and c.mismatch)
     no_token_itl = sum(1 for _, c, _ in ok if c is not None and not c.token_itl_ok)
     for name, value in (

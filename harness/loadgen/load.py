@@ -31,6 +31,7 @@ class Planned:
     body: dict[str, Any]
     max_tokens: int
     prompt_tokens: int | None = None
+    forced: bool = True  # min_tokens = max_tokens was asked
 
 
 def arrival_offsets(
@@ -69,12 +70,16 @@ def _time_of(work: float, rate: float, ramp_s: float) -> float:
 
 
 SPIN_S = 0.0015  # the last stretch before a send is waited out by yielding, not by the selector's timeout
+WAKE_S = 0.020  # a long wait first ends this far ahead: waking from a long idle sleep can itself be ms late
 
 
 async def wait_until(t: float) -> None:
     """Sleep until perf_counter() reaches t. The event loop's selector rounds a timeout up to whole milliseconds,
-    which alone made sends about 1 ms late; the last SPIN_S are spent yielding to the loop instead (other requests'
-    chunks are still read), at a cost of at most that much CPU per send."""
+    which alone made sends about 1 ms late, and the first wake-up after seconds of idling came 2-4 ms late here (a
+    virtual machine's timer, an idle core): a long wait wakes WAKE_S early, sleeps again to SPIN_S before t, and
+    spends the rest yielding to the loop (other requests' chunks are still read), at most SPIN_S of CPU a send."""
+    while (left := t - time.perf_counter()) > WAKE_S:
+        await asyncio.sleep(left - WAKE_S)
     await asyncio.sleep(max(0.0, t - time.perf_counter() - SPIN_S))
     while time.perf_counter() < t:
         await asyncio.sleep(0)
@@ -88,7 +93,7 @@ async def lag_ticker(lags: list[float], stop: asyncio.Event) -> None:
 
 
 def _record(i: int, plan: Planned, t_sched: float, warmup: bool = False) -> RequestRecord:
-    return RequestRecord(i, t_sched, plan.max_tokens, plan.prompt_tokens, warmup=warmup)
+    return RequestRecord(i, t_sched, plan.max_tokens, plan.prompt_tokens, warmup=warmup, forced=plan.forced)
 
 
 async def warm_up(endpoint: Endpoint, plans: list[Planned]) -> list[RequestRecord]:
@@ -275,6 +280,8 @@ def run_level(
     key = key or (f"concurrency={int(value)}" if mode == "closed" else f"rate={value:g}")
     offsets = list(offsets or [])
     if workers <= 1:
+        import aiohttp  # noqa: F401 - its first import takes about 0.1 s: before the start time is fixed, not after
+
         with heap_frozen():  # before the start time is fixed: the collection itself takes a while
             t0 = time.perf_counter() + 0.05
             records, lags, cpu, wall, stopped = run_level_here(

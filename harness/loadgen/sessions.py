@@ -45,7 +45,7 @@ async def _session(
             history.append({"role": "user", "content": user})
             planned = build(history)
             record = RequestRecord(number * len(plan.users) + turn, t_sched, planned.max_tokens, planned.prompt_tokens,
-                                   session=number, turn=turn)  # fmt: skip
+                                   forced=planned.forced, session=number, turn=turn)  # fmt: skip
             records.append(record)
             await send(http, endpoint, planned.path, planned.body, record)
             if not record.ok:

@@ -90,9 +90,7 @@ class _Run:
                 r.warmup = r.warmup or (r.t_sched - level.t0) < b.ramp_up_s
         tokenizer = self.ctx.loaded.tokenizer
         expected = expected_cached_share(plans, tokenizer) if plans else None
-        metrics, details, rows = level_metrics(
-            level, tokenizer, b.slo.limits(), b.max_new_tokens, expected, b.token_mismatch_limit
-        )
+        metrics, details, rows = level_metrics(level, tokenizer, b.slo.limits(), expected, b.token_mismatch_limit)
         if self.workload.salt:
             details["cache_salt"] = self.workload.salt
         self.out.metrics.update(metrics)

@@ -113,7 +113,7 @@ class Workload:
         sampling = {"temperature": b.temperature, "top_p": b.top_p, "seed": self.seed}
         max_tokens = max_tokens or b.max_new_tokens
         path, body = request_body(self.endpoint, prompt, max_tokens, max_tokens if forced else 0, **sampling)
-        return Planned(path, body, max_tokens, prompt_tokens)
+        return Planned(path, body, max_tokens, prompt_tokens, forced)
 
     def _as_prompt(self, ids: list[int]) -> tuple[Any, int | None]:
         """Token ids for /completions (exact length); a user message of their text for chat (the server's template
