@@ -167,3 +167,15 @@ def test_a_bad_dataset_names_the_file_the_line_and_the_fix(tmp_path, text, says)
     with pytest.raises(ConfigError, match=says) as caught:
         load_dataset(path)
     assert str(path) in caught.value.cause
+
+
+def test_a_long_point_folder_name_is_shortened_and_stays_unique():
+    from harness.config.compose import FOLDER_NAME_BYTES, folder_name
+
+    short = "bench=serve,model=smollm2"
+    assert folder_name(short) == short and folder_name("workflow.cases=a/b.json") == "workflow.cases=a%2Fb.json"
+    long_a = "bench.trace=" + "x" * 300 + ",model=smollm2"
+    long_b = "bench.trace=" + "x" * 300 + ",model=qwen"
+    a, b = folder_name(long_a), folder_name(long_b)
+    assert len(a.encode()) <= FOLDER_NAME_BYTES and a != b and a.startswith("bench.trace=xxx")
+    assert folder_name("é" * 300) != folder_name("é" * 301) and len(folder_name("é" * 300).encode()) <= 200

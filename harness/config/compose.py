@@ -30,7 +30,23 @@ def register_schemas() -> None:
     ConfigStore.instance().store(name="harness_schema", node=HarnessConfig)
     # A point's folder is named by its overrides; a path among them (workflow.cases=tests/x.json) must not
     # become nested folders, where two points would share a folder name. "/" is written as "%2F".
-    OmegaConf.register_new_resolver("folder_name", lambda text: str(text).replace("/", "%2F"), replace=True)
+    OmegaConf.register_new_resolver("folder_name", folder_name, replace=True)
+
+
+FOLDER_NAME_BYTES = 200  # file systems allow 255 bytes a name; the rest is for the files a point writes beside
+
+
+def folder_name(overrides: object) -> str:
+    """A point's folder name from its overrides: "/" written as "%2F"; a name too long for a file system (a trace
+    path and server arguments) keeps its start and ends with a digest of the whole, so it stays unique."""
+    import hashlib
+
+    name = str(overrides).replace("/", "%2F")
+    if len(name.encode()) <= FOLDER_NAME_BYTES:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:12]
+    head = name.encode()[: FOLDER_NAME_BYTES - 13].decode(errors="ignore")
+    return f"{head}~{digest}"
 
 
 def validate(cfg: DictConfig | HarnessConfig) -> HarnessConfig:
