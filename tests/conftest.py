@@ -83,6 +83,21 @@ def harness_env(env: dict[str, str] | None = None) -> dict[str, str]:
     return full
 
 
+def in_fresh_process(check: str, timeout: int = 300) -> None:
+    """Run `module:function` (its assertions) in a fresh interpreter. Timing checks at the millisecond need it:
+    late in the suite this process holds other tests' threads and a large heap, whose GIL turns and collections
+    would be charged to the client being timed."""
+    module, _, function = check.partition(":")
+    done = subprocess.run(
+        [sys.executable, "-c", f"from {module} import {function}; {function}()"],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 def run_harness(cwd: Path, *args: str, env: dict[str, str] | None = None, timeout: int = 600):
     """`python -m harness args` in cwd, run to its end."""
     return subprocess.run(

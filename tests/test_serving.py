@@ -14,6 +14,7 @@ import pytest
 from harness.loadgen.client import Endpoint, RequestRecord, new_session, request_body, send
 from harness.loadgen.figures import Level, check_slo, count_tokens, level_metrics, request_figures
 from harness.loadgen.load import Planned, arrival_offsets, run_level
+from tests.conftest import in_fresh_process
 from tests.mock_openai import DISCONNECT, FINISH, ROLE, MockServer, Script, content, usage_only
 
 # Server and client share one process (two threads, one GIL) on a 2-core machine: from a write to the client's stamp
@@ -62,8 +63,12 @@ SCRIPTED = Script(
 
 
 def test_scripted_stream_recovers_ttft_itl_and_token_counts():
-    # Server and client share this process: late in the suite its heap is large, and a garbage collection between
-    # a write and its read (about 1 ms here) would be charged to the client. The client's stamp is what is tested.
+    in_fresh_process("tests.test_serving:check_scripted_stream")
+
+
+def check_scripted_stream():
+    # Server and client share this (fresh) process: a garbage collection between a write and its read (about 1 ms
+    # here) would be charged to the client. The client's stamp is what is tested.
     gc.collect()
     gc.disable()
     try:
