@@ -130,6 +130,13 @@ def assert_only_allowed_changes(cfg, point):
         ("bench.concurrency=[1000]", "limit for a job"),
         ("bench.max_new_tokens=65", "limit for a job"),
         ("model=tiny-gpt2 bench=latency", "does not parse"),
+        ("bench.trace=/etc/passwd", "names a file"),
+        ("bench.dataset=/etc/passwd", "names a file"),
+        ("bench.workload=trace", "takes only synthetic"),
+        ("bench.workload=dataset", "takes only synthetic"),
+        ("bench.trace_speedup=2", "shapes a trace replay"),
+        ("bench.trace_sample=0.5", "shapes a trace replay"),
+        ("bench.dataset_output=forced", "shapes a dataset replay"),
     ],
 )
 def test_escapes_and_excess_are_refused(override, message):
@@ -140,6 +147,16 @@ def test_escapes_and_excess_are_refused(override, message):
 def test_a_llamacpp_context_beyond_the_job_limits_is_refused():
     with pytest.raises(ConfigError, match="engine.n_ctx=1e\\+06 is above this server's limit for a job"):
         compose(["model=smollm2", "engine=llamacpp", "engine.n_ctx=1000000"])
+
+
+def test_a_job_may_set_the_load_accounting_fields_that_name_nothing():
+    cfg, point = compose(["model=tiny-gpt2", "bench=serve", "bench.workload=multi_turn", "bench.replies=real",
+                          "bench.think_time_s=0.5", "bench.cache_salt=none", "bench.token_mismatch_limit=0.1",
+                          "bench.slo.ttft_answer_ms=900"])  # fmt: skip
+    b = cfg.bench
+    assert (b.replies, b.think_time_s, b.cache_salt, b.token_mismatch_limit) == ("real", 0.5, "none", 0.1)
+    assert b.slo.ttft_answer_ms == 900 and b.trace is None and b.dataset is None
+    assert_only_allowed_changes(cfg, point)
 
 
 def test_an_allowed_job_composes_only_what_it_may_change():
