@@ -397,17 +397,35 @@ def test_bad_conversations_fail_the_right_checks(replies, reasons, must_fail):
 
 
 # -- case files ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("workflow", ["search_qa", "lesson_pack"])
-def test_the_held_out_case_files_are_valid(workflow):
-    # Written after the prompts changed, to report pass rates on cases the change was not tuned to.
-    path = f"harness/workflows/data/heldout/{workflow}_cases.json"
-    assert len(create_workflow(WorkflowConfig(name=workflow, cases=path)).cases) >= 6
+SET_SIZES = {"search_qa": 60, "lesson_pack": 30, "chat": 30}  # the fewest cases a set holds (a gate needs them)
 
 
-def test_the_built_in_case_files_are_valid_and_large_enough():
-    counts = {name: len(create_workflow(WorkflowConfig(name=name)).cases) for name in ("search_qa", "lesson_pack")}
-    counts["chat"] = len(create_workflow(WorkflowConfig(name="chat")).cases)
-    assert counts["search_qa"] >= 20 and counts["lesson_pack"] >= 10 and counts["chat"] >= 10
+@pytest.mark.parametrize("workflow", sorted(SET_SIZES))
+@pytest.mark.parametrize("held_out", [False, True])
+def test_each_case_set_is_valid_large_enough_and_says_where_each_case_came_from(workflow, held_out):
+    # Held-out sets were written after the prompts last changed, to report pass rates on cases no change was
+    # tuned to; none shares a case id with the built-in set.
+    path = f"harness/workflows/data/heldout/{workflow}_cases.json" if held_out else None
+    cases = create_workflow(WorkflowConfig(name=workflow, cases=path)).cases
+    assert len(cases) >= SET_SIZES[workflow] and all(c.get("provenance") is not None for c in cases)
+    if held_out:
+        built_in = {c["id"] for c in create_workflow(WorkflowConfig(name=workflow)).cases}
+        assert not built_in & {c["id"] for c in cases}
+
+
+def test_search_qa_cases_spread_over_the_corpus_and_its_answers_are_in_their_sources():
+    """Every expected keyword is in the expected source's text (the source holds the answer), the cases cover
+    many topics and several kinds of question."""
+    from harness.workflows.checks import _keyword_pattern
+    from harness.workflows.corpus import load_documents
+
+    docs = {d.id: d.text for d in load_documents(None)}
+    for path in (None, "harness/workflows/data/heldout/search_qa_cases.json"):
+        cases = create_workflow(WorkflowConfig(name="search_qa", cases=path)).cases
+        for case in cases:
+            for keyword in case["expected_keywords"]:
+                assert _keyword_pattern(keyword).search(docs[case["expected_source"]]), (case["id"], keyword)
+        assert len({c["expected_source"] for c in cases}) >= 30 and len({c.get("kind") for c in cases}) >= 5
 
 
 def write(tmp_path, data, name="cases.json"):

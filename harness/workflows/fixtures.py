@@ -23,6 +23,8 @@ SCHEMAS: dict[str, dict[str, tuple[Any, bool]]] = {
         "expected_keywords": (_STR_LIST, True),  # all must appear in the answer; "a|b" accepts either
         "expected_source": (str, True),  # the id of the document that holds the answer
         "min_keywords": (int, False),  # accept an answer with at least this many of them
+        "kind": (str, False),  # the question's kind (what, which, why, how, can, value, exception, method, ...)
+        "provenance": (str, False),  # who wrote the case, when, and from which source text
     },
     "lesson_pack": {
         "id": (str, True),
@@ -31,11 +33,15 @@ SCHEMAS: dict[str, dict[str, tuple[Any, bool]]] = {
         "language": (str, False),
         "min_exercises": (int, False),
         "expected_keywords": (_STR_LIST, False),  # words a lesson on this topic cannot avoid
+        "kind": (str, False),  # the subject area (programming, mathematics, science, language, tools)
+        "provenance": (str, False),
     },
     "chat": {
         "id": (str, True),
         "system": (str, False),
         "turns": (_TURNS, True),  # [{"user": "...", "expect": ["keyword", ...]}]; expect is optional
+        "kind": (str, False),  # what the conversation must remember (name, place, number, date, preference, ...)
+        "provenance": (str, False),
     },
 }
 
