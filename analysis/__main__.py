@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     from analysis.compare import compare
     from analysis.plots import all_plots
-    from analysis.quality import model_quality_table
+    from analysis.quality import case_agreement_table, model_quality_table
     from analysis.report import write_report
     from analysis.summary import default_baseline, write_summary
     from analysis.table import failures, tidy
@@ -85,7 +85,7 @@ def _run(args: argparse.Namespace) -> int:
     frame = tidy(results)
     failed = failures(results)
     baseline = args.baseline or default_baseline(frame)
-    tables = write_summary(frame, failed, out, baseline, model_quality_table(results))
+    tables = write_summary(frame, failed, out, baseline, model_quality_table(results), case_agreement_table(results))
     plots = all_plots(frame, results, out / "plots")
     commands = [p.read_text().strip() for f in args.folders if (p := f / "command.txt").is_file()]
     report = write_report(out, results, tables, plots, failed, baseline, commands)

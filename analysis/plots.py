@@ -359,14 +359,99 @@ def pareto(frame: pd.DataFrame, folder: Path) -> Path | None:
     return _save(fig, folder, "pareto")
 
 
+def _scatter_front(ax, both: pd.DataFrame, better: str) -> None:
+    """Numbered points (named in the legend), the Pareto front in red and joined."""
+    front = _front(both, better)
+    for i, (key, row) in enumerate(both.sort_values("x").iterrows(), start=1):
+        on = key in front
+        ax.scatter(row["x"], row["speed"], s=70 if on else 35, color="C3" if on else "C0", zorder=3,
+                   label=f"{i}: {key}" + (" (front)" if on else ""))  # fmt: skip
+        ax.annotate(str(i), (row["x"], row["speed"]), textcoords="offset points", xytext=(5, 5), fontsize=9)
+    ax.plot([both.loc[k, "x"] for k in front], [both.loc[k, "speed"] for k in front], color="C3", linestyle="--",
+            label="Pareto front")  # fmt: skip
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.15), ncol=2)
+    ax.grid(alpha=0.3)
+
+
+def serve_pareto(frame: pd.DataFrame, folder: Path) -> Path | None:
+    """bench=serve across a sweep's points and their levels: output tokens/s of the whole machine against tokens/s
+    one user sees (1000 / TPOT p50), the front marked: what each point trades between serving many and serving
+    each one fast. Beside it, where the sweep priced its points and graded their answers: pass rate against the
+    price per million tokens at each point's cheapest level."""
+    machine = _levels(frame, "output_tok_s")
+    tpot = _levels(frame, "tpot_ms", "p50")
+    pairs = {f"{label} @ {lv}": (tok_s, 1000.0 / tpot[label][lv])
+             for label, by_level in machine.items() for lv, tok_s in by_level.items()
+             if tpot.get(label, {}).get(lv)}  # fmt: skip
+    cost = _levels(frame, "cost_per_mtok")
+    ok = frame[frame["status"] == "ok"]
+    passed = ok[ok["metric"] == "pass_rate"].groupby("label")["mean"].mean()
+    priced = {label: min(by_level.values()) for label, by_level in cost.items() if by_level}
+    quality = pd.DataFrame({"x": pd.Series(priced), "speed": passed}).dropna()
+    panels = (["speed"] if len(pairs) >= 2 else []) + (["quality"] if len(quality) >= 2 else [])
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 6.5), squeeze=False)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        if panel == "speed":
+            _scatter_front(ax, pd.DataFrame.from_dict(pairs, orient="index", columns=["x", "speed"]), "higher")
+            ax.set_xlabel("output tokens/s of the machine (higher is better)")
+            ax.set_ylabel("tokens/s per user: 1000 / TPOT p50 (higher is better)")
+            ax.set_title("Serving many against serving each fast")
+        else:
+            _scatter_front(ax, quality, "lower")
+            unit = _rows(frame, "serve", "cost_per_mtok")["unit"].iloc[0]
+            ax.set_xlabel(f"price per million output tokens ({unit}; lower is better)")
+            ax.set_ylabel("pass rate (higher is better)")
+            ax.set_title("Quality against cost")
+    return _save(fig, folder, "serve_pareto")
+
+
+def serve_pass_rate(frame: pd.DataFrame, folder: Path) -> Path | None:
+    """Graded load: the pass rate of each level with its Wilson interval, against the offered rate (open loop) or
+    the clients (closed loop), with content and format apart: does the model answer worse under load (answers cut
+    by timeouts or limits, queues that change what is sent)?"""
+    rate = _levels(frame, "pass_rate")
+    if not rate:
+        return None
+    low, high = _levels(frame, "pass_rate", "ci95_low"), _levels(frame, "pass_rate", "ci95_high")
+    content, form = _levels(frame, "content_pass_rate"), _levels(frame, "format_pass_rate")
+    loops = [loop for loop in ("concurrency", "rate") if any(lv.startswith(loop) for d in rate.values() for lv in d)]
+    fig, axes = plt.subplots(1, len(loops), figsize=(6.5 * len(loops), 4.5), squeeze=False)
+    colors = _colors(rate)
+    for ax, loop in zip(axes[0], loops, strict=True):
+        for label, by_level in rate.items():
+            levels = sorted(
+                (lv for lv in by_level if lv.startswith(loop + "=")), key=lambda lv: float(lv[len(loop) + 1 :])
+            )
+            if not levels:
+                continue
+            xs = [float(lv.split("=")[1]) for lv in levels]
+            ys = [by_level[lv] for lv in levels]
+            err = [[y - low[label].get(lv, y) for y, lv in zip(ys, levels, strict=True)],
+                   [high[label].get(lv, y) - y for y, lv in zip(ys, levels, strict=True)]]  # fmt: skip
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, color=colors[label], label=f"{label} pass")
+            for series, style, name in ((content, ":", "content"), (form, "--", "format")):
+                values = [series.get(label, {}).get(lv, float("nan")) for lv in levels]
+                ax.plot(xs, values, linestyle=style, color=colors[label], alpha=0.6, label=f"{label} {name}")
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_xlabel("offered rate (requests/s)" if loop == "rate" else "clients (closed loop)")
+        ax.set_ylabel("share of answers that passed (95% interval)")
+        ax.set_title("Pass rate under load")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, folder, "serve_pass_rate")
+
+
 def _levels(frame: pd.DataFrame, metric: str, stat: str = "mean") -> dict[str, dict[str, float]]:
     """bench=serve: label -> level -> the statistic of one metric."""
     rows = _rows(frame, "serve", metric)
-    out: dict[str, dict[str, float]] = {}
+    found: dict[str, dict[str, list[float]]] = {}
     for label, case, value in zip(rows["label"], rows["case"], rows[stat], strict=True):
         if case and value is not None and not pd.isna(value):
-            out.setdefault(label, {})[case] = float(value)
-    return out
+            # A level's repeats (rate=2,trial=1, ...) are one point of a curve: their mean (the table has each).
+            found.setdefault(label, {}).setdefault(case.split(",trial=")[0], []).append(float(value))
+    return {label: {case: sum(v) / len(v) for case, v in by.items()} for label, by in found.items()}
 
 
 def serve_curves(frame: pd.DataFrame, folder: Path) -> Path | None:
@@ -533,11 +618,24 @@ FRAME_PLOTS: tuple[Callable[[pd.DataFrame, Path], Path | None], ...] = (
     pareto,
     serve_curves,
     serve_goodput,
+    serve_pareto,
+    serve_pass_rate,
 )
 
 
 def all_plots(frame: pd.DataFrame, results: list[dict], folder: Path) -> list[Path]:
-    paths = [plot(frame, folder) for plot in FRAME_PLOTS]
-    paths.append(itl_distributions(results, folder))
-    paths.append(replay_over_time(results, folder))
+    """Every plot the results allow. A plot that fails is left out with its cause on stderr: one figure's bug
+    must not cost the tables and the other plots of a sweep."""
+    import sys
+
+    drawn = [(plot.__name__, lambda plot=plot: plot(frame, folder)) for plot in FRAME_PLOTS]
+    drawn += [(p.__name__, lambda p=p: p(results, folder)) for p in (itl_distributions, replay_over_time)]
+    paths = []
+    for name, draw in drawn:
+        try:
+            paths.append(draw())
+        except Exception as exc:
+            plt.close("all")
+            print(f"analysis: the plot {name} failed ({type(exc).__name__}: {exc}); the report is written without "
+                  "it. Please report it with the sweep's summary.csv.", file=sys.stderr)  # fmt: skip
     return [p for p in paths if p is not None]

@@ -7,6 +7,7 @@ bench=quality point of the same model and quantization) and is absent from a swe
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import pandas as pd
@@ -50,6 +51,8 @@ def model_quality_table(results: list[dict[str, Any]]) -> pd.DataFrame:
         workflow = r["point"].get("workflow", "?")
         workflows.add(workflow)
         row[workflow] = _pass_cell(m["pass_rate"])
+        if "content_pass_rate" in m and "format_pass_rate" in m:
+            row[f"{workflow} split"] = f"{fmt(m['content_pass_rate']['mean'])}, {fmt(m['format_pass_rate']['mean'])}"
         if "decode_tok_s" in m:
             row["decode"].append((m["decode_tok_s"]["mean"], m["decode_tok_s"]["n"]))
         footprint = (r.get("resolved") or {}).get("footprint_bytes")
@@ -62,6 +65,8 @@ def model_quality_table(results: list[dict[str, Any]]) -> pd.DataFrame:
             continue  # a quality point alone, with no workflow run beside it
         cells = {"dtype": row.get("dtype", "–")}
         cells.update({f"{w} pass rate": row.get(w, "–") for w in sorted(workflows)})
+        # What the answers said and how: a rate of 0 with content 0.8 is a format problem, not a knowledge one.
+        cells.update({f"{w} content, format": row.get(f"{w} split", "–") for w in sorted(workflows)})
         # The same text is scored at every e2e point of a row: the values agree, and the first is shown.
         cells["perplexity"] = fmt(row["ppl"][0]) if row["ppl"] else "–"
         cells["bits per byte"] = fmt(row["bpb"][0]) if row["bpb"] else "–"
@@ -70,3 +75,53 @@ def model_quality_table(results: list[dict[str, Any]]) -> pd.DataFrame:
         cells["weights MiB"] = fmt(row["weights"]) if "weights" in row else "–"
         table[key] = cells
     return pd.DataFrame.from_dict(table, orient="index").rename_axis("point")
+
+
+def _case_outcomes(result: dict[str, Any]) -> dict[str, bool]:
+    """case id -> passed, from the cases.jsonl beside an e2e result (empty where it is missing or unreadable)."""
+    import json
+    from pathlib import Path
+
+    path = Path(result.get("path", "")).parent / "cases.jsonl"
+    out: dict[str, bool] = {}
+    try:
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                record = json.loads(line)
+                out[str(record["id"])] = bool(record["passed"])
+    except OSError:
+        return {}
+    return out
+
+
+def case_agreement_table(results: list[dict[str, Any]], shown: int = 6) -> pd.DataFrame:
+    """For each workflow, every pair of its e2e points over the cases both ran: how many both passed, both
+    failed, and only one passed, with the cases that flipped; so a reader sees whether two points differ by a few
+    cases (noise) or systematically."""
+    by_workflow: dict[str, list[tuple[str, dict[str, bool]]]] = {}
+    for r, label in zip(results, point_labels(results), strict=True):
+        if r.get("status") == "ok" and bench_of(r) == "e2e":
+            outcomes = _case_outcomes(r)
+            if outcomes:
+                by_workflow.setdefault(r["point"].get("workflow", "?"), []).append((label, outcomes))
+    rows = []
+    for workflow, points in sorted(by_workflow.items()):
+        for i, (a, first) in enumerate(points):
+            for b, second in points[i + 1 :]:
+                common = sorted(set(first) & set(second))
+                only_a = [c for c in common if first[c] and not second[c]]
+                only_b = [c for c in common if second[c] and not first[c]]
+                rows.append(
+                    {
+                        "workflow": workflow,
+                        "points": f"A: {a} · B: {b}",
+                        "cases": len(common),
+                        "both pass": sum(first[c] and second[c] for c in common),
+                        "both fail": sum(not first[c] and not second[c] for c in common),
+                        "only A": len(only_a),
+                        "only B": len(only_b),
+                        "flipped": ", ".join((only_a + only_b)[:shown])
+                        + (" …" if len(only_a) + len(only_b) > shown else ""),
+                    }
+                )
+    return pd.DataFrame(rows)

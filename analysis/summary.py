@@ -37,6 +37,8 @@ KEY_METRICS = {
     ),
     "e2e": (
         "pass_rate",
+        "content_pass_rate",
+        "format_pass_rate",
         "check_pass_rate",
         "keyword_recall",
         "citation_precision",
@@ -57,6 +59,10 @@ SERVE_COLUMNS = (
     ("request_throughput_rps", "mean", "done req/s"),
     ("goodput_rps", "mean", "goodput req/s"),
     ("slo_attainment", "mean", "SLO met"),
+    ("pass_rate", "mean", "pass rate"),
+    ("content_pass_rate", "mean", "content pass"),
+    ("format_pass_rate", "mean", "format pass"),
+    ("correct_goodput_rps", "mean", "correct goodput req/s"),
     ("output_tok_s", "mean", "output tok/s"),
     ("ttft_ms", "p50", "TTFT p50 ms"),
     ("ttft_ms", "p99", "TTFT p99 ms"),
@@ -83,6 +89,12 @@ SERVE_COLUMNS = (
     ("server_decode_ms", "mean", "server decode ms"),
     ("server_preemptions", "mean", "server preemptions"),
     ("server_prefix_cache_hit_rate", "mean", "server cache hit rate"),
+    ("server_running", "mean", "server running"),
+    ("server_waiting", "max", "server waiting max"),
+    ("server_kv_cache_usage", "max", "server KV cache max"),
+    ("joules_per_token", "mean", "J/token"),
+    ("joules_per_correct", "mean", "J/correct answer"),
+    ("cost_per_mtok", "mean", "price/Mtok"),
 )
 MATCH = ("model", "attention", "engine", "workflow", "bench", "variant")
 
@@ -128,6 +140,15 @@ def bench_table(frame: pd.DataFrame, bench: str) -> pd.DataFrame:
     return pd.DataFrame.from_dict(table, orient="index").rename_axis("point")
 
 
+def _with_bounds(row: pd.Series, stat: str) -> str:
+    """A percentile with its 95% order-statistic interval ('412 [380, 460]'; '–' on a side the sample cannot
+    bound: a p99 of fewer than 368 requests has no upper bound); other statistics alone."""
+    low, high = row.get(f"{stat}_low"), row.get(f"{stat}_high")
+    if pd.isna(low) and pd.isna(high):
+        return fmt(row[stat])
+    return f"{fmt(row[stat])} [{fmt(low)}, {fmt(high)}]"
+
+
 def serve_table(frame: pd.DataFrame) -> pd.DataFrame:
     """bench=serve: a row per point and load level (closed-loop concurrency, then open-loop rates), with the
     percentiles that matter under load."""
@@ -136,7 +157,7 @@ def serve_table(frame: pd.DataFrame) -> pd.DataFrame:
     for _, r in rows.iterrows():
         for metric, stat, title in SERVE_COLUMNS:
             if r["metric"] == metric and r["case"]:
-                table.setdefault((r["label"], r["case"]), {})[title] = fmt(r[stat])
+                table.setdefault((r["label"], r["case"]), {})[title] = _with_bounds(r, stat)
     if not table:
         return pd.DataFrame()
     order = sorted(table, key=lambda k: (k[0], k[1].startswith("rate"), natural_key(k[1])))
@@ -202,8 +223,10 @@ def write_summary(
     folder: Path,
     baseline: tuple[str, str],
     quality: pd.DataFrame | None = None,
+    agreement: pd.DataFrame | None = None,
 ) -> dict[str, tuple[pd.DataFrame, pd.DataFrame]]:
-    """quality: the model-quality table (analysis.quality), shown first when the sweep ran workflows."""
+    """quality: the model-quality table (analysis.quality), shown first when the sweep ran workflows; agreement:
+    which cases two points of one workflow decided differently."""
     write_text_atomic(folder / "summary.csv", frame.to_csv(index=False))
     tables = {}
     parts = [
@@ -217,6 +240,13 @@ def write_summary(
             "\n## Model quality\n\nPass rates as passed/cases = rate [Wilson 95% interval]; perplexity and bits per "
             "byte of the built-in text; decode tok/s over every workflow request; weights as loaded.\n\n"
             + to_markdown(quality)
+        )
+    if agreement is not None and not agreement.empty:
+        tables["case agreement"] = (agreement.set_index("points"), pd.DataFrame())
+        parts.append(
+            "\n## Case agreement\n\nPairs of points of one workflow, over the cases both ran: a difference of a "
+            "few flipped cases is within noise; many in one direction is a real difference.\n\n"
+            + to_markdown(agreement.set_index("points"))
         )
     for bench in sorted(frame["bench"].dropna().unique()):
         rows = frame[frame["bench"] == bench]

@@ -12,8 +12,11 @@ import pandas as pd
 from harness.config import NOT_MEASURED, flatten
 
 GROUP_COLUMNS = ("model", "quant", "attention", "engine", "workflow", "bench")
-# ci95_low/ci95_high: the bounds of an asymmetric interval (the Wilson interval of a pass rate), else empty.
-STAT_COLUMNS = ("n", "mean", "stdev", "min", "p50", "p90", "p95", "p99", "max", "ci95", "ci95_low", "ci95_high")
+# ci95_low/ci95_high: the bounds of an asymmetric interval (the Wilson interval of a pass rate), else empty;
+# p99_low/p99_high and the like: a percentile's order-statistic interval, empty on a side the sample cannot bound.
+PERCENTILE_BOUNDS = tuple(f"p{q}_{side}" for q in (50, 90, 95, 99) for side in ("low", "high"))
+STAT_COLUMNS = ("n", "mean", "stdev", "min", "p50", "p90", "p95", "p99", "max", "ci95", "ci95_low", "ci95_high",
+                *PERCENTILE_BOUNDS)  # fmt: skip
 _CASE = re.compile(r"^(?P<name>[^\[]+)(?:\[(?P<case>.*)\])?$")
 
 

@@ -158,8 +158,11 @@ def compose_point(overrides: list[str]):
 
 
 # bench=serve with a target of its own launches (or reaches) that server with engine=transformers chosen: these
-# engine.* fields still shape the launch and the client.
-_LAUNCH_FIELDS = frozenset({"python", "server_args", "launch_timeout_s", "send_min_tokens", "token_prompts"})
+# engine.* fields still shape the launch and the client (n_ctx: a launched vLLM's or llama.cpp server's window, so
+# a sweep over targets gives each the same; cpus: where the launched server runs).
+_LAUNCH_FIELDS = frozenset(
+    {"python", "server_args", "launch_timeout_s", "send_min_tokens", "token_prompts", "n_ctx", "cpus"}
+)
 
 
 def check_fields_apply(overrides: list[str], cfg: HarnessConfig) -> None:

@@ -14,7 +14,7 @@ import os
 import re
 import signal
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 _PR_SET_PDEATHSIG = 1
 # The variable holding `harness serve`'s bearer token.
@@ -29,6 +29,42 @@ def _prctl() -> Callable[..., int] | None:
     return None
 
 
+def usable_cpus(cpus: list[int] | None, field_name: str) -> set[int] | None:
+    """`cpus` checked against the CPUs this process may run on (Linux's affinity mask), or None when not set."""
+    if not cpus:
+        return None
+    if not hasattr(os, "sched_getaffinity"):
+        from harness.errors import ConfigError
+
+        raise ConfigError(
+            f"{field_name} pins processes to CPUs, which this system ({sys.platform}) does not let a program do.",
+            f"drop {field_name} here (Linux only).",
+        )
+    allowed = os.sched_getaffinity(0)
+    if not set(cpus) <= allowed:
+        from harness.errors import ConfigError
+
+        raise ConfigError(
+            f"{field_name}={sorted(cpus)} names CPUs this process may not use; it may use {sorted(allowed)}.",
+            f"give {field_name} a list from those.",
+        )
+    return set(cpus)
+
+
+@contextlib.contextmanager
+def pinned(cpus: set[int] | None) -> Iterator[None]:
+    """This process (and the processes it starts meanwhile) runs on `cpus` only, then on what it had before."""
+    if not cpus:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
 def die_with_parent(signum: int = signal.SIGTERM) -> None:
     """Ask the kernel to send `signum` to this process when its parent dies (Linux; elsewhere nothing)."""
     prctl = _prctl()
@@ -36,8 +72,9 @@ def die_with_parent(signum: int = signal.SIGTERM) -> None:
         prctl(_PR_SET_PDEATHSIG, signum)
 
 
-def dies_with_this_process(signum: int = signal.SIGKILL) -> Callable[[], None] | None:
-    """A `preexec_fn` for subprocess.Popen: the child gets `signum` when this process dies, however it dies.
+def dies_with_this_process(signum: int = signal.SIGKILL, cpus: set[int] | None = None) -> Callable[[], None] | None:
+    """A `preexec_fn` for subprocess.Popen: the child gets `signum` when this process dies, however it dies, and
+    runs on `cpus` only where given (set before it starts, so every thread and process it makes inherits them).
 
     The kernel ties the signal to the thread that starts the child, so start long-lived children from a thread
     that lives as long as they should (the main thread, or a worker that outlives them). None off Linux.
@@ -48,6 +85,8 @@ def dies_with_this_process(signum: int = signal.SIGKILL) -> Callable[[], None] |
     parent = os.getpid()
 
     def preexec() -> None:
+        if cpus:
+            os.sched_setaffinity(0, cpus)
         prctl(_PR_SET_PDEATHSIG, signum)
         if os.getppid() != parent:  # the parent died before the request took effect
             os._exit(1)

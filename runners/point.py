@@ -26,6 +26,7 @@ from harness.errors import (
     storage_error,
 )
 from harness.result import Result, check_writable, write_result
+from harness.stats import summarize
 from runners.benches import bench_check, exact_length_prompts, headline, resolve_bench
 from runners.records import interrupted_result
 
@@ -56,10 +57,12 @@ def check_point(cfg: HarnessConfig) -> None:
     """What is knowably wrong with a point before anything loads, for the pre-check of a whole sweep: the bench
     exists, an explicit model.path is a model, and the prompt lengths fit the model's declared context window.
     Raises ConfigError."""
+    from harness.energy import check_energy
     from harness.models.sources import declared_context_window, source_of_path
 
     resolve_bench(cfg.bench.name)
     bench_check(cfg.bench.name, cfg)
+    check_energy(cfg.energy)
     if cfg.model.path:
         try:
             source_of_path(cfg.model.path)
@@ -109,6 +112,7 @@ def _as_error(exc: BaseException) -> HarnessError | None:
 def run_point(
     cfg: HarnessConfig, out_dir: Path, point: dict[str, str] | None = None, attempt: str = "", digest: str = ""
 ) -> Result:
+    from harness.energy import open_meter
     from harness.engines import create_engine, load_for_engine
     from harness.environment import capture_environment
     from harness.memory import MemoryMonitor
@@ -128,9 +132,13 @@ def run_point(
     result.timings["environment_s"] = time.perf_counter() - t_start
     loaded = None
     engine = None
+    meter = None
     try:
         bench = resolve_bench(cfg.bench.name)
         workflow = preflight(cfg)
+        meter = open_meter(cfg.energy, cfg.energy_idle_s)  # its idle baseline before anything loads
+        mark = meter.mark if meter is not None else (lambda label: None)
+        mark("phase=load:start")
         with MemoryMonitor() as load_memory:
             loaded = load_for_engine(cfg, out_dir)
         result.timings["load_s"] = loaded.load_seconds
@@ -141,14 +149,18 @@ def run_point(
         if engine.compile_s is not None:
             result.timings["compile_s"] = engine.compile_s
         result.resolved["engine"] = engine.describe()
+        mark("phase=load:end")
         t_measure = time.perf_counter()
         progress = _Progress(f"{point.get('model')} {point.get('quant')} {cfg.bench.name}")
-        ctx = BenchContext(cfg, engine, loaded, load_memory.summary(), progress, out_dir, workflow)
+        ctx = BenchContext(cfg, engine, loaded, load_memory.summary(), progress, out_dir, workflow, meter)
+        mark("phase=measure:start")
         with MemoryMonitor(interval_s=None) as run_memory:  # no sampling thread while timing
             output = bench(ctx)
+        mark("phase=measure:end")
         progress.done()
         result.timings["measure_s"] = time.perf_counter() - t_measure
         result.metrics, result.outputs, result.details = output.metrics, output.outputs, output.details
+        _energy_and_cost(cfg, result, meter, out_dir, t_start)
         if engine.compiles_in_requests:
             result.details["compiles_in_requests"] = engine.compiles_in_requests
             warning = (
@@ -181,6 +193,8 @@ def run_point(
         result.status, result.error = "failed", interrupted_result(cfg, point, how).error
         raise
     finally:
+        if meter is not None:
+            meter.stop_sampling()
         if engine is not None:
             engine.shutdown()
         if loaded is not None:
@@ -188,6 +202,41 @@ def run_point(
         result.timings["total_s"] = time.perf_counter() - t_start
         write_result(out_dir, result)
     return result
+
+
+def _energy_and_cost(cfg: HarnessConfig, result: Result, meter: Any, out_dir: Path, t_start: float) -> None:
+    """The point's energy figures per phase (and why there are none), its telemetry.csv, and the price of its
+    throughput figures where cost.per_hour is set."""
+    from harness.cost import cost_figures
+    from harness.energy import describe, phase_figures
+
+    if meter is not None:
+        for phase in ("phase=load", "phase=warmup", "phase=measure"):
+            result.metrics.update(phase_figures(meter, phase))
+        if meter.idle_w is not None:
+            result.metrics["idle_power_w"] = summarize([meter.idle_w], "W")
+        meter.stop_sampling()
+        meter.write_telemetry(out_dir / "telemetry.csv", t_start)
+    result.details["energy"] = describe(meter, cfg.energy)
+    if cfg.cost.per_hour is not None:
+        assert cfg.cost.currency is not None  # CostConfig refuses a price without one
+        figures, how = cost_figures(result.metrics, cfg.cost.per_hour, cfg.cost.currency, cfg.cost.per,
+                                    _gpus_used(result.resolved.get("device")))  # fmt: skip
+        result.metrics.update(figures)
+        result.details["cost"] = how
+
+
+def _gpus_used(device: Any) -> int:
+    """The GPUs a point's model sat on: one for cuda or cuda:N, every visible one for a device map across them."""
+    if not isinstance(device, str):
+        return 0
+    if device.startswith("cuda"):
+        return 1
+    if device in ("auto", "balanced", "sequential"):
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return 0
 
 
 def summary_line(result: Result, out_dir: Path, swept: set[str] | None = None) -> str:

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # A prepared check of the CUDA paths, a few minutes on one GPU. Sections (GPU_CHECK_SECTIONS, default all):
 #   base       dtype auto, bitsandbytes 8/4-bit on CUDA, eager/sdpa/flash2 attention, random-weight
-#              Qwen2.5-0.5B, CUDA memory figures, and the gpu-marked tests;
+#              Qwen2.5-0.5B, CUDA memory figures, torch.compile with a static cache, continuous batching, vLLM
+#              (where HARNESS_VLLM_PYTHON names its environment), NVML energy (joules per token over an idle
+#              baseline, telemetry), and the gpu-marked tests;
 #   workflows  bench=quality (token NLL in bf16 and under bitsandbytes), bench=e2e, and the server, workflow and
 #              e2e tests on CUDA (server: fastapi, uvicorn, openai; workflows: rank-bm25, markdown-it-py).
 # Needs torch with CUDA, transformers, accelerate, hydra-core, bitsandbytes, psutil (pytest for the tests).
@@ -40,6 +42,18 @@ if [[ " $sections " == *" base "* ]]; then
       bench.prompt="Write a long story about a lighthouse keeper."
   run measure model=qwen model.random_weights=true quant=none,4bit bench=latency,memory,throughput \
       bench.min_seconds=1 bench.max_runs=15
+  run compile model=qwen model.random_weights=true bench=latency engine.cache=static engine.compile=true \
+      bench.min_seconds=1 bench.max_runs=15
+  run batching model=qwen model.random_weights=true bench=throughput engine.batching=continuous \
+      'bench.concurrency=[1,8]' 'bench.batch_sizes=[1]'
+  if [ -n "${HARNESS_VLLM_PYTHON:-}" ]; then  # vLLM's CUDA build in an environment of its own
+    run vllm model=qwen model.random_weights=true engine=vllm bench=latency bench.min_seconds=1 bench.max_runs=15
+  else
+    echo "== vllm: skipped: HARNESS_VLLM_PYTHON names no vLLM environment (pip install vllm in a venv of its own)"
+  fi
+  # NVML's energy counter (nvidia-ml-py: carry its wheel if the image lacks it): energy=on refuses to run without it.
+  run energy model=qwen model.random_weights=true bench=latency energy=on energy_idle_s=3 bench.min_seconds=2 \
+      bench.max_runs=30
 
   echo "== pytest -m gpu"
   python -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tail -5
@@ -69,7 +83,8 @@ for r in rows:
           f"{(res.get('attention') or {}).get('used', '-'):18s} {(r.get('timings') or {}).get('load_s', 0):7.2f}  "
           f"{headline(bench, m)}")
     for key in ("mbu[prompt=128]", "load_cuda_peak_mib", "cuda_after_first_request_mib",
-                "inference_growth_cuda_mib[prompt=128,batch=4]", "queue_wait_ms[clients=4]"):
+                "inference_growth_cuda_mib[prompt=128,batch=4]", "queue_wait_ms[clients=4]", "idle_power_w",
+                "mean_power_w[phase=measure]", "joules_per_token[prompt=128]"):
         if key in m:
             print(f"{'':60s}{key} = {m[key]['mean']:.3f} {m[key]['unit']}")
     if r["status"] != "ok":

@@ -57,6 +57,8 @@ class MockServer:
         self.bodies: list[dict[str, Any]] = []
         self.requests: list[tuple[str, str, str | None]] = []  # every request: method, path, Authorization header
         self.client_ports: list[int | None] = []  # every request's client port: one per connection
+        self.metrics: Any = None  # a function of the streams now open -> the /metrics page (None: no /metrics)
+        self.streaming = 0
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.port = 0
@@ -89,20 +91,29 @@ class MockServer:
             await response.prepare(request)
             stamps: list[float] = []
             self.writes.setdefault(body["model"], []).append(stamps)
-            for delay, event in script.events:
-                if delay:
-                    await asyncio.sleep(delay)
-                if event is DISCONNECT:
-                    request.transport.close()
-                    return response
-                if isinstance(event, str):
-                    payload = event if event.startswith(":") else f"data: {event}"
-                else:
-                    payload = f"data: {json.dumps(event)}"
-                stamps.append(time.perf_counter())
-                await response.write((payload + "\n\n").encode())
-            await response.write_eof()
-            return response
+            self.streaming += 1
+            try:
+                for delay, event in script.events:
+                    if delay:
+                        await asyncio.sleep(delay)
+                    if event is DISCONNECT:
+                        request.transport.close()
+                        return response
+                    if isinstance(event, str):
+                        payload = event if event.startswith(":") else f"data: {event}"
+                    else:
+                        payload = f"data: {json.dumps(event)}"
+                    stamps.append(time.perf_counter())
+                    await response.write((payload + "\n\n").encode())
+                await response.write_eof()
+                return response
+            finally:
+                self.streaming -= 1
+
+        async def metrics(request: web.Request) -> web.Response:
+            if self.metrics is None:
+                return web.Response(status=404)
+            return web.Response(text=self.metrics(self.streaming), content_type="text/plain")
 
         @web.middleware
         async def record(request: web.Request, handler: Any) -> web.StreamResponse:
@@ -113,6 +124,7 @@ class MockServer:
 
         app = web.Application(middlewares=[record])
         app.router.add_get("/v1/models", models)
+        app.router.add_get("/metrics", metrics)
         app.router.add_post("/v1/completions", complete)
         app.router.add_post("/v1/chat/completions", complete)
         return app

@@ -285,3 +285,18 @@ def test_pareto_front_treats_equal_quality_as_a_tie():
     # the same perplexity (to 0.01%) and faster beats transformers; worse and slower than llamacpp is beaten
     assert _front(both, "lower") == ["onnxruntime", "llamacpp"]
     assert set(_front(both.assign(x=-both["x"]), "higher")) == {"onnxruntime", "llamacpp"}
+
+
+def test_a_failing_plot_costs_only_itself(sweep, tmp_path, monkeypatch, capsys):
+    import analysis.plots as plots
+
+    def broken(frame, folder):
+        raise AssertionError("a bug in one figure")
+
+    broken.__name__ = "memory_by_quant"
+    monkeypatch.setattr(plots, "FRAME_PLOTS", tuple(broken if p is plots.memory_by_quant else p
+                                                     for p in plots.FRAME_PLOTS))  # fmt: skip
+    assert analysis_main([str(sweep), "--out", str(tmp_path)]) == 0
+    assert "the plot memory_by_quant failed (AssertionError: a bug in one figure)" in capsys.readouterr().err
+    drawn = {p.stem for p in (tmp_path / "plots").glob("*.png")}
+    assert "memory" not in drawn and {"pareto", "itl"} <= drawn and (tmp_path / "report.html").is_file()

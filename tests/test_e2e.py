@@ -138,7 +138,11 @@ def test_release_gate_exit_status(tmp_path):
     args = ["model=tiny-gpt2", "bench=e2e", "workflow=chat", "workflow.limit=1", "workflow.max_new_tokens=4"]
     below = run_harness(tmp_path, *args, "validation.min_pass_rate=0.5", "hydra.run.dir=gate")
     assert below.returncode == 3, below.stderr
-    assert "release gate: chat passed 0.0% of 1 cases, below validation.min_pass_rate=0.5" in below.stdout
+    assert (
+        "release gate: chat passed 0.0% of 1 cases (95% interval from 0.0%), below validation.min_pass_rate=0.5"
+        in below.stdout
+    )
+    assert "needs at least 4 cases (all passing); this point ran 1" in below.stdout
     # The same point is not measured again for another threshold: the gate reads the result.
     passing = run_harness(tmp_path, *args, "validation.min_pass_rate=0", "hydra.run.dir=gate")
     assert passing.returncode == 0, passing.stderr
@@ -226,3 +230,47 @@ def test_smollm2_perplexity_is_that_of_a_trained_model(compose, tmp_path):
     result = run_point(cfg, tmp_path, point(bench="quality", model="smollm2"))
     assert result.status == "ok", result.error
     assert 3 < result.metrics["perplexity"]["mean"] < 40  # 13.1 on the default 16000 characters
+
+
+def test_the_gate_takes_the_interval_not_the_point_estimate():
+    from harness.result import Result
+    from harness.stats import summarize_proportion
+    from runners.benches.e2e import below_gate, cases_needed
+
+    def result(passed: int, n: int) -> Result:
+        rate = summarize_proportion([True] * passed + [False] * (n - passed))
+        return Result("ok", {}, {}, metrics={"pass_rate": rate}, details={"workflow": "search_qa"})
+
+    assert cases_needed(0.8) == 16 and cases_needed(0.9) == 35 and cases_needed(1.0) is None
+    # 9 of 10 is 90%, but its interval reaches down to 60%: not shown to clear 0.8; 58 of 60 is.
+    why = below_gate(result(9, 10), 0.8)
+    assert why is not None and "needs at least 16 cases" in why and "interval from 59.6%" in why
+    assert below_gate(result(58, 60), 0.8) is None
+    assert "needs at least" not in below_gate(result(40, 60), 0.8)  # enough cases: the rate itself is short
+
+
+def test_content_and_format_are_judged_apart():
+    from harness.workflows.checks import Check, passed_on
+
+    cut_but_right = [Check("complete", False, "cut"), Check("keywords", True, "3/3"), Check("retrieval_hit", False, "",
+                                                                                            gates=False)]  # fmt: skip
+    assert passed_on(cut_but_right, "content") and not passed_on(cut_but_right, "format")
+    wrong_but_tidy = [Check("cited", True, ""), Check("keywords", False, "1/3")]
+    assert passed_on(wrong_but_tidy, "format") and not passed_on(wrong_but_tidy, "content")
+
+
+def test_case_agreement_names_the_cases_two_points_decided_differently(tmp_path):
+    from analysis.quality import case_agreement_table
+
+    results = []
+    for model, outcomes in (("a", [True, True, False, False]), ("b", [True, False, True, False])):
+        folder = tmp_path / model
+        folder.mkdir()
+        lines = [json.dumps({"id": f"q{i}", "passed": p}) for i, p in enumerate(outcomes)]
+        (folder / "cases.jsonl").write_text("\n".join([*lines, "not json"]) + "\n")
+        point = {"model": model, "quant": "none", "workflow": "search_qa", "bench": "e2e"}
+        results.append({"status": "ok", "path": str(folder / "result.json"), "config": {"bench": {"name": "e2e"}},
+                        "point": point})  # fmt: skip
+    (row,) = case_agreement_table(results).to_dict("records")
+    assert (row["cases"], row["both pass"], row["both fail"], row["only A"], row["only B"]) == (4, 1, 1, 1, 1)
+    assert row["flipped"] == "q1, q2" and row["workflow"] == "search_qa"

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from harness.config import load_config
+from harness.errors import ConfigError
 from harness.loadgen.client import Endpoint
+from harness.loadgen.datasets import load_dataset
 from harness.loadgen.load import run_level
 from harness.loadgen.traces import load_trace
 from runners import run_point
@@ -360,3 +362,195 @@ def test_real_replies_options_are_checked(compose):
     with pytest.raises(ConfigError, match="client_workers=1"):
         compose("model=tiny-qwen2", "bench=serve", "bench.workload=multi_turn", "bench.replies=real",
                 "bench.client_workers=2")  # fmt: skip
+
+
+def vllm_page(streaming: int) -> str:
+    """vLLM's gauges as its /metrics shows them (two engines' series, one a longer name that must not count)."""
+    return (
+        "# TYPE vllm:num_requests_running gauge\n"
+        f'vllm:num_requests_running{{engine="0",model_name="m"}} {streaming}.0\n'
+        'vllm:num_requests_running{engine="1",model_name="m"} 0.0\n'
+        'vllm:num_requests_waiting{engine="0",model_name="m"} 1.0\n'
+        'vllm:num_requests_waiting_by_reason{engine="0",reason="capacity"} 7.0\n'
+        'vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.25\n'
+        'vllm:prompt_tokens_total{engine="0",model_name="m"} 100.0\n'
+    )
+
+
+def test_a_known_servers_gauges_are_sampled_while_a_level_runs(tmp_path):
+    """Read once after a level, running requests would be 0; sampled during it, they are what the server had open:
+    2 clients holding 0.6 s streams keep the server at 2 (the mock counts its open streams)."""
+    with MockServer({"m": answer(usage(5, 2), {"content": "a"}, {"content": "b"}, gap=0.3)}) as server:
+        server.metrics = vllm_page
+        result = serve_point(tmp_path, server, "bench.scrape_metrics=true", "bench.gauge_interval_s=0.05",
+                             "bench.num_requests=4", "bench.concurrency=[2]", "bench.rates=[]")  # fmt: skip
+    m = result.metrics
+    running = m["server_running[concurrency=2]"]
+    assert running["unit"] == "requests" and running["max"] == 2 and running["n"] >= 10
+    assert running["p50"] == 2  # most samples fall while both streams are open
+    assert m["server_waiting[concurrency=2]"]["mean"] == 1  # not 8: the longer name is another series
+    assert m["server_kv_cache_usage[concurrency=2]"]["mean"] == 0.25
+    series = result.details["levels"]["concurrency=2"]["server_gauges"]
+    assert len(series["t_s"]) == running["n"] == len(series["running"]) and series["t_s"] == sorted(series["t_s"])
+    assert series["t_s"][0] >= 0 and series["t_s"][-1] < 5  # seconds from the level's start, inside it
+
+
+def test_gauges_are_absent_where_the_server_is_unknown_or_sampling_is_off(tmp_path):
+    with MockServer({"m": answer(usage(5, 1), {"content": "a"})}) as server:
+        server.metrics = lambda streaming: f"other_server_running {streaming}\n"
+        unknown = serve_point(tmp_path / "a", server, "bench.scrape_metrics=true", "bench.gauge_interval_s=0.05",
+                              "bench.num_requests=2", "bench.concurrency=[1]", "bench.rates=[]")  # fmt: skip
+        server.metrics = vllm_page
+        off = serve_point(tmp_path / "b", server, "bench.scrape_metrics=true", "bench.gauge_interval_s=0",
+                          "bench.num_requests=2", "bench.concurrency=[1]", "bench.rates=[]")  # fmt: skip
+    for result in (unknown, off):
+        assert not any(k.startswith("server_running") for k in result.metrics)
+        assert "server_gauges" not in result.details["levels"]["concurrency=1"]
+
+
+def test_read_gauges_sums_labels_and_skips_longer_names_and_bad_lines():
+    from harness.loadgen.server_metrics import read_gauges
+
+    page = vllm_page(3) + 'vllm:num_requests_running{model_name="a} b"} 4\nvllm:kv_cache_usage_perc nan?\n'
+    found = read_gauges(page, ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"))
+    assert found == {"vllm:num_requests_running": 7.0, "vllm:num_requests_waiting": 1.0,
+                     "vllm:kv_cache_usage_perc": 0.25}  # fmt: skip
+
+
+def test_a_server_with_a_salt_field_gets_the_salt_there_and_its_prompts_stay_the_same(compose, load):
+    """vLLM isolates its prefix cache by a request's cache_salt: the salt goes there, so the prompts are the
+    workload's own (no salt in their text); elsewhere the prompts carry it."""
+    loaded = load("tiny-qwen2")
+    bench = compose("model=tiny-qwen2", "bench=serve", "bench.workload=search_qa").bench
+    field = Workload(bench, loaded, Endpoint("http://127.0.0.1:9/v1", "m", salt_field=True), 0)
+    text = Workload(bench, loaded, Endpoint("http://127.0.0.1:9/v1", "m"), 0)
+    first, second = field.plans(2, 1), field.plans(2, 2)
+    assert first[0].body["cache_salt"] != second[0].body["cache_salt"]  # each level its own
+    plain = compose("model=tiny-qwen2", "bench=serve", "bench.workload=search_qa", "bench.cache_salt=none").bench
+    unsalted = Workload(plain, loaded, Endpoint("http://127.0.0.1:9/v1", "m"), 0).plans(2, 1)
+    assert first[0].body["messages"] == unsalted[0].body["messages"]  # the prompt is the workload's own
+    salted = text.plans(2, 1)[0].body
+    assert "cache_salt" not in salted and salted["messages"][0]["content"].startswith("[")
+    assert field.describe()["cache_salt_in"] == "the request's cache_salt field"
+    assert text.describe()["cache_salt_in"] == "the prompt"
+
+
+def test_an_undecided_search_level_grows_until_its_verdict_is_decided(tmp_path):
+    """8 requests all within the objective cannot claim 90% at 95% confidence (0.9^8 = 43%): the level is rerun
+    with twice as many until 32 (0.9^32 = 3.4%), where it is decided; a level that clearly misses is decided at
+    once."""
+    with MockServer({"m": answer(usage(5, 1), {"content": "ok"})}) as server:
+        search = ["bench.search=max_rate", "bench.rates=[20]", "bench.search_level_s=0.1", "bench.search_steps=2",
+                  "bench.concurrency=[1]", "bench.num_requests=2", "bench.search_max_requests=40"]  # fmt: skip
+        held = serve_point(tmp_path / "held", server, *search, "bench.slo.ttft_ms=5000")
+        missed = serve_point(tmp_path / "missed", server, *search, "bench.slo.ttft_ms=0.01")
+    walked = held.details["search"]["walked"]
+    assert [(w["rate"], w["requests"], w["verdict"]) for w in walked] == [(20, 32, "met"), (40, 32, "met")]
+    level = held.details["levels"]["rate=20"]
+    # bench.rates' own level (2 requests) was the search's first look at 20 req/s; rate=40 started at 8.
+    assert level["extended_from"] == [2, 4, 8, 16] and level["slo_verdict"]["needed"] == 29
+    assert held.details["levels"]["rate=40"]["extended_from"] == [8, 16]
+    assert held.metrics["ttft_ms[rate=20]"]["n"] == 32 and held.details["search"]["decided"]
+    with open(tmp_path / "held" / "samples.csv") as fh:  # the shorter runs' samples gave way to the longer one's
+        assert sum(1 for line in fh if ",rate=20," in line and ",t_sched_s," in line) == 32
+    walked = missed.details["search"]["walked"]
+    assert [(w["rate"], w["requests"], w["verdict"]) for w in walked] == [(20, 2, "missed"), (10, 8, "missed")]
+    assert missed.details["search"]["max_rate_rps"] is None and missed.details["search"]["decided"]
+
+
+STOP = {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+
+
+def finished(text: str) -> Script:
+    """An answer the model ended itself."""
+    return Script([(0.0, ROLE), (0.0, delta({"content": text})), (0.0, STOP),
+                   (0.0, {"choices": [], "usage": usage(5, 4)}), (0.0, "[DONE]")])  # fmt: skip
+
+
+def test_a_graded_dataset_level_reports_pass_rates_and_correct_goodput(tmp_path):
+    data = tmp_path / "asks.jsonl"
+    data.write_text(
+        json.dumps({"prompt": "Capital of France?", "expected_keywords": ["Paris"]}) + "\n"
+        + json.dumps({"prompt": "Capital of Germany?", "expected_keywords": ["Berlin|Bonn", "capital"],
+                      "min_keywords": 1}) + "\n"
+        + json.dumps({"prompt": "Say hi."}) + "\n"  # no expectation: sent, not graded
+    )  # fmt: skip
+    with MockServer({"m": finished("The capital is Paris.")}) as server:
+        result = serve_point(tmp_path / "p", server, "bench.workload=dataset", f"bench.dataset={data}",
+                             "bench.num_requests=6", "bench.concurrency=[2]", "bench.rates=[]",
+                             "bench.slo.ttft_ms=5000")  # fmt: skip
+    m, level = result.metrics, result.details["levels"]["concurrency=2"]
+    # France's answer names Paris; Germany's names "capital", which is enough with min_keywords=1: both pass.
+    assert m["pass_rate[concurrency=2]"]["n"] == 4 and m["pass_rate[concurrency=2]"]["mean"] == 1.0
+    assert level["grading"] == {"graded": 4, "passed": 4, "failed_checks": {}, "examples": {}}
+    # Correct goodput counts the 4 graded answers that passed; goodput all 6 requests within the SLO.
+    correct, good = m["correct_goodput_rps[concurrency=2]"]["mean"], m["goodput_rps[concurrency=2]"]["mean"]
+    assert correct == pytest.approx(good * 4 / 6)
+    with open(tmp_path / "p" / "samples.csv") as fh:
+        assert sum(1 for line in fh if ",passed," in line) == 4
+
+
+def test_search_qa_under_load_judges_content_and_format_apart(tmp_path):
+    """One canned answer for every question: finished and citing [1], so its form is right, but it names none of
+    the cases' expected terms: format passes, content fails, and so the case."""
+    with MockServer({"m": finished("This is covered by the first source [1].")}) as server:
+        result = serve_point(tmp_path, server, "bench.workload=search_qa", "bench.api=chat", "bench.num_requests=4",
+                             "bench.concurrency=[1]", "bench.rates=[]", "bench.slo.ttft_ms=5000",
+                             "bench.search=max_rate", "bench.search_target=correct_goodput",
+                             "bench.search_steps=2", "bench.search_level_s=0.1")  # fmt: skip
+    m = result.metrics
+    assert m["format_pass_rate[concurrency=1]"]["mean"] == 1.0 and m["content_pass_rate[concurrency=1]"]["mean"] == 0
+    assert m["pass_rate[concurrency=1]"]["mean"] == 0 and m["correct_goodput_rps[concurrency=1]"]["mean"] == 0
+    assert result.details["levels"]["concurrency=1"]["grading"]["failed_checks"] == {"keywords": 4}
+    assert all("min_tokens" not in b for b in server.bodies)  # graded answers end where the model ends them
+    # Every level met its SLO, and none answered right: against correct goodput the search finds no rate.
+    walked = result.details["search"]["walked"]
+    assert [w["verdict"] for w in walked] == ["missed", "missed"] and result.details["search"]["max_rate_rps"] is None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "says"),
+    [
+        (["bench.grade=on"], "has none"),
+        (["bench.search_target=correct_goodput", "bench.search=max_rate", "bench.slo.ttft_ms=9"], "grades none"),
+        (["bench.grade=sometimes"], "bench.grade"),
+    ],
+)
+def test_grading_a_workload_without_expectations_is_refused(compose, overrides, says):
+    with pytest.raises(ConfigError, match=says):
+        compose("model=tiny-qwen2", "bench=serve", *overrides)
+
+
+def test_a_dataset_without_expectations_cannot_be_graded_and_bad_ones_name_the_line(tmp_path):
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text(json.dumps({"prompt": "hi"}) + "\n")
+    done = run_harness(tmp_path, "model=tiny-qwen2", "bench=serve", "bench.workload=dataset", f"bench.dataset={plain}",
+                       "bench.grade=on")  # fmt: skip
+    assert done.returncode == 2 and "expected_keywords" in done.stderr and "Traceback" not in done.stderr
+    for bad, says in (({"prompt": "x", "expected_keywords": "Paris"}, "list of non-empty strings"),
+                      ({"prompt": "x", "expected_keywords": ["a"], "min_keywords": 2}, "min_keywords=2")):  # fmt: skip
+        path = tmp_path / "bad.jsonl"
+        path.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps(bad) + "\n")
+        with pytest.raises(ConfigError, match=f"line 2: .*{says}"):
+            load_dataset(path)
+
+
+def test_trials_repeat_a_level_with_fresh_salts_and_report_the_spread_between_them(tmp_path):
+    with MockServer({"m": answer(usage(5, 2), {"content": "a"}, {"content": "b"}, gap=0.01)}) as server:
+        result = serve_point(tmp_path, server, "bench.trials=3", "bench.num_requests=3", "bench.concurrency=[1]",
+                             "bench.rates=[]")  # fmt: skip
+        prompts = [tuple(b["prompt"]) for b in server.bodies[1:]]  # after the warm-up
+    m = result.metrics
+    keys = [f"concurrency=1,trial={t}" for t in (1, 2, 3)]
+    assert all(m[f"ttft_ms[{k}]"]["n"] == 3 for k in keys)
+    spread = m["ttft_ms_p50_by_trial[concurrency=1]"]
+    assert spread["n"] == 3 and spread["mean"] == pytest.approx(sum(m[f"ttft_ms[{k}]"]["p50"] for k in keys) / 3)
+    assert "output_tok_s_by_trial[concurrency=1]" in m
+    trials = result.details["trials"]["concurrency=1"]
+    assert trials["levels"] == keys and len(trials["figures"]["ttft_ms_p50_by_trial"]["within_trial_ci95"]) == 3
+    assert len(set(prompts)) == 9  # a fresh cache salt for every trial: no prompt repeats
+
+
+def test_zero_trials_are_refused(compose):
+    with pytest.raises(ConfigError, match="bench.trials"):
+        compose("model=tiny-qwen2", "bench=serve", "bench.trials=0")

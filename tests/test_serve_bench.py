@@ -6,7 +6,9 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
+import sys
 
 import pytest
 
@@ -20,6 +22,7 @@ from runners import run_point
 from tests.conftest import needs_smollm2, run_harness
 from tests.mock_openai import MockServer, Script
 
+CPUS = sorted(os.sched_getaffinity(0))
 FAST_SERVE = [
     "bench=serve",
     "bench.num_requests=6",
@@ -57,6 +60,9 @@ def test_serve_bench_launches_harness_runs_every_level_and_stops_the_server(tmp_
             "bench.slo={ttft_ms:2000,tpot_ms:200}",
             "bench.search=max_rate",
             "bench.search_steps=3",
+            "bench.gauge_interval_s=0.05",
+            f"engine.cpus=[{CPUS[-1]}]",  # the server and the client on CPUs of their own (on 1 CPU: the same)
+            f"bench.client_cpus=[{CPUS[0]}]",
         ]
     )
     result = run_point(cfg, tmp_path)
@@ -67,19 +73,28 @@ def test_serve_bench_launches_harness_runs_every_level_and_stops_the_server(tmp_
             assert f"{name}[{level}]" in m, (name, level)
         assert m[f"short_outputs[{level}]"]["mean"] == 0  # min_tokens/ignore_eos forced every length
         assert m[f"failed[{level}]"]["mean"] == 0
-    assert m["ttft_ms[rate=5]"]["n"] == 6 and {"p50", "p90", "p95", "p99", "ci95"} <= set(m["ttft_ms[rate=5]"])
+    # bench.rates' 6 requests at 5 req/s could not decide the SLO verdict (29 all within it are needed for 90%): the
+    # search grew that level (12, 24, 48 requests) until it was decided, and the longest run is the level's.
     search = result.details["search"]
     assert search["walked"] and search["walked"][0]["rate"] == 5
     levels = result.details["levels"]
-    assert levels["rate=5"]["n_out_source"] == {"usage": 6}
+    grown = levels["rate=5"]["requests"]
+    assert levels["rate=5"]["extended_from"][0] == 6 and levels["rate=5"]["slo_verdict"]["verdict"] != "undecided"
+    assert m["ttft_ms[rate=5]"]["n"] == grown and {"p50", "p90", "p95", "p99", "ci95"} <= set(m["ttft_ms[rate=5]"])
+    assert levels["rate=5"]["n_out_source"] == {"usage": grown}
     assert levels["rate=5"]["server_metrics_delta"]  # harness serve's /metrics moved
-    # ... and its changes are named figures beside the client's: the server's own TTFT of the level's 6 requests
+    # ... and its changes are named figures beside the client's: the server's own TTFT of the level's requests
     # cannot exceed the client's (the client's includes the network and the HTTP layers).
     assert 0 < m["server_ttft_ms[rate=5]"]["mean"] <= m["ttft_ms[rate=5]"]["max"]
     assert m["server_e2e_ms[rate=5]"]["mean"] > 0
+    # Its gauges, sampled during each level: never more generations open than the level's clients.
+    sampled = [k for k in m if k.startswith("server_running[")]
+    assert sampled and all(0 <= m[k]["max"] <= 4 for k in sampled) and m["server_running[concurrency=4]"]["max"] >= 1
+    assert levels["concurrency=4"]["server_gauges"]["waiting"]
     assert "client_ceiling" in result.details and result.details["client_ceiling"]["chunks_s"] > 0
     server = result.resolved["engine"]["server"]
     assert server["launch"] == "harness" and server["startup_s"] > 0
+    assert server["cpus"] == [CPUS[-1]] and result.details["client_cpus"] == [CPUS[0]]
     assert (tmp_path / "server.log").is_file()
     port = server["base_url"].split(":")[2].split("/")[0]
     left = subprocess.run(["pgrep", "-f", "--", f"harness.cli serve .*--port {port}"], capture_output=True)
@@ -251,7 +266,10 @@ def test_serve_report_has_a_level_table_and_curves(tmp_path):
     assert analyze([str(tmp_path)]) == 0
     summary = (tmp_path / "summary.md").read_text()
     assert "tiny-qwen2 q=none @ concurrency=2" in summary and "TTFT p99 ms" in summary
-    assert {p.name for p in (tmp_path / "plots").iterdir()} >= {"serve_latency_throughput.png", "serve_goodput.png"}
+    # A percentile beside its order-statistic interval: 6 requests bound a median on both sides, never a p99 above.
+    assert re.search(r"\| [\d.]+ \[[\d.]+, [\d.]+\] \|", summary) and re.search(r"\[[\d.]+, –\]", summary)
+    plots = {p.name for p in (tmp_path / "plots").iterdir()}
+    assert plots >= {"serve_latency_throughput.png", "serve_goodput.png", "serve_pareto.png"}
 
 
 def _has(module: str) -> bool:
@@ -321,3 +339,19 @@ def test_vllm_launched_from_its_own_environment(tmp_path):
 def test_benches_that_need_the_model_in_process_are_refused_over_http(compose, bench):
     with pytest.raises(ConfigError, match=f"bench={bench}"):
         compose("model=tiny-qwen2", "engine=openai", f"bench={bench}")
+
+
+def test_engine_n_ctx_sets_a_launched_vllms_window_and_server_args_win(compose, monkeypatch):
+    from harness.loadgen.target import harness_engine_args
+
+    monkeypatch.setenv("HARNESS_VLLM_PYTHON", sys.executable)  # composing engine=vllm asks for its environment
+
+    def args(*overrides: str) -> list[str]:
+        return harness_engine_args(compose("model=smollm2", "engine=vllm", *overrides).engine, "vllm")
+
+    assert args() == []  # the launch's own defaults (a 2,048-token window)
+    window = args("engine.n_ctx=8192")
+    assert window[-2:] == ["--max-model-len", "8192"] and window.count("--max-model-len") == 1
+    assert "--enforce-eager" in window  # the other defaults stay
+    assert args("engine.n_ctx=8192", "engine.server_args=[--dtype,float32]") == ["--max-model-len", "8192"]
+    assert args("engine.n_ctx=8192", "engine.server_args=[--max-model-len,4096]") == []

@@ -21,6 +21,7 @@ from harness.config.compose import (
 from harness.config.engine import EngineConfig
 from harness.config.groups import (
     AttentionConfig,
+    CostConfig,
     GgufPart,
     ModelConfig,
     QuantConfig,
@@ -47,6 +48,7 @@ __all__ = [
     "QUANT_ENGINES",
     "AttentionConfig",
     "BenchConfig",
+    "CostConfig",
     "EngineConfig",
     "GgufPart",
     "HarnessConfig",

@@ -73,12 +73,22 @@ class BenchConfig:
     slo: SloConfig = field(default_factory=lambda: SloConfig())  # bench.slo={ttft_ms:500,tpot_ms:50}
     search: str = "none"  # none | max_rate: bisect for the highest rate whose goodput >= goodput_target × rate
     goodput_target: float = 0.9  # max_rate: the share of scheduled requests that must meet every SLO
+    # max_rate holds goodput_target against: goodput (requests within every SLO) | correct_goodput (within every
+    # SLO and passing their grade: a graded workload)
+    search_target: str = "goodput"
+    # auto: grade every answer where the workload has expectations (search_qa, a dataset's expected_keywords) |
+    # on: and refuse a workload without them | off: never grade (search_qa then forces its output length)
+    grade: str = "auto"
     search_steps: int = 6  # levels the max_rate search may run
     search_level_s: float = 20.0  # a search level offers at least this many seconds of load (short bursts are absorbed)
+    trials: int = 1  # each serve level run this many times (a fresh cache salt each), the spread between reported
+    search_max_requests: int = 160  # an undecided search level is rerun with twice the requests, up to this many
     saturation_backlog: int | None = 64  # open loop: a level stops when more are in flight (the server fell behind)
     client_workers: int = 1  # client processes sharing the load
+    client_cpus: list[int] | None = None  # the load client runs on these CPUs only (Linux); None: every CPU
     calibrate: bool = True  # measure the client's ceiling against a local null server (cached per machine)
     scrape_metrics: bool = True  # the server's Prometheus /metrics before and after each level, deltas kept
+    gauge_interval_s: float = 0.5  # a known server's gauges (running, waiting, KV cache) sampled this often; 0: off
     workload: str = "synthetic"  # synthetic (exact token lengths) | shared_prefix | search_qa | multi_turn
     length_dist: str = "fixed"  # synthetic prompt lengths around prompt_lengths[0]: fixed | uniform | normal
     length_spread: float = 0.25  # uniform: ±spread × length; normal: sd = spread × length
@@ -145,6 +155,22 @@ class BenchConfig:
         check(0 < self.trace_sample <= 1, "bench.trace_sample", self.trace_sample, "a fraction in (0, 1]")
         one_of("bench.dataset_output", self.dataset_output, ("natural", "forced"))
         one_of("bench.cache_salt", self.cache_salt, ("auto", "none"))
+        one_of("bench.grade", self.grade, ("auto", "on", "off"))
+        one_of("bench.search_target", self.search_target, ("goodput", "correct_goodput"))
+        graded = self.grade != "off" and self.workload in ("search_qa", "dataset")
+        if self.grade == "on" and not graded:
+            raise ConfigError(
+                f"bench.grade=on judges answers against a workload's expectations, and bench.workload={self.workload} "
+                "has none.",
+                "use bench.workload=search_qa, or a dataset whose entries give expected_keywords; or bench.grade=auto.",
+            )
+        if self.search_target == "correct_goodput" and not graded:
+            raise ConfigError(
+                "bench.search_target=correct_goodput counts answers that passed their grade, and "
+                f"bench.workload={self.workload} with bench.grade={self.grade} grades none.",
+                "use a graded workload (bench.workload=search_qa, or a dataset with expected_keywords), or "
+                "bench.search_target=goodput.",
+            )
         one_of("bench.replies", self.replies, ("canned", "real"))
         check(self.think_time_s >= 0, "bench.think_time_s", self.think_time_s, ">= 0 (seconds)")
         if (self.replies == "real" or self.think_time_s) and self.workload != "multi_turn":
@@ -165,6 +191,10 @@ class BenchConfig:
                 f"bench.client_workers={self.client_workers} splits a level over processes.",
                 "use bench.client_workers=1 with real replies.",
             )
+        check(self.client_cpus is None or (bool(self.client_cpus) and all(int(c) >= 0 for c in self.client_cpus)),
+              "bench.client_cpus", self.client_cpus, "null or a non-empty list of CPU numbers")  # fmt: skip
+        check(self.gauge_interval_s == 0 or 0.05 <= self.gauge_interval_s <= 60, "bench.gauge_interval_s",
+              self.gauge_interval_s, "0 (off) or seconds in [0.05, 60]")  # fmt: skip
         check(0 <= self.token_mismatch_limit <= 1, "bench.token_mismatch_limit", self.token_mismatch_limit,
               "a fraction in [0, 1]")  # fmt: skip
         if self.workload == "trace" and self.search != "none":
@@ -218,6 +248,8 @@ class BenchConfig:
         check(0 < self.goodput_target <= 1, "bench.goodput_target", self.goodput_target, "in (0, 1]")
         check(self.search_steps >= 2, "bench.search_steps", self.search_steps, "an integer >= 2")
         check(self.search_level_s > 0, "bench.search_level_s", self.search_level_s, "> 0")
+        check(self.trials >= 1, "bench.trials", self.trials, "an integer >= 1 (1: each level once)")
+        check(self.search_max_requests >= 1, "bench.search_max_requests", self.search_max_requests, "an integer >= 1")
         check(
             self.saturation_backlog is None or self.saturation_backlog >= 1,
             "bench.saturation_backlog",

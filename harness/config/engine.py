@@ -25,7 +25,7 @@ class EngineConfig:
     batch_sampling: bool = False  # continuous: also serve sampled requests (per-request temperature/top-k/top-p)
     strict: bool = False  # true: an option that cannot run (compile without a compiler) fails instead of falling back
     # llamacpp
-    n_ctx: int = 0  # context (KV cache) length; 0 = the model's training context
+    n_ctx: int = 0  # context (KV cache) length (llamacpp; a launched vLLM's --max-model-len); 0 = the default
     n_batch: int = 512  # prompt tokens per llama_decode call
     flash_attn: str = "auto"  # auto | on | off
     n_gpu_layers: int = 0  # layers offloaded to a GPU (-1 = all); needs a CUDA/Metal build of llama-cpp-python
@@ -40,6 +40,9 @@ class EngineConfig:
     python: str | None = None  # vllm: that environment's python (or HARNESS_VLLM_PYTHON)
     server_args: list[str] = field(default_factory=list)  # extra command-line arguments of a launched server
     launch_timeout_s: float = 300.0  # a launched server must list its model within this
+    # a launched server runs on these CPUs only (Linux); with bench.client_cpus apart, the load client and the
+    # server stop taking each other's cores on one machine. None: every CPU.
+    cpus: list[int] | None = None
     request_timeout_s: float = 300.0  # a request's whole answer must arrive within this
     send_min_tokens: bool = True  # send min_tokens/ignore_eos to force output lengths (vLLM-style servers)
     # Token-id prompts (exact lengths) to /completions; null = yes, but not to llama.cpp's server, which takes text
@@ -63,6 +66,8 @@ class EngineConfig:
         check(self.launch_timeout_s > 0, "engine.launch_timeout_s", self.launch_timeout_s, "> 0")
         check(self.request_timeout_s > 0, "engine.request_timeout_s", self.request_timeout_s, "> 0")
         self.server_args = [str(a) for a in self.server_args]
+        check(self.cpus is None or (bool(self.cpus) and all(int(c) >= 0 for c in self.cpus)), "engine.cpus",
+              self.cpus, "null or a non-empty list of CPU numbers")  # fmt: skip
         if self.base_url is not None:
             check_base_url("engine.base_url", self.base_url)
         check_key_env("engine.api_key_env", self.api_key_env)

@@ -220,3 +220,30 @@ class ValidationConfig:
             self.min_pass_rate,
             "null or a fraction in [0, 1]",
         )
+
+
+@dataclass
+class CostConfig:
+    """The price of what a point ran on, turned into a price per million tokens and per thousand correct
+    answers (harness.cost): per hour, in a currency, for the machine or for each GPU it used."""
+
+    per_hour: float | None = None
+    currency: str | None = None  # ISO 4217: USD, EUR, ...
+    per: str = "machine"  # machine | gpu
+
+    def __post_init__(self) -> None:
+        one_of("cost.per", self.per, ("machine", "gpu"))
+        if self.per_hour is None:
+            return
+        check(self.per_hour > 0, "cost.per_hour", self.per_hour, "a price > 0 per hour")
+        if not self.currency:
+            raise ConfigError(
+                f"cost.per_hour={self.per_hour:g} has no currency: a price without one cannot be compared.",
+                "add cost.currency=USD (or another ISO 4217 code).",
+            )
+        check(
+            len(self.currency) == 3 and self.currency.isalpha() and self.currency.isupper(),
+            "cost.currency",
+            self.currency,
+            "a three-letter ISO 4217 code such as USD or EUR",
+        )

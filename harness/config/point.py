@@ -12,7 +12,14 @@ from omegaconf import MISSING
 from harness.config.bench import BenchConfig
 from harness.config.checks import check, check_vllm_python, one_of
 from harness.config.engine import EngineConfig
-from harness.config.groups import AttentionConfig, ModelConfig, QuantConfig, ValidationConfig, WorkflowConfig
+from harness.config.groups import (
+    AttentionConfig,
+    CostConfig,
+    ModelConfig,
+    QuantConfig,
+    ValidationConfig,
+    WorkflowConfig,
+)
 from harness.config.options import HTTP_ENGINES, QUANT_ENGINES, QUANT_HINT, QUANT_LAUNCHES
 from harness.errors import ConfigError
 
@@ -26,6 +33,11 @@ class HarnessConfig:
     workflow: WorkflowConfig = field(default_factory=WorkflowConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    cost: CostConfig = field(default_factory=CostConfig)
+    # auto: joules per phase and level where a hardware counter can be read (NVML, amdsmi, RAPL), and why not
+    # where none can | on: a point without a counter is refused | off: no energy figures, no telemetry
+    energy: str = "auto"
+    energy_idle_s: float = 2.0  # the idle baseline's wait before the model loads (where a counter exists)
     seed: int = 0
     cache_dir: str = "~/.cache/harness"  # materialized GGUF and random-weight checkpoints, quantized models
     print_text: bool = True
@@ -39,6 +51,8 @@ class HarnessConfig:
     def __post_init__(self) -> None:
         self.cache_dir = os.path.expanduser(os.environ.get("HARNESS_CACHE_DIR") or self.cache_dir)
         one_of("isolation", self.isolation, ("process", "spawn", "inline"))
+        one_of("energy", self.energy, ("auto", "on", "off"))
+        check(0 <= self.energy_idle_s <= 60, "energy_idle_s", self.energy_idle_s, "seconds in [0, 60]")
         if self.point_memory_limit_mb is not None:
             check(self.point_memory_limit_mb >= 64, "point_memory_limit_mb", self.point_memory_limit_mb, ">= 64")
         self._check_engine_fits()
@@ -85,6 +99,11 @@ class HarnessConfig:
                     f"drop engine={engine} (the target's server runs its own engine), or set bench.target=engine.",
                 )
         launch = self.server_launch()
+        if self.engine.cpus and launch in (None, "none"):
+            raise ConfigError(
+                f"engine.cpus={self.engine.cpus} pins a server the point launches, and this point launches none.",
+                "drop engine.cpus; pin an in-process run or a running server with taskset (Linux) instead.",
+            )
         if launch is None:
             return
         if bench.name in ("memory", "quality"):

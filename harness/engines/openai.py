@@ -38,6 +38,7 @@ from harness.loadgen.target import RemoteModel, harness_engine_args, served_name
 from harness.models.attention import AttentionChoice
 from harness.models.loader import LoadedModel, checkpoint_for, effective_chat_format, gguf_file_for, load_tokenizer
 from harness.models.sources import Source, resolve_source
+from harness.processes import usable_cpus
 from harness.prompts import Prompt, TokenPrompt
 
 
@@ -90,6 +91,7 @@ def load_remote_model(cfg: HarnessConfig, log_dir: Path) -> LoadedModel:
             cfg.engine.server_args + harness_engine_args(cfg.engine, plan.launch),
             cfg.engine.launch_timeout_s,
             env,
+            usable_cpus(cfg.engine.cpus, "engine.cpus"),
         )
         base_url = server.base_url
     else:
@@ -107,6 +109,7 @@ def load_remote_model(cfg: HarnessConfig, log_dir: Path) -> LoadedModel:
         10.0,
         cfg.engine.send_min_tokens,
         token_prompts,
+        salt_field=plan.launch == "vllm",  # a server at a URL may be anything: its prompts carry the salt
     )
     try:
         models = probe(endpoint)

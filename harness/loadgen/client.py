@@ -38,6 +38,7 @@ class Endpoint:
     connect_timeout_s: float = 10.0
     send_min_tokens: bool = True  # min_tokens / ignore_eos (vLLM-style servers) to force the output length
     token_prompts: bool = True  # the server takes a prompt as token ids (else its text is sent)
+    salt_field: bool = False  # the server isolates its prefix cache by a request's `cache_salt` field (vLLM)
 
     def headers(self) -> dict[str, str]:
         headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}

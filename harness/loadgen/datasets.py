@@ -8,7 +8,8 @@ any of three shapes:
   any system turn before it) is the prompt, the gpt turn after it the reference answer.
 - a plain prompt: `{"prompt": "…"}`.
 Any entry may give `output_tokens` (the answer's length to force); otherwise a forced length is the reference
-answer's length in the model's tokens, or bench.max_new_tokens.
+answer's length in the model's tokens, or bench.max_new_tokens. An entry with `expected_keywords` (and optionally
+`min_keywords`) is graded under load: its answer must contain them (runners.benches.grading).
 
 A file that is missing, empty, or has a line the harness cannot use is a ConfigError naming the file, the line
 and the fix, raised before any server starts.
@@ -33,6 +34,8 @@ class DatasetEntry:
     reference: str | None  # the answer the dataset holds, if any
     output_tokens: int | None  # the length the entry asks for
     row: int
+    expected_keywords: tuple[str, ...] = ()  # graded load: terms a right answer contains ("a|b": either)
+    min_keywords: int | None = None  # how many of them (default: all)
 
     def chat(self) -> list[dict[str, str]]:
         return [{"role": role, "content": content} for role, content in self.messages]
@@ -111,7 +114,13 @@ def _entry(path: Path, row: int, item: Any) -> tuple[str, DatasetEntry]:
     length = item.get("output_tokens")
     if length is not None and (not isinstance(length, int) or isinstance(length, bool) or length < 1):
         raise _bad(path, row, f"output_tokens={length!r} is not a token count (a whole number >= 1).")
-    return kind, DatasetEntry(tuple(prompt), answer, length, row)
+    expected = item.get("expected_keywords", [])
+    if not isinstance(expected, list) or not all(isinstance(k, str) and k.strip() for k in expected):
+        raise _bad(path, row, f"expected_keywords must be a list of non-empty strings, not {expected!r:.80}.")
+    least = item.get("min_keywords")
+    if least is not None and (not isinstance(least, int) or isinstance(least, bool) or not 1 <= least <= len(expected)):
+        raise _bad(path, row, f"min_keywords={least!r} must be a whole number from 1 to the {len(expected)} keywords.")
+    return kind, DatasetEntry(tuple(prompt), answer, length, row, tuple(expected), least)
 
 
 def load_dataset(path: str | Path) -> Dataset:

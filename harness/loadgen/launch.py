@@ -60,6 +60,7 @@ class LaunchedServer:
     process: subprocess.Popen
     startup_s: float = 0.0
     models: list[str] = field(default_factory=list)
+    cpus: list[int] = field(default_factory=list)  # the CPUs it was pinned to; empty: all
 
     def alive(self) -> bool:
         return self.process.poll() is None
@@ -87,6 +88,7 @@ class LaunchedServer:
             "startup_s": self.startup_s,
             "log": str(self.log_path),
             "served_models": self.models,
+            "cpus": self.cpus or "all",
         }
 
 
@@ -129,13 +131,17 @@ def launch(
     args: list[str] | None = None,
     timeout_s: float = 300.0,
     env: dict[str, str] | None = None,
+    cpus: set[int] | None = None,
 ) -> LaunchedServer:
-    """Start a server for `model` (the name it serves under) and wait until it lists it. Call it from the thread
-    that lives as long as the server should (the point's main thread): the server dies with that thread."""
+    """Start a server for `model` (the name it serves under) and wait until it lists it, on `cpus` only where
+    given. Call it from the thread that lives as long as the server should (the point's main thread): the server
+    dies with that thread."""
     port = free_port()
     command = _command(kind, port, model, artifact, python, list(args or DEFAULT_ARGS.get(kind, [])))
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / LOG_NAME
+    if cpus:  # thread pools sized to the CPUs the server has, not to the machine's (torch, OpenMP)
+        env = {"OMP_NUM_THREADS": str(len(cpus)), **(env or {})}
     t0 = time.perf_counter()
     with open(log_path, "ab") as log:
         log.write(f"$ {' '.join(command)}\n".encode())
@@ -147,7 +153,7 @@ def launch(
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,  # its own process group: stop() ends the server and its children
-                preexec_fn=dies_with_this_process(PARENT_DEATH_SIGNAL.get(kind, signal.SIGKILL)),
+                preexec_fn=dies_with_this_process(PARENT_DEATH_SIGNAL.get(kind, signal.SIGKILL), cpus),
                 # A harness server launched for a point serves that point alone, on loopback: the token of a
                 # server the user runs elsewhere must not make it demand one its client never sends.
                 env={**{k: v for k, v in os.environ.items() if k != TOKEN_ENV}, **(env or {})},
@@ -157,7 +163,7 @@ def launch(
                 f"could not start the {kind} server ({command[0]}): {exc}.",
                 "check that the program exists (engine.python for vllm).",
             ) from exc
-    server = LaunchedServer(kind, command, f"http://127.0.0.1:{port}/v1", log_path, process)
+    server = LaunchedServer(kind, command, f"http://127.0.0.1:{port}/v1", log_path, process, cpus=sorted(cpus or []))
     ready = Endpoint(server.base_url, model, connect_timeout_s=2.0)
     try:
         while True:

@@ -32,6 +32,7 @@ class Planned:
     max_tokens: int
     prompt_tokens: int | None = None
     forced: bool = True  # min_tokens = max_tokens was asked
+    case: int | None = None  # graded load: the index of the expectation its answer is judged against
 
 
 def arrival_offsets(

@@ -4,13 +4,18 @@ The load client reads the server's /metrics before and after each level (bench.s
 kept as they are; where the server is one the harness knows (vLLM, llama.cpp's server, harness serve), the changes
 that explain a level's latency become figures: the mean time a request waited in the server's queue, spent in
 prefill and in decode, the server's own TTFT, preemptions, and the prefix cache's hit rate over the level's
-prompt tokens. A histogram's mean over the level is the change of its _sum over the change of its _count. Gauges
-(requests running, KV-cache use) are not figures: read once after a level they show the idle server.
+prompt tokens. A histogram's mean over the level is the change of its _sum over the change of its _count.
+
+Gauges (requests running and waiting, KV-cache use) read once after a level would show the idle server, so they are
+sampled while the level runs (bench.gauge_interval_s), by a process of their own: reading and scanning a large
+/metrics page on the client's event loop would hold it for milliseconds and make sends late.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from typing import Any
 
 from harness.loadgen.client import Endpoint
 
@@ -52,6 +57,30 @@ _HARNESS = (
     ServerFigure("cancelled", "count", "delta", ("harness_cancelled_requests_total",)),
 )
 SERVERS = {"vllm": _VLLM, "llamacpp": _LLAMACPP, "harness": _HARNESS}
+
+
+@dataclass(frozen=True)
+class ServerGauge:
+    name: str  # server_<name>[level], summarised over the level's samples
+    unit: str
+    series: str  # summed over its labels
+
+
+GAUGES = {
+    "vllm": (
+        ServerGauge("running", "requests", "vllm:num_requests_running"),
+        ServerGauge("waiting", "requests", "vllm:num_requests_waiting"),
+        ServerGauge("kv_cache_usage", "fraction", "vllm:kv_cache_usage_perc"),  # a fraction despite its name
+    ),
+    "llamacpp": (
+        ServerGauge("running", "requests", "llamacpp:requests_processing"),
+        ServerGauge("waiting", "requests", "llamacpp:requests_deferred"),
+    ),
+    "harness": (
+        ServerGauge("running", "requests", "harness_requests_running"),
+        ServerGauge("waiting", "requests", "harness_queue_depth"),
+    ),
+}
 _PREFIX = {"vllm": "vllm:", "llamacpp": "llamacpp:", "harness": "harness_"}
 
 
@@ -128,3 +157,94 @@ def changed(before: dict[str, float] | None, after: dict[str, float] | None) -> 
         return {}
     changed = {k: v - before.get(k, 0.0) for k, v in after.items() if v != before.get(k, 0.0)}
     return dict(sorted(changed.items())[:200])
+
+
+def read_gauges(text: str, series: tuple[str, ...]) -> dict[str, float]:
+    """Each series' value summed over its labels, from Prometheus text: a scan of the lines that start with the
+    names, not a full parse, so a sample of a large page costs well under a millisecond of the sampler's time."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line.startswith(series):
+            continue
+        brace, space = line.find("{"), line.find(" ")
+        labelled = brace != -1 and (space == -1 or brace < space)
+        name = line[: brace if labelled else space]
+        if name not in series:
+            continue  # a longer name that starts with one of them
+        rest = line[line.rfind("}") + 1 :] if labelled else line[space:]
+        try:
+            out[name] = out.get(name, 0.0) + float(rest.split()[0])
+        except (IndexError, ValueError):
+            continue
+    return out
+
+
+def _sample_loop(url: str, headers: dict[str, str], series: tuple[str, ...], interval_s: float, conn: Any) -> None:
+    """The sampler process: every interval, the gauges with the time read (perf_counter: one clock for every
+    process of the machine), until the parent says stop; then the samples go back through the pipe."""
+    import urllib.request
+
+    samples: list[tuple[float, dict[str, float]]] = []
+    request = urllib.request.Request(url, headers=headers)
+    while not conn.poll(0):
+        t = time.perf_counter()
+        try:
+            with urllib.request.urlopen(request, timeout=max(1.0, interval_s)) as r:
+                text = r.read(8_000_000).decode(errors="replace")
+            samples.append((t, read_gauges(text, series)))
+        except Exception:  # a missed sample is only a gap in the series
+            pass
+        conn.poll(max(0.0, t + interval_s - time.perf_counter()))
+    conn.send(samples)
+    conn.close()
+
+
+class GaugeSampler:
+    """Samples a known server's gauges while a level runs (a spawned process; started before the level's start
+    time is fixed, so its start-up is not the level's)."""
+
+    def __init__(self, endpoint: Endpoint, server: str | None, interval_s: float) -> None:
+        self.gauges = GAUGES.get(server or "", ()) if interval_s > 0 else ()
+        self.samples: list[tuple[float, dict[str, float]]] = []
+        self._process: Any = None
+        if not self.gauges:
+            return
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        self._conn, child = context.Pipe()
+        url = endpoint.base_url.rstrip("/").removesuffix("/v1") + "/metrics"
+        series = tuple(g.series for g in self.gauges)
+        self._process = context.Process(
+            target=_sample_loop, args=(url, endpoint.headers(), series, interval_s, child), daemon=True
+        )
+        self._process.start()
+        child.close()
+
+    def stop(self) -> None:
+        if self._process is None:
+            return
+        try:
+            self._conn.send("stop")
+            if self._conn.poll(30):
+                self.samples = self._conn.recv()
+        except (OSError, EOFError):
+            pass
+        self._process.join(5)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join()
+        self._process = None
+
+    def figures(self, t0: float, t_end: float) -> tuple[dict[str, tuple[list[float], str]], dict[str, list[float]]]:
+        """name -> (values, unit) over the samples taken in [t0, t_end], and the series (seconds from t0 and each
+        gauge) for the result; a gauge the server never reported is absent."""
+        inside = [(t, v) for t, v in self.samples if t0 <= t <= t_end]
+        figures: dict[str, tuple[list[float], str]] = {}
+        series: dict[str, list[float]] = {"t_s": [round(t - t0, 3) for t, _ in inside]} if inside else {}
+        for g in self.gauges:
+            values = [v.get(g.series) for _, v in inside]
+            if inside and all(x is not None for x in values):
+                figures[g.name] = ([float(x) for x in values], g.unit)  # type: ignore[arg-type]
+                series[g.name] = [float(x) for x in values]  # type: ignore[arg-type]
+        return figures, series

@@ -50,7 +50,22 @@ def server_plan(cfg: HarnessConfig) -> ServerPlan:
 
 
 def harness_engine_args(engine: EngineConfig, launch_kind: str) -> list[str]:
-    """bench=serve target=harness with engine=transformers options: the launched server runs them."""
+    """The engine's options a launched server runs: bench=serve target=harness with engine=transformers options
+    (batching, cache, compile, threads), and for vLLM and llama.cpp's server engine.n_ctx as its context
+    (--max-model-len, --n_ctx) where engine.server_args does not give one, so one sweep over targets gives every
+    server the same window."""
+    if launch_kind == "llamacpp_server":
+        given = engine.n_ctx and "--n_ctx" not in engine.server_args
+        return ["--n_ctx", str(engine.n_ctx)] if given else []
+    if launch_kind == "vllm":
+        from harness.loadgen.launch import DEFAULT_ARGS
+
+        if engine.n_ctx and "--max-model-len" not in engine.server_args:
+            defaults = [] if engine.server_args else DEFAULT_ARGS["vllm"]
+            at = defaults.index("--max-model-len") if "--max-model-len" in defaults else None
+            rest = defaults[:at] + defaults[at + 2 :] if at is not None else defaults
+            return [*rest, "--max-model-len", str(engine.n_ctx)]
+        return []
     if launch_kind != "harness" or engine.name != "transformers":
         return []
     args = []

@@ -369,7 +369,11 @@ def create_app(settings: ServerSettings | None = None, manager: ModelManager | N
     @app.get("/metrics")
     async def metrics() -> Response:
         body = server.metrics.render(
-            len(server.manager.loaded()), server.manager.used_bytes(), server.worker.queue_depth, server.jobs.counts()
+            len(server.manager.loaded()),
+            server.manager.used_bytes(),
+            server.worker.queue_depth,
+            server.worker.running,
+            server.jobs.counts(),
         )
         return Response(body, media_type=CONTENT_TYPE)
 

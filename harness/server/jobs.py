@@ -77,6 +77,8 @@ class JobLimits:
             ("workflow.max_new_tokens", w.max_new_tokens if b.name == "e2e" else 0, self.max_new_tokens),
             ("bench.ppl_chars", b.ppl_chars, self.max_ppl_chars),
             ("bench.num_requests", b.num_requests, self.max_runs),
+            ("bench.num_requests × bench.trials", b.num_requests * b.trials, self.max_runs),
+            ("bench.search_max_requests", b.search_max_requests if b.search == "max_rate" else 0, self.max_runs),
             ("bench.client_workers", b.client_workers, self.max_parallel),
             ("engine.max_batch_requests", cfg.engine.max_batch_requests, self.max_parallel),
             ("engine.kv_cache_tokens", cfg.engine.kv_cache_tokens, self.max_kv_cache_tokens),

@@ -44,6 +44,7 @@ class ServerMetrics:
         self.model_memory = Gauge("harness_model_memory_bytes", "summed footprint of the loaded models", registry=r)
         self.rss = Gauge("harness_process_resident_memory_bytes", "resident memory of the server process", registry=r)
         self.queue_depth = Gauge("harness_queue_depth", "generation requests waiting for the model", registry=r)
+        self.running = Gauge("harness_requests_running", "generations whose stream is being read", registry=r)
         self.cancelled = Counter(
             "harness_cancelled_requests_total",
             "generations stopped before their end because the client went away",
@@ -52,11 +53,12 @@ class ServerMetrics:
         )
         self.jobs = Gauge("harness_benchmark_jobs", "benchmark jobs by status", ["status"], registry=r)
 
-    def render(self, loaded: int, model_bytes: int, queue_depth: int, jobs: dict[str, int]) -> bytes:
+    def render(self, loaded: int, model_bytes: int, queue_depth: int, running: int, jobs: dict[str, int]) -> bytes:
         self.loaded_models.set(loaded)
         self.model_memory.set(model_bytes)
         self.rss.set(psutil.Process().memory_info().rss)
         self.queue_depth.set(queue_depth)
+        self.running.set(running)
         for status in JOB_STATES:
             self.jobs.labels(status).set(jobs.get(status, 0))
         return generate_latest(self.registry)

@@ -132,6 +132,12 @@ class ModelWorker:
     def queue_depth(self) -> int:
         return self._jobs.qsize()
 
+    @property
+    def running(self) -> int:
+        """Generations whose token stream is still being read (all models)."""
+        with self._idle:
+            return sum(self._running.values())
+
     def stop(self) -> None:
         self._jobs.put(None)
         self._thread.join(timeout=30)
@@ -220,10 +226,13 @@ class ModelWorker:
             except BaseException as exc:
                 emit(Failed(exc))
                 return
-            if not engine.concurrent:
-                read(stream, loaded.tokenizer)
-                return
             self._track(spec.key, +1)  # counted here, so an unload queued after this job waits for it
+            if not engine.concurrent:  # read on this thread: the next job waits for it
+                try:
+                    read(stream, loaded.tokenizer)
+                finally:
+                    self._track(spec.key, -1)
+                return
 
             def read_then_release() -> None:
                 try:

@@ -27,6 +27,33 @@ def case_passed(checks: list[Check]) -> bool:
     return all(c.passed for c in checks if c.gates)
 
 
+# Checks of an answer's form, not of what it says: it exists, it finished, it cites in the asked format, it has the
+# asked structure and length. Every other gating check is about content (expected terms, recalled facts).
+FORMAT_CHECKS = frozenset(
+    {
+        "non_empty",
+        "complete",
+        "cited",
+        "citations_valid",
+        "replies_non_empty",
+        "replies_complete",
+        "no_role_leak",
+        "sections",
+        "section_order",
+        "exercises",
+        "answers",
+        "code_fences",
+        "length",
+        "generated",
+    }
+)
+
+
+def passed_on(checks: list[Check], kind: str) -> bool:
+    """The case passed its gating checks of one kind: "format" (FORMAT_CHECKS) or "content" (the rest)."""
+    return all(c.passed for c in checks if c.gates and (c.name in FORMAT_CHECKS) == (kind == "format"))
+
+
 def words(text: str) -> list[str]:
     return re.findall(r"\w+", text)
 

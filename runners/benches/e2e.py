@@ -13,9 +13,9 @@ from dataclasses import replace
 from typing import Any
 
 from harness.errors import InferenceError, OutOfMemoryError
-from harness.stats import summarize, summarize_proportion
+from harness.stats import summarize, summarize_proportion, wilson_interval
 from harness.workflows import CaseResult, Workflow, create_workflow
-from harness.workflows.checks import Check
+from harness.workflows.checks import Check, passed_on
 from runners.benches import quality
 from runners.benches.measure import (
     REQUEST_UNITS,
@@ -67,6 +67,10 @@ def run(ctx: BenchContext) -> BenchOutput:
 
     passed = sum(r.passed for r in results)
     out.metrics["pass_rate"] = summarize_proportion([r.passed for r in results])
+    # What the answers said and how they said it, apart: a model can know the answer and miss the format (no
+    # citation, cut at the token limit), or keep the format and miss the content.
+    for kind in ("content", "format"):
+        out.metrics[f"{kind}_pass_rate"] = summarize_proportion([passed_on(r.checks, kind) for r in results])
     names = list(dict.fromkeys(c.name for r in results for c in r.checks))
     for name in names:
         flags = [c.passed for r in results for c in r.checks if c.name == name]
@@ -109,17 +113,38 @@ def run(ctx: BenchContext) -> BenchOutput:
     return out
 
 
+def cases_needed(min_pass_rate: float) -> int | None:
+    """The fewest cases whose 95% Wilson interval can clear the threshold at all (every one of them passing);
+    None for a threshold of 1, which no finite sample clears."""
+    if min_pass_rate >= 1:
+        return None
+    n = 1
+    while wilson_interval(n, n)[0] < min_pass_rate:
+        n += 1
+    return n
+
+
 def below_gate(result: Any, min_pass_rate: float | None) -> str | None:
-    """Why an ok bench=e2e result falls below the release gate (validation.min_pass_rate), or None."""
+    """Why an ok bench=e2e result falls below the release gate (validation.min_pass_rate), or None. The gate
+    takes the lower end of the pass rate's 95% interval: a point passes when the cases show, not merely suggest,
+    a rate at the threshold."""
     if min_pass_rate is None or result.status != "ok" or "pass_rate" not in result.metrics:
         return None
     rate = result.metrics["pass_rate"]
-    if rate["mean"] >= min_pass_rate:
+    low = rate.get("ci95_low", rate["mean"])
+    if low >= min_pass_rate:
         return None
     workflow = result.details.get("workflow", "?")
+    needed = cases_needed(min_pass_rate)
+    size = (
+        f" A verdict at this threshold needs at least {needed} cases (all passing); this point ran {rate['n']}."
+        if needed and rate["n"] < needed
+        else ""
+    )
     return (
-        f"release gate: {workflow} passed {rate['mean']:.1%} of {rate['n']} cases, below validation.min_pass_rate="
-        f"{min_pass_rate:g}. The failed cases and the check that failed each are in {CASES_FILE} beside result.json."
+        f"release gate: {workflow} passed {rate['mean']:.1%} of {rate['n']} cases (95% interval from {low:.1%}), "
+        f"below validation.min_pass_rate={min_pass_rate:g}.{size} The failed cases and the check that failed each "
+        f"are in {CASES_FILE} beside result.json."
     )
 
 

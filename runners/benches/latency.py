@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from harness.bandwidth import mbu, peak_bandwidth
+from harness.energy import phase_figures
 from harness.engines import GenerationParams
 from harness.engines.base import streamed
 from harness.prompts import TokenPrompt, exact_prompt
@@ -84,9 +85,17 @@ def run(ctx: BenchContext) -> BenchOutput:
             cold_m = request_metrics(cold.start_ns, cold.token_ns, cold.prompt_tokens)
             for key in ("ttft_s", "e2e_s"):
                 out.metrics[f"cold_start_{REQUEST_UNITS[key][0]}"] = summarize([cold_m[key] * 1e3], "ms")
+        warmup = "phase=warmup" if index == 0 else f"warmup[{case}]"  # the point's warm-up is the first case's
+        ctx.mark(f"{warmup}:start")
         for _ in range(bench.warmup_runs):
             streamed(engine, prompt, params)
+        ctx.mark(f"{warmup}:end")
+        ctx.mark(f"{case}:start")
         data, how = _measure_case(ctx, out, prompt, case, params)
+        ctx.mark(f"{case}:end")
+        if ctx.energy is not None:  # every run produced the forced output length
+            runs = len(data.per_request.get("e2e_s", []))
+            out.metrics.update(phase_figures(ctx.energy, case, runs * params.max_new_tokens))
         for key, values in data.per_request.items():
             if values:
                 name, unit, scale = REQUEST_UNITS[key]

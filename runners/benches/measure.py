@@ -20,6 +20,7 @@ from harness.stats import request_latency, summarize
 from harness.workflows import Workflow
 
 if TYPE_CHECKING:
+    from harness.energy import EnergyMeter
     from harness.models.loader import LoadedModel
 
 # request metric (seconds or tok/s) -> (reported name, unit, scale)
@@ -43,6 +44,11 @@ class BenchContext:
     progress: Callable[[str], None] = lambda message: None
     out_dir: Path | None = None  # the point's folder, for benches that write files of their own (cases.jsonl)
     workflow: Workflow | None = None  # bench=e2e: the workflow, its cases checked before the model loaded
+    energy: EnergyMeter | None = None  # marks `<key>:start` / `<key>:end` spans (phase=warmup, a serve level)
+
+    def mark(self, label: str) -> None:
+        if self.energy is not None:
+            self.energy.mark(label)
 
 
 @dataclass

@@ -11,11 +11,15 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
+from harness.energy import phase_figures
+from harness.errors import ConfigError
 from harness.loadgen.figures import Level, cached_prompt_tokens, level_metrics
 from harness.loadgen.load import arrival_offsets, heap_frozen, run_level, warm_up
-from harness.loadgen.server_metrics import changed, scrape, server_figures
+from harness.loadgen.server_metrics import GaugeSampler, changed, scrape, server_figures, which_server
 from harness.loadgen.sessions import run_sessions
-from harness.stats import summarize
+from harness.processes import pinned, usable_cpus
+from harness.stats import share_verdict, summarize
+from runners.benches.grading import Grades, grade_level
 from runners.benches.measure import BenchContext, BenchOutput
 from runners.benches.workload import Workload, expected_cached_share, read_sources
 
@@ -23,6 +27,16 @@ if TYPE_CHECKING:
     from harness.config import HarnessConfig
 
 SEARCH_MIN_REQUESTS = 8  # a search level's fewest requests, whatever its rate
+# The figures whose spread between bench.trials repeats is reported (figure, statistic).
+TRIAL_FIGURES = (
+    ("ttft_ms", "p50"),
+    ("ttft_ms", "p99"),
+    ("tpot_ms", "p50"),
+    ("e2e_ms", "p50"),
+    ("output_tok_s", "mean"),
+    ("goodput_rps", "mean"),
+    ("pass_rate", "mean"),
+)
 CEILING_SHARE = 0.5  # a level past this share of the client's calibrated chunks/s is flagged client-bound
 
 
@@ -36,25 +50,111 @@ class _Run:
         self.levels: dict[str, dict[str, Any]] = {}
         self.level_index = 0
         self.ceiling: dict[str, Any] | None = None  # the client's calibrated requests/s and chunks/s
+        self.trial_spread: dict[str, Any] = {}  # bench.trials > 1: per level, the spread between its trials
 
-    def _count(self, rate: float | None, searching: bool) -> int:
+    def _count(self, rate: float | None, searching: bool, at_least: int = 0) -> int:
         b = self.bench
+        if at_least:  # a search level extended until its verdict is decided
+            return at_least
         if rate is not None and searching:  # long enough to be a load, not a burst the server's queue absorbs,
             return max(SEARCH_MIN_REQUESTS, math.ceil(rate * b.search_level_s))  # and not minutes at a low rate
         if rate is not None and b.duration_s:  # the schedule's length: whichever of the two ends first
             return max(1, min(b.num_requests, math.ceil(rate * b.duration_s)))
         return b.num_requests
 
-    def level(self, mode: str, value: float, searching: bool = False) -> dict[str, Any]:
+    def trials(self, mode: str, value: float) -> None:
+        """A level run bench.trials times, each with a fresh cache salt (trial=1, 2, ... in its key), and the
+        spread between the trials of each headline figure (`<figure>_by_trial[level]`: its stdev is the run-to-run
+        noise, beside each trial's own ci95, the request-to-request noise)."""
+        n = self.bench.trials
+        if n == 1:
+            self.level(mode, value)
+            return
+        keys = [self.level(mode, value, trial=t)["key"] for t in range(1, n + 1)]
+        base = keys[0].rsplit(",trial=", 1)[0]
+        spread: dict[str, Any] = {}
+        for metric, stat in TRIAL_FIGURES:
+            values = [self.out.metrics.get(f"{metric}[{k}]", {}).get(stat) for k in keys]
+            if all(v is not None for v in values):
+                unit = self.out.metrics[f"{metric}[{keys[0]}]"]["unit"]
+                name = f"{metric}_{stat}_by_trial" if stat != "mean" else f"{metric}_by_trial"
+                self.out.metrics[f"{name}[{base}]"] = summarize(values, unit)
+                within = [self.out.metrics[f"{metric}[{k}]"].get("ci95") for k in keys]
+                spread[name] = {"between_trials_stdev": self.out.metrics[f"{name}[{base}]"]["stdev"],
+                                "within_trial_ci95": within}  # fmt: skip
+        self.trial_spread[base] = {"trials": n, "levels": keys, "figures": spread}
+
+    def level(
+        self, mode: str, value: float, searching: bool = False, requests: int = 0, trial: int = 0
+    ) -> dict[str, Any]:
         """Run one level (closed: `value` clients; open: `value` req/s; replay: the trace at `value`x) once, and
-        its figures."""
+        its figures; `requests` reruns a search level with that many requests, in place of its earlier run;
+        `trial` marks one of bench.trials repeats."""
         b = self.bench
         key = {"closed": f"concurrency={int(value)}", "open": f"rate={value:g}", "replay": f"replay={value:g}x"}[mode]
-        if key in self.levels:
+        key += f",trial={trial}" if trial else ""
+        if key in self.levels and not requests:
             return self.levels[key]
+        if key in self.levels:  # the earlier, shorter run's figures and samples give way to the longer one's
+            self.out.metrics = {k: v for k, v in self.out.metrics.items() if not k.endswith(f"[{key}]")}
+            self.out.samples[:] = [row for row in self.out.samples if row[1] != key]
         self.ctx.progress(f"serve {key}")
         self.level_index += 1
         before = scrape(self.endpoint) if b.scrape_metrics else None
+        server = which_server(before) if before else None
+        gauges = GaugeSampler(self.endpoint, server, b.gauge_interval_s if b.scrape_metrics else 0.0)
+        try:
+            self.ctx.mark(f"{key}:start")
+            plans, level = self._run(mode, value, key, searching, requests)
+            self.ctx.mark(f"{key}:end")
+        finally:
+            gauges.stop()
+        after = scrape(self.endpoint) if b.scrape_metrics else None
+        self.ctx.engine.remote.check_alive()  # type: ignore[attr-defined]
+        if level.mode == "open" and b.ramp_up_s > 0:  # requests sent while the rate was still rising are warm-up
+            for r in level.records:
+                r.warmup = r.warmup or (r.t_sched - level.t0) < b.ramp_up_s
+        tokenizer = self.ctx.loaded.tokenizer
+        expected = expected_cached_share(plans, tokenizer) if plans else None
+        metrics, details, rows = level_metrics(level, tokenizer, b.slo.limits(), expected, b.token_mismatch_limit)
+        if self.workload.salt:
+            details["cache_salt"] = self.workload.salt
+        self.out.metrics.update(metrics)
+        details["server_metrics_delta"] = changed(before, after)
+        for name, (figure, unit) in server_figures(before, after).items():
+            self.out.metrics[f"server_{name}[{key}]"] = summarize([figure], unit)
+        grades = self._grade(level, plans, rows, details)
+        self._energy(key, grades)
+        sampled, series = gauges.figures(level.t0, level.t0 + level.wall_s)
+        for name, (values, unit) in sampled.items():
+            self.out.metrics[f"server_{name}[{key}]"] = summarize(values, unit)
+        if series:
+            details["server_gauges"] = series
+        self._against_ceiling(details, level)
+        self._samples(level, rows, grades)
+        target = "correct_slo_attainment" if b.search_target == "correct_goodput" else "slo_attainment"
+        attained = self.out.metrics.get(f"{target}[{key}]", {})
+        n = attained.get("n", 0)
+        details["slo_verdict"] = share_verdict(round(attained.get("mean", 0.0) * n), n, b.goodput_target)
+        if key in self.levels:
+            details["extended_from"] = [*self.levels[key]["details"].get("extended_from", []),
+                                        self.levels[key]["details"]["requests"]]  # fmt: skip
+        summary = {
+            "key": key,
+            "details": details,
+            "goodput_rps": metrics.get(f"goodput_rps[{key}]", {}).get("mean", 0.0),
+            "attainment": attained.get("mean", 0.0),
+            "verdict": details["slo_verdict"]["verdict"],
+            "offered_rps": level.value if level.mode == "open" else None,
+        }
+        self.levels[key] = summary
+        if len(self.out.outputs) < 3 and rows and rows[0][0].ok:
+            self.out.outputs.append({"level": key, "text": rows[0][0].text})
+        return summary
+
+    def _run(self, mode: str, value: float, key: str, searching: bool, requests: int) -> tuple[list, Level]:
+        """The level's requests, run: its plans (none for sessions built turn by turn) and what happened."""
+        b = self.bench
         plans: list = []
         if b.workload == "multi_turn" and b.replies == "real":
             level = self._sessions(mode, value, key)
@@ -64,7 +164,7 @@ class _Run:
                 offsets = self.workload.trace_offsets()
                 mode, value = "open", len(offsets) / max(offsets[-1], 1e-9) if len(offsets) > 1 else 1.0
             else:
-                count = self._count(value if mode == "open" else None, searching)
+                count = self._count(value if mode == "open" else None, searching, requests)
                 plans = self.workload.plans(count, self.level_index)
                 offsets = None
                 if mode == "open":
@@ -83,33 +183,33 @@ class _Run:
                 b.client_workers,
                 key=key,
             )
-        after = scrape(self.endpoint) if b.scrape_metrics else None
-        self.ctx.engine.remote.check_alive()  # type: ignore[attr-defined]
-        if mode == "open" and b.ramp_up_s > 0:  # requests sent while the rate was still rising are warm-up
-            for r in level.records:
-                r.warmup = r.warmup or (r.t_sched - level.t0) < b.ramp_up_s
-        tokenizer = self.ctx.loaded.tokenizer
-        expected = expected_cached_share(plans, tokenizer) if plans else None
-        metrics, details, rows = level_metrics(level, tokenizer, b.slo.limits(), expected, b.token_mismatch_limit)
-        if self.workload.salt:
-            details["cache_salt"] = self.workload.salt
+        return plans, level
+
+    def _grade(self, level: Level, plans: list, rows: list, details: dict[str, Any]) -> Grades | None:
+        """Graded load: each answer judged by its case's checks; the level's pass rates and correct goodput."""
+        if not self.workload.graded or not plans:
+            return None
+        ends = [r.t_end for r, _, _ in rows if r.t_end]
+        span = max(ends) - level.t0 if ends else 0.0
+        cases = [p.case for p in plans]
+        metrics, grading, grades = grade_level(rows, self.workload.expectations, cases, self.bench.slo.limits(),
+                                               level.key, span)  # fmt: skip
         self.out.metrics.update(metrics)
-        details["server_metrics_delta"] = changed(before, after)
-        for name, (figure, unit) in server_figures(before, after).items():
-            self.out.metrics[f"server_{name}[{key}]"] = summarize([figure], unit)
-        self._against_ceiling(details, level)
-        self._samples(level, rows)
-        summary = {
-            "key": key,
-            "details": details,
-            "goodput_rps": metrics.get(f"goodput_rps[{key}]", {}).get("mean", 0.0),
-            "attainment": metrics.get(f"slo_attainment[{key}]", {}).get("mean", 0.0),
-            "offered_rps": value if mode == "open" else None,
-        }
-        self.levels[key] = summary
-        if len(self.out.outputs) < 3 and rows and rows[0][0].ok:
-            self.out.outputs.append({"level": key, "text": rows[0][0].text})
-        return summary
+        details["grading"] = grading
+        return grades
+
+    def _energy(self, key: str, grades: Grades | None) -> None:
+        """The level's joules, per output token and (graded) per correct answer, where a counter was read."""
+        meter = self.ctx.energy
+        if meter is None:
+            return
+        produced = self.out.metrics.get(f"output_tokens[{key}]", {})
+        figures = phase_figures(meter, key, produced.get("mean", 0.0) * produced.get("n", 0))
+        joules = figures.get(f"energy_j[{key}]")
+        correct = sum(grades.passed(i) for i in grades.checks) if grades else 0
+        if joules and correct:
+            figures[f"joules_per_correct[{key}]"] = summarize([joules["mean"] / correct], "J/answer")
+        self.out.metrics.update(figures)
 
     def _sessions(self, mode: str, value: float, key: str) -> Level:
         """A level of conversations with the server's real replies (bench.replies=real): num_requests turns in
@@ -142,7 +242,7 @@ class _Run:
             )
             client["client_bound"] = True
 
-    def _samples(self, level: Level, rows: list) -> None:
+    def _samples(self, level: Level, rows: list, grades: Grades | None) -> None:
         add = self.out.samples.append
         for record, counted, figures in rows:
             case, i = level.key, record.index
@@ -151,6 +251,8 @@ class _Run:
                 add(("serve", case, i, token, metric, value, unit))
 
             put("t_sched_s", record.t_sched - level.t0, "s")
+            if grades is not None and i in grades.checks:
+                put("passed", float(grades.passed(i)), "fraction")
             if record.t_send:
                 put("t_send_s", record.t_send - level.t0, "s")
             if record.t_end:
@@ -176,10 +278,24 @@ class _Run:
                 put("chunk_tokens", float(k), counted.k_source, j)
 
     def meets_target(self, summary: dict[str, Any]) -> bool:
-        """The level holds when the share of its scheduled requests that met every SLO reaches goodput_target.
-        (Goodput ÷ the nominal rate would judge the schedule's sampling noise: 16 Poisson arrivals at 1 req/s
-        span anywhere from 12 to 20 s.)"""
+        """The level holds when the share of its scheduled requests that met every SLO reaches goodput_target:
+        decided at 95% confidence where the sample allows (share_verdict), else by the share itself. (Goodput ÷ the
+        nominal rate would judge the schedule's sampling noise: 16 Poisson arrivals at 1 req/s span anywhere from
+        12 to 20 s.)"""
+        if summary["verdict"] != "undecided":
+            return summary["verdict"] == "met"
         return summary["attainment"] >= self.bench.goodput_target
+
+    def decided_level(self, rate: float) -> dict[str, Any]:
+        """A search level, rerun with twice the requests while its verdict is undecided, up to
+        bench.search_max_requests (early stopping: a level stops growing as soon as the verdict is decided)."""
+        summary = self.level("open", rate, searching=True)
+        while summary["verdict"] == "undecided":
+            count = summary["details"]["requests"]
+            if count >= self.bench.search_max_requests:
+                break
+            summary = self.level("open", rate, searching=True, requests=min(2 * count, self.bench.search_max_requests))
+        return summary
 
     def search(self) -> dict[str, Any]:
         """Double the rate until goodput falls short of goodput_target × rate, then bisect between the last rate
@@ -190,10 +306,11 @@ class _Run:
         failed: float | None = None
         walked = []
         for _ in range(b.search_steps):
-            summary = self.level("open", round(rate, 3), searching=True)
+            summary = self.decided_level(round(rate, 3))
             ok = self.meets_target(summary)
             walked.append({"rate": round(rate, 3), "goodput_rps": summary["goodput_rps"],
-                           "slo_attainment": summary["attainment"], "met": ok,
+                           "slo_attainment": summary["attainment"], "met": ok, "verdict": summary["verdict"],
+                           "requests": summary["details"]["requests"],
                            "stopped_early": summary["details"]["stopped_early"]})  # fmt: skip
             if ok:
                 best = max(best or 0.0, rate)
@@ -209,6 +326,16 @@ class _Run:
                 rate = (best + failed) / 2
         found = {"max_rate_rps": best, "first_failing_rps": failed, "goodput_target": b.goodput_target,
                  "slo": b.slo.limits(), "walked": walked}  # fmt: skip
+        verdicts = {w["rate"]: w["verdict"] for w in walked}
+        bounds = [verdicts[round(r, 3)] for r in (best, failed) if r is not None]
+        found["decided"] = bool(bounds) and "undecided" not in bounds
+        found["confidence"] = (
+            "each level that bounds the answer was decided at 95% confidence (docs/benchmark_guide.md)"
+            if found["decided"]
+            else "a level that bounds the answer stayed undecided at 95% confidence with "
+            f"bench.search_max_requests={b.search_max_requests} requests; its share of requests within the SLO "
+            "placed it, which a rerun may not repeat: raise bench.search_max_requests"
+        )
         if failed is None:
             found["note"] = f"every rate walked held: the max rate is above {best:g}; raise bench.search_steps."
         elif best is None:
@@ -217,9 +344,17 @@ class _Run:
 
 
 def run(ctx: BenchContext) -> BenchOutput:
+    """The levels, with the client on bench.client_cpus where given (its calibration too: its ceiling is the one
+    of the cores it has)."""
+    with pinned(usable_cpus(ctx.cfg.bench.client_cpus, "bench.client_cpus")):
+        return _run_levels(ctx)
+
+
+def _run_levels(ctx: BenchContext) -> BenchOutput:
     b = ctx.cfg.bench
     run = _Run(ctx)
-    details: dict[str, Any] = {"workload": run.workload.describe(), "server": ctx.loaded.provenance.get("server")}
+    details: dict[str, Any] = {"workload": run.workload.describe(), "server": ctx.loaded.provenance.get("server"),
+                               "client_cpus": b.client_cpus or "all"}  # fmt: skip
     if b.calibrate:
         from harness.loadgen.null_server import calibrate
 
@@ -229,7 +364,9 @@ def run(ctx: BenchContext) -> BenchOutput:
         ctx.progress("serve: warm-up")
         import asyncio
 
+        ctx.mark("phase=warmup:start")
         warm = asyncio.run(warm_up(run.endpoint, run.workload.plans(b.warmup_runs, 0)))
+        ctx.mark("phase=warmup:end")
         failed = [r for r in warm if not r.ok]
         details["warmup"] = {"requests": len(warm), "failed": len(failed)}
         if len(failed) == len(warm):
@@ -240,12 +377,14 @@ def run(ctx: BenchContext) -> BenchOutput:
                 "check the server (its log beside result.json when launched), the model name and the API key.",
             )
     if b.workload == "trace":  # the trace sets the schedule: bench.concurrency and bench.rates are not levels
-        run.level("replay", b.trace_speedup)
+        run.trials("replay", b.trace_speedup)
     else:
         for c in b.concurrency:
-            run.level("closed", c)
+            run.trials("closed", c)
         for r in b.rates:
-            run.level("open", r)
+            run.trials("open", r)
+    if run.trial_spread:
+        details["trials"] = run.trial_spread
     if b.search == "max_rate":
         found = run.search()
         details["search"] = found
@@ -265,7 +404,8 @@ def run(ctx: BenchContext) -> BenchOutput:
     if bound:
         details["note"] = (
             "the client, not the server, may have limited the levels in client_bound (their figures measure the "
-            "client): raise bench.client_workers or move the client to another machine."
+            "client): raise bench.client_workers, pin the client and a server on this machine to CPUs of their "
+            "own (bench.client_cpus, engine.cpus), or move the client to another machine."
         )
     run.out.details = details
     return run.out
@@ -292,5 +432,13 @@ def headline(metrics: dict[str, Any]) -> str:
 
 
 def check(cfg: HarnessConfig) -> None:
-    """Before any server starts: the trace or dataset the workload replays is read and checked (ConfigError)."""
-    read_sources(cfg.bench)
+    """Before any server starts: the trace or dataset the workload replays is read and checked, and the CPUs
+    the client and the server are pinned to exist here (ConfigError)."""
+    _, dataset = read_sources(cfg.bench)
+    if dataset is not None and cfg.bench.grade == "on" and not any(e.expected_keywords for e in dataset.entries):
+        raise ConfigError(
+            f"bench.grade=on, and no entry of bench.dataset={dataset.path} gives expected_keywords to grade against.",
+            'add "expected_keywords": [...] to the entries to grade, or bench.grade=auto.',
+        )
+    usable_cpus(cfg.bench.client_cpus, "bench.client_cpus")
+    usable_cpus(cfg.engine.cpus, "engine.cpus")

@@ -3,19 +3,23 @@
 - synthetic: prompts of exact token lengths from the built-in text, the length fixed or drawn (uniform or normal
   around bench.prompt_lengths[0]); sent as token ids to /completions, or as text in a user message to chat.
 - shared_prefix: one prefix of bench.prefix_tokens shared by every prompt, then a distinct suffix (prefix caches).
-- search_qa: the workflow's questions with their retrieved passages, as the workflow sends them (chat messages).
+- search_qa: the workflow's questions with their retrieved passages, as the workflow sends them (chat messages);
+  graded (bench.grade, runners.benches.grading): each answer judged by the workflow's checks, so its length is
+  the model's own (bench.max_new_tokens at most), never forced.
 - multi_turn: sessions of bench.turns turns; turn t carries the t-1 earlier exchanges, so the context grows turn
   by turn. Canned replies (fixed text of the output length) let every request be built before the level; with
   bench.replies=real each turn carries the server's actual answers and is built when the previous one ends
   (harness.loadgen.sessions), after a think time.
 - trace: a production trace's requests (harness.loadgen.traces) at its own times, each prompt built to the trace's
   token count (blocks that share a hash id share their tokens) and its output length forced.
-- dataset: real prompts (harness.loadgen.datasets) sampled with the seed, as chat messages.
+- dataset: real prompts (harness.loadgen.datasets) sampled with the seed, as chat messages; entries with
+  `expected_keywords` are graded.
 
 The cache salt (bench.cache_salt=auto) makes every level's prompts its own: a random number drawn once per point
 moves where each prompt's text is taken from (token-id prompts keep their exact length) or leads the first message
-(text prompts), so no level can be served from the prefix cache an earlier level or point filled. Prompts inside
-a level still share what the workload shares (a shared prefix, a trace's blocks).
+(text prompts), so no level can be served from the prefix cache an earlier level or point filled. A server with a
+cache-salt field of its own (vLLM's `cache_salt`) gets the salt there instead and the prompts stay as they are.
+Prompts inside a level still share what the workload shares (a shared prefix, a trace's blocks).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from harness.loadgen.load import Planned
 from harness.loadgen.sessions import SessionPlan
 from harness.loadgen.traces import Trace, TraceRequest, load_trace
 from harness.prompts import exact_prompt
+from runners.benches.grading import Expectation
 
 if TYPE_CHECKING:
     from harness.models.loader import LoadedModel
@@ -64,6 +69,8 @@ class Workload:
         self.bench, self.loaded, self.endpoint, self.seed = bench, loaded, endpoint, seed
         self._questions: list[list[dict[str, str]]] | None = None
         self.trace, self.dataset = read_sources(bench)
+        self.expectations: list[Expectation] = []  # graded load: what each planned answer is judged against
+        self.graded = bench.grade != "off" and self._has_expectations()
         self._salt = secrets.randbits(30) if bench.cache_salt == "auto" else 0
         self.salt = 0  # the current level's
         self._measured = False
@@ -85,9 +92,16 @@ class Workload:
                             "sample": b.trace_sample, "replayed": len(self.trace_window())}  # fmt: skip
         if self.dataset is not None:
             out["dataset"] = {**self.dataset.describe(), "output": b.dataset_output}
+        if self._salt:
+            out["cache_salt_in"] = "the request's cache_salt field" if self.endpoint.salt_field else "the prompt"
         if self.clipped:
             out["clipped"] = dict(self.clipped)
         return out
+
+    def _has_expectations(self) -> bool:
+        if self.bench.workload == "search_qa":
+            return True
+        return self.dataset is not None and any(e.expected_keywords for e in self.dataset.entries)
 
     def start_level(self, level_index: int) -> None:
         """A new level (0: the warm-up): its own cache salt (none with bench.cache_salt=none)."""
@@ -103,17 +117,29 @@ class Workload:
             return max(1, round(rng.gauss(mean, mean * b.length_spread)))
         return mean
 
+    @property
+    def _prompt_salt(self) -> int:
+        """The salt the prompts themselves carry: none where the server's own field carries it."""
+        return 0 if self.endpoint.salt_field else self.salt
+
     def _ids(self, n: int, offset: int) -> list[int]:
-        return list(exact_prompt(self.loaded, n, offset + self.salt).ids)
+        return list(exact_prompt(self.loaded, n, offset + self._prompt_salt).ids)
 
     def _plan(
-        self, prompt: Any, prompt_tokens: int | None, max_tokens: int | None = None, forced: bool = True
+        self,
+        prompt: Any,
+        prompt_tokens: int | None,
+        max_tokens: int | None = None,
+        forced: bool = True,
+        case: int | None = None,
     ) -> Planned:
         b = self.bench
         sampling = {"temperature": b.temperature, "top_p": b.top_p, "seed": self.seed}
         max_tokens = max_tokens or b.max_new_tokens
         path, body = request_body(self.endpoint, prompt, max_tokens, max_tokens if forced else 0, **sampling)
-        return Planned(path, body, max_tokens, prompt_tokens, forced)
+        if self.salt and self.endpoint.salt_field:
+            body["cache_salt"] = f"harness-{self.salt:08x}"
+        return Planned(path, body, max_tokens, prompt_tokens, forced, case)
 
     def _as_prompt(self, ids: list[int]) -> tuple[Any, int | None]:
         """Token ids for /completions (exact length); a user message of their text for chat (the server's template
@@ -127,9 +153,9 @@ class Workload:
 
     def _salted(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
         """Text prompts carry the level's salt at the start of their first message."""
-        if not self.salt:
+        if not self._prompt_salt:
             return messages
-        first = dict(messages[0], content=f"[{self.salt:08x}] {messages[0]['content']}")
+        first = dict(messages[0], content=f"[{self._prompt_salt:08x}] {messages[0]['content']}")
         return [first, *messages[1:]]
 
     def plans(self, n: int, level_index: int) -> list[Planned]:
@@ -140,8 +166,9 @@ class Workload:
         base = level_index * 10_007
         if b.workload == "search_qa":
             questions = self._search_qa()
-            return [self._plan(*self._chat_prompt(self._salted(questions[(base + i) % len(questions)])))
-                    for i in range(n)]  # fmt: skip
+            chosen = [(base + i) % len(questions) for i in range(n)]
+            return [self._plan(*self._chat_prompt(self._salted(questions[q])), forced=not self.graded,
+                               case=q if self.graded else None) for q in chosen]  # fmt: skip
         if b.workload == "dataset":
             return self._dataset_plans(n, rng)
         _need_tokenizer(self.loaded, b.workload)
@@ -206,8 +233,21 @@ class Workload:
             length = entry.output_tokens
             if forced and length is None and entry.reference and self.loaded.tokenizer is not None:
                 length = len(self.loaded.tokenizer(entry.reference, add_special_tokens=False)["input_ids"])
-            out.append(self._plan(*self._chat_prompt(self._salted(entry.chat())), max_tokens=length, forced=forced))
+            case = None
+            if self.graded and entry.expected_keywords:
+                expectation = {"expected_keywords": list(entry.expected_keywords), "min_keywords": entry.min_keywords}
+                case = self._expect(Expectation(f"line {entry.row}", expectation, kind="keywords"))
+            out.append(self._plan(*self._chat_prompt(self._salted(entry.chat())), max_tokens=length, forced=forced,
+                                  case=case))  # fmt: skip
         return out
+
+    def _expect(self, expectation: Expectation) -> int:
+        """The expectation's index (each case once)."""
+        for i, known in enumerate(self.expectations):
+            if known.case_id == expectation.case_id:
+                return i
+        self.expectations.append(expectation)
+        return len(self.expectations) - 1
 
     # -- conversations ------------------------------------------------------------------------------------------
     def _multi_turn(self, n: int, base: int, rng: random.Random) -> list[Planned]:
@@ -260,6 +300,7 @@ class Workload:
                 sources = [p for p, _ in flow.index.search(case["question"], flow.cfg.top_k)]
                 messages = build_messages(case["question"], sources, SYSTEM_PROMPT, flow.cfg.example_turn)
                 self._questions.append(messages)
+                self.expectations.append(Expectation(case["id"], case, tuple(sources)))  # index = the question's
         return self._questions
 
     def _chat_prompt(self, messages: list[dict[str, str]]) -> tuple[Any, int | None]:
