@@ -554,3 +554,15 @@ def test_trials_repeat_a_level_with_fresh_salts_and_report_the_spread_between_th
 def test_zero_trials_are_refused(compose):
     with pytest.raises(ConfigError, match="bench.trials"):
         compose("model=tiny-qwen2", "bench=serve", "bench.trials=0")
+
+
+def test_graded_levels_ask_the_same_cases_so_pass_rates_compare_across_load(compose, load):
+    loaded = load("tiny-qwen2")
+    endpoint = Endpoint("http://127.0.0.1:9/v1", "m")
+    graded = Workload(compose("model=tiny-qwen2", "bench=serve", "bench.workload=search_qa").bench, loaded, endpoint, 0)
+    first, second = graded.plans(5, 1), graded.plans(5, 2)
+    assert [p.case for p in first] == [p.case for p in second] == [0, 1, 2, 3, 4]
+    assert first[0].body["messages"] != second[0].body["messages"]  # each level's salt: no cache carries over
+    ungraded = compose("model=tiny-qwen2", "bench=serve", "bench.workload=search_qa", "bench.grade=off").bench
+    plain = Workload(ungraded, loaded, endpoint, 0)
+    assert all(p.case is None and p.forced for p in plain.plans(3, 1))  # speed only: forced lengths, no grade
