@@ -44,15 +44,40 @@ def _table(frame: pd.DataFrame) -> str:
     return f"<div class='scroll'><table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>"
 
 
+def _energy(results: list[dict[str, Any]]) -> str:
+    """How the machine's energy was read, or why it was not: the result's own words, once each."""
+    said = []
+    for r in results:
+        energy = (r.get("details") or {}).get("energy") or {}
+        if energy.get("measured"):
+            idle = energy.get("idle_w")
+            line = (
+                "measured from "
+                + ", ".join(energy.get("sources", []))
+                + (f" (idle {idle:.1f} W)" if isinstance(idle, (int, float)) else "")
+            )
+        elif energy:
+            line = f"not measured: {energy.get('why', '?')}" + (
+                " (" + "; ".join(energy.get("missing", [])) + ")" if energy.get("missing") else ""
+            )
+        else:
+            continue
+        if line not in said:
+            said.append(line)
+    return " · ".join(said) or "–"
+
+
 def _environment(results: list[dict[str, Any]]) -> str:
-    envs = {}
+    envs: dict[Any, dict[str, Any]] = {}
+    members: dict[Any, list[dict[str, Any]]] = {}
     for r in results:
         env = r.get("environment") or {}
         if env:
             key = (env.get("hostname"), env.get("cpu"), tuple(g.get("name") for g in env.get("gpus", [])))
             envs.setdefault(key, env)
+            members.setdefault(key, []).append(r)
     rows = []
-    for env in envs.values():
+    for key, env in envs.items():
         pk = env.get("packages", {})
         gpus = (
             ", ".join(
@@ -70,6 +95,7 @@ def _environment(results: list[dict[str, Any]]) -> str:
             "versions": " · ".join(f"{k} {v}" for k, v in pk.items() if v) + f" · python {env.get('python')}",
             "git commit": env.get("git_commit") or "unknown",
             "settings": " · ".join(f"{k}={v}" for k, v in (env.get("env") or {}).items()) or "–",
+            "energy": _energy(members[key]),
         }
         rows.append("".join(f"<tr><td><b>{k}</b></td><td>{html.escape(str(v))}</td></tr>" for k, v in facts.items()))
     return "".join(f"<table class='meta'>{r}</table>" for r in rows)

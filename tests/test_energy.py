@@ -142,6 +142,10 @@ def test_without_a_counter_a_point_says_so_and_has_no_energy_figure(tmp_path, co
     assert energy["measured"] is False and any("RAPL" in m for m in energy["missing"])
     assert not any(k.startswith(("energy_j", "mean_power_w", "joules_per")) for k in result.metrics)
     assert not (tmp_path / "point" / "telemetry.csv").exists()
+    from analysis.__main__ import main as analysis_main
+
+    assert analysis_main([str(tmp_path)]) == 0  # the report says why, beside the machine it ran on
+    assert "not measured: no energy counter can be read here" in (tmp_path / "report.html").read_text()
 
 
 def test_energy_on_without_a_counter_exits_2_before_anything_loads(tmp_path):

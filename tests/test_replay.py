@@ -566,3 +566,16 @@ def test_graded_levels_ask_the_same_cases_so_pass_rates_compare_across_load(comp
     ungraded = compose("model=tiny-qwen2", "bench=serve", "bench.workload=search_qa", "bench.grade=off").bench
     plain = Workload(ungraded, loaded, endpoint, 0)
     assert all(p.case is None and p.forced for p in plain.plans(3, 1))  # speed only: forced lengths, no grade
+
+
+def test_lesson_pack_under_load_is_graded_by_the_lesson_checks(tmp_path):
+    with MockServer({"m": finished("Lists hold items in order; append adds one.")}) as server:
+        result = serve_point(tmp_path, server, "bench.workload=lesson_pack", "bench.api=chat", "bench.num_requests=3",
+                             "bench.concurrency=[1]", "bench.rates=[]")  # fmt: skip
+    grading = result.details["levels"]["concurrency=1"]["grading"]
+    assert grading["graded"] == 3 and grading["passed"] == 0
+    assert {"sections", "exercises", "length"} <= set(grading["failed_checks"])  # one sentence is no lesson
+    m = result.metrics
+    # The first case (python-lists) names its topic words: content passes, the lesson's form does not.
+    assert m["format_pass_rate[concurrency=1]"]["mean"] == 0 and m["content_pass_rate[concurrency=1]"]["mean"] > 0
+    assert "Python lists" in server.bodies[1]["messages"][-1]["content"]

@@ -76,8 +76,8 @@ class BenchConfig:
     # max_rate holds goodput_target against: goodput (requests within every SLO) | correct_goodput (within every
     # SLO and passing their grade: a graded workload)
     search_target: str = "goodput"
-    # auto: grade every answer where the workload has expectations (search_qa, a dataset's expected_keywords) |
-    # on: and refuse a workload without them | off: never grade (search_qa then forces its output length)
+    # auto: grade every answer where the workload has expectations (search_qa, lesson_pack, a dataset's
+    # expected_keywords) | on: and refuse a workload without them | off: never grade (forced output lengths then)
     grade: str = "auto"
     search_steps: int = 6  # levels the max_rate search may run
     search_level_s: float = 20.0  # a search level offers at least this many seconds of load (short bursts are absorbed)
@@ -89,7 +89,7 @@ class BenchConfig:
     calibrate: bool = True  # measure the client's ceiling against a local null server (cached per machine)
     scrape_metrics: bool = True  # the server's Prometheus /metrics before and after each level, deltas kept
     gauge_interval_s: float = 0.5  # a known server's gauges (running, waiting, KV cache) sampled this often; 0: off
-    workload: str = "synthetic"  # synthetic (exact token lengths) | shared_prefix | search_qa | multi_turn
+    workload: str = "synthetic"  # synthetic (exact lengths) | shared_prefix | search_qa | lesson_pack | multi_turn
     length_dist: str = "fixed"  # synthetic prompt lengths around prompt_lengths[0]: fixed | uniform | normal
     length_spread: float = 0.25  # uniform: ±spread × length; normal: sd = spread × length
     prefix_tokens: int = 256  # shared_prefix: tokens every prompt starts with
@@ -157,19 +157,20 @@ class BenchConfig:
         one_of("bench.cache_salt", self.cache_salt, ("auto", "none"))
         one_of("bench.grade", self.grade, ("auto", "on", "off"))
         one_of("bench.search_target", self.search_target, ("goodput", "correct_goodput"))
-        graded = self.grade != "off" and self.workload in ("search_qa", "dataset")
+        graded = self.grade != "off" and self.workload in ("search_qa", "lesson_pack", "dataset")
         if self.grade == "on" and not graded:
             raise ConfigError(
                 f"bench.grade=on judges answers against a workload's expectations, and bench.workload={self.workload} "
                 "has none.",
-                "use bench.workload=search_qa, or a dataset whose entries give expected_keywords; or bench.grade=auto.",
+                "use bench.workload=search_qa or lesson_pack, or a dataset whose entries give expected_keywords; or "
+                "bench.grade=auto.",
             )
         if self.search_target == "correct_goodput" and not graded:
             raise ConfigError(
                 "bench.search_target=correct_goodput counts answers that passed their grade, and "
                 f"bench.workload={self.workload} with bench.grade={self.grade} grades none.",
-                "use a graded workload (bench.workload=search_qa, or a dataset with expected_keywords), or "
-                "bench.search_target=goodput.",
+                "use a graded workload (bench.workload=search_qa or lesson_pack, or a dataset with "
+                "expected_keywords), or bench.search_target=goodput.",
             )
         one_of("bench.replies", self.replies, ("canned", "real"))
         check(self.think_time_s >= 0, "bench.think_time_s", self.think_time_s, ">= 0 (seconds)")

@@ -31,7 +31,15 @@ def engine_fields(name: str) -> frozenset[str]:
 HTTP_ENGINES = ("openai", "vllm")  # engines that drive a server over HTTP (launched for the point, or running)
 LAUNCHES = ("none", "harness", "llamacpp_server", "vllm")  # engine.launch also takes auto
 SERVE_TARGETS = ("engine", "url", "harness", "llamacpp_server", "vllm")
-WORKLOADS = ("synthetic", "shared_prefix", "search_qa", "multi_turn", "trace", "dataset")  # bench=serve's prompts
+WORKLOADS = (
+    "synthetic",
+    "shared_prefix",
+    "search_qa",
+    "lesson_pack",
+    "multi_turn",
+    "trace",
+    "dataset",
+)  # bench=serve's prompts
 # Which engines run each quantization method (checked before any point runs). engine=openai runs a quantization
 # through the server it launches: harness serves `<entry>:<quant>`, llama.cpp's server a GGUF file.
 # ("none": every engine)

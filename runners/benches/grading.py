@@ -2,8 +2,9 @@
 how many answers were right beside how fast they came.
 
 A request is graded against its expectation: a SearchQA case (the workflow's own judge: non-empty, finished, cited,
-citations valid, expected terms; the retrieved sources it was sent with) or a dataset entry's
-`expected_keywords`. A request that failed (an HTTP error, a timeout) fails its grade. Per level: `pass_rate`,
+citations valid, expected terms; the retrieved sources it was sent with), a LessonPack case (its sections,
+exercises, answers, closed code fences, length and topic words) or a dataset entry's `expected_keywords`. A
+request that failed (an HTTP error, a timeout) fails its grade. Per level: `pass_rate`,
 `content_pass_rate` and `format_pass_rate` (docs/metrics.md), each with its Wilson interval; `correct_goodput_rps`,
 requests per second that met every SLO and passed; `correct_slo_attainment`, their share of the level's scheduled
 requests, which `bench.search_target=correct_goodput` holds against `bench.goodput_target`.
@@ -26,9 +27,10 @@ class Expectation:
     """What one request's answer is judged against."""
 
     case_id: str
-    case: dict[str, Any]  # search_qa: the workflow's case; dataset: {"expected_keywords", "min_keywords"}
+    case: dict[str, Any]  # search_qa, lesson_pack: the workflow's case (a lesson's with its limits);
+    # dataset: {"expected_keywords", "min_keywords"}
     sources: tuple[Any, ...] = ()  # search_qa: the passages the request carried, numbered from 1
-    kind: str = "search_qa"  # search_qa | keywords
+    kind: str = "search_qa"  # search_qa | lesson_pack | keywords
 
 
 def judge(expectation: Expectation, text: str, finish_reason: str | None) -> list[Check]:
@@ -37,6 +39,12 @@ def judge(expectation: Expectation, text: str, finish_reason: str | None) -> lis
 
         return judge_search_qa(text, finish_reason or "", expectation.case, list(expectation.sources))
     case = expectation.case
+    if expectation.kind == "lesson_pack":
+        from harness.workflows.lesson_pack import judge as judge_lesson
+
+        return judge_lesson(text, finish_reason or "", min_exercises=case["min_exercises"],
+                            min_words=case["min_words"], max_words=case["max_words"],
+                            expected_keywords=case.get("expected_keywords"))  # fmt: skip
     return [
         checks.non_empty(text),
         checks.complete(finish_reason or ""),

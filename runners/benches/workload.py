@@ -12,6 +12,8 @@
   (harness.loadgen.sessions), after a think time.
 - trace: a production trace's requests (harness.loadgen.traces) at its own times, each prompt built to the trace's
   token count (blocks that share a hash id share their tokens) and its output length forced.
+- lesson_pack: the LessonPack workflow's topics as it sends them, graded by its checks (sections, exercises,
+  answers, length, topic words); natural lengths like search_qa's.
 - dataset: real prompts (harness.loadgen.datasets) sampled with the seed, as chat messages; entries with
   `expected_keywords` are graded.
 
@@ -99,7 +101,7 @@ class Workload:
         return out
 
     def _has_expectations(self) -> bool:
-        if self.bench.workload == "search_qa":
+        if self.bench.workload in ("search_qa", "lesson_pack"):
             return True
         return self.dataset is not None and any(e.expected_keywords for e in self.dataset.entries)
 
@@ -171,6 +173,12 @@ class Workload:
             start = 0 if self.graded else base
             chosen = [(start + i) % len(questions) for i in range(n)]
             return [self._plan(*self._chat_prompt(self._salted(questions[q])), forced=not self.graded,
+                               case=q if self.graded else None) for q in chosen]  # fmt: skip
+        if b.workload == "lesson_pack":
+            lessons = self._lessons()
+            start = 0 if self.graded else base
+            chosen = [(start + i) % len(lessons) for i in range(n)]
+            return [self._plan(*self._chat_prompt(self._salted(lessons[q])), forced=not self.graded,
                                case=q if self.graded else None) for q in chosen]  # fmt: skip
         if b.workload == "dataset":
             return self._dataset_plans(n, rng)
@@ -304,6 +312,24 @@ class Workload:
                 messages = build_messages(case["question"], sources, SYSTEM_PROMPT, flow.cfg.example_turn)
                 self._questions.append(messages)
                 self.expectations.append(Expectation(case["id"], case, tuple(sources)))  # index = the question's
+        return self._questions
+
+    def _lessons(self) -> list[list[dict[str, str]]]:
+        """The LessonPack workflow's built-in cases as it sends them; expectations in the same order (a case's
+        index is its expectation's, as for search_qa, which a level uses alone)."""
+        if self._questions is None:
+            from harness.workflows.lesson_pack import SYSTEM_PROMPT, LessonPack, build_messages
+
+            flow = LessonPack(WorkflowConfig(name="lesson_pack"))
+            cfg = flow.cfg
+            self._questions = []
+            for case in flow.cases:
+                level, language = case.get("level", "beginner"), case.get("language", "English")
+                n_ex = case.get("min_exercises", cfg.min_exercises)
+                self._questions.append(build_messages(case["topic"], level, language, n_ex, cfg.max_words,
+                                                      SYSTEM_PROMPT, cfg.example_turn))  # fmt: skip
+                limits = {"min_exercises": n_ex, "min_words": cfg.min_words, "max_words": cfg.max_words}
+                self.expectations.append(Expectation(case["id"], {**case, **limits}, kind="lesson_pack"))
         return self._questions
 
     def _chat_prompt(self, messages: list[dict[str, str]]) -> tuple[Any, int | None]:
