@@ -538,3 +538,40 @@ def test_fuzz_the_api_with_schemathesis(job_server):
     for overrides in accepted:  # whatever the server accepted composes within the allow-list
         cfg, point = compose(overrides)
         assert_only_allowed_changes(cfg, point)
+
+
+def test_a_job_may_set_this_sessions_measurement_fields_and_not_the_machine_pinning():
+    cfg, point = compose(
+        [
+            "model=tiny-gpt2",
+            "bench=serve",
+            "bench.workload=search_qa",
+            "bench.grade=on",
+            "bench.search_target=correct_goodput",
+            "bench.search=max_rate",
+            "bench.slo.ttft_ms=900",
+            "bench.search_max_requests=40",
+            "bench.trials=2",
+            "bench.gauge_interval_s=1",
+            "energy=off",
+            "energy_idle_s=1",
+            "cost.per_hour=2",
+            "cost.currency=EUR",
+            "cost.per=gpu",
+        ]
+    )
+    assert (cfg.bench.trials, cfg.cost.currency, cfg.energy, cfg.bench.grade) == (2, "EUR", "off", "on")
+    assert_only_allowed_changes(cfg, point)
+    for field in ("engine.cpus=[0]", "bench.client_cpus=[0]", "cost={per_hour:1}"):
+        with pytest.raises(ConfigError, match="not allowed over HTTP"):
+            check_overrides([field])
+    with pytest.raises(ConfigError, match="bench.search_max_requests=1e\\+06 is above this server's limit"):
+        compose(
+            [
+                "model=tiny-gpt2",
+                "bench=serve",
+                "bench.search=max_rate",
+                "bench.slo.ttft_ms=9",
+                "bench.search_max_requests=1000000",
+            ]
+        )

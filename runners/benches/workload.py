@@ -166,19 +166,13 @@ class Workload:
         self.start_level(level_index)
         rng = random.Random(self.seed * 1_000_003 + level_index)
         base = level_index * 10_007
-        if b.workload == "search_qa":
-            questions = self._search_qa()
+        if b.workload in ("search_qa", "lesson_pack"):
+            asked = self._search_qa() if b.workload == "search_qa" else self._lessons()
             # Graded levels ask the same cases in the same order (the salt keeps their prompts apart), so a pass
             # rate that changes with the load is the load's doing, not other questions'.
             start = 0 if self.graded else base
-            chosen = [(start + i) % len(questions) for i in range(n)]
-            return [self._plan(*self._chat_prompt(self._salted(questions[q])), forced=not self.graded,
-                               case=q if self.graded else None) for q in chosen]  # fmt: skip
-        if b.workload == "lesson_pack":
-            lessons = self._lessons()
-            start = 0 if self.graded else base
-            chosen = [(start + i) % len(lessons) for i in range(n)]
-            return [self._plan(*self._chat_prompt(self._salted(lessons[q])), forced=not self.graded,
+            chosen = [(start + i) % len(asked) for i in range(n)]
+            return [self._plan(*self._chat_prompt(self._salted(asked[q])), forced=not self.graded,
                                case=q if self.graded else None) for q in chosen]  # fmt: skip
         if b.workload == "dataset":
             return self._dataset_plans(n, rng)
