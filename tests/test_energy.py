@@ -130,7 +130,10 @@ def test_a_point_records_energy_per_phase_and_its_telemetry(tmp_path, compose, m
     assert result.details["energy"]["sources"] == ["rapl:package-0"]
     lines = (tmp_path / "point" / "telemetry.csv").read_text().splitlines()
     assert lines[0] == "t_s,source,power_w" and len(lines) > 3
-    assert float(lines[-1].split(",")[2]) == pytest.approx(25.0, rel=0.3)
+    # One 50 ms row can be off by a few of the test counter's late 5 ms steps on a busy 2-core machine; the rows'
+    # median is the telemetry's claim.
+    powers = sorted(float(line.split(",")[2]) for line in lines[1:])
+    assert powers[len(powers) // 2] == pytest.approx(25.0, rel=0.2)
 
 
 def test_without_a_counter_a_point_says_so_and_has_no_energy_figure(tmp_path, compose, monkeypatch):
