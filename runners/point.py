@@ -132,6 +132,7 @@ def run_point(
     result.timings["environment_s"] = time.perf_counter() - t_start
     loaded = None
     engine = None
+    ctx = None
     meter = None
     try:
         bench = resolve_bench(cfg.bench.name)
@@ -195,6 +196,8 @@ def run_point(
     finally:
         if meter is not None:
             meter.stop_sampling()
+        if ctx is not None:  # a trial may have renewed the engine
+            engine = ctx.engine
         if engine is not None:
             engine.shutdown()
         if loaded is not None:

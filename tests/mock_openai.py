@@ -49,7 +49,7 @@ class MockServer:
         api_key: str | None = None,
         listing: dict[str, dict[str, Any]] | None = None,
     ) -> None:
-        self.scripts = scripts
+        self.scripts = scripts  # a Script, or a function of the request body that returns one
         self.listing = listing or {}  # model -> extra fields of its /v1/models entry (max_model_len)
         self.models_status = models_status
         self.api_key = api_key
@@ -83,6 +83,8 @@ class MockServer:
             body = await request.json()
             self.bodies.append(body)
             script = self.scripts[body["model"]]
+            if callable(script):  # an answer that depends on the request (a conversation's history)
+                script = script(body)
             if script.status != 200 or script.content_type != "text/event-stream":
                 if script.body is not None and not isinstance(script.body, str):
                     return web.json_response(script.body, status=script.status)

@@ -97,3 +97,32 @@ def test_mbu_arithmetic(load):
     config = load("tiny-llama").model.config  # 2 layers, 2 KV heads of 16 dims
     assert kv_bytes_per_position(config, 4) == 2 * 2 * 2 * 16 * 4
     assert mbu(10, 1000, 10, 100, 40_000) == pytest.approx(10 * (1000 + 1000) / 40_000)
+
+
+def test_latency_trials_run_each_case_from_a_fresh_engine_and_report_the_spread(compose, tmp_path, monkeypatch):
+    import harness.engines
+
+    made = []
+    real = harness.engines.create_engine
+    monkeypatch.setattr(harness.engines, "create_engine", lambda *a, **k: made.append(1) or real(*a, **k))
+    cfg = compose("model=tiny-qwen2", "bench=latency", "bench.prompt_lengths=[8,12]", "bench.trials=2", *FAST)
+    result = run_point(cfg, tmp_path)
+    assert result.status == "ok", result.error
+    m = result.metrics
+    for p in (8, 12):
+        keys = [f"prompt={p},trial={t}" for t in (1, 2)]
+        assert all(m[f"ttft_ms[{k}]"]["n"] >= 2 for k in keys)
+        spread = m[f"ttft_ms_p50_by_trial[prompt={p}]"]
+        assert spread["n"] == 2 and spread["mean"] == pytest.approx(sum(m[f"ttft_ms[{k}]"]["p50"] for k in keys) / 2)
+        trials = result.details["trials"][f"prompt={p}"]
+        assert trials["cases"] == keys and "decode_tok_s_by_trial" in trials["figures"]
+    # The point's engine, then a new one for every trial but the very first: prompt=8's second, prompt=12's both.
+    assert len(made) == 1 + 3 and result.details["trials"]["prompt=12"]["fresh_state"] == [{"engine": "new"}] * 2
+    assert {r["case"] for r in read_samples(tmp_path)} >= {"prompt=8,trial=1", "prompt=12,trial=2"}
+
+
+def test_trials_are_refused_where_a_bench_has_no_level_or_case_to_repeat(compose):
+    from harness.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="bench=throughput has neither"):
+        compose("model=tiny-qwen2", "bench=throughput", "bench.trials=2")

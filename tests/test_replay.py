@@ -579,3 +579,47 @@ def test_lesson_pack_under_load_is_graded_by_the_lesson_checks(tmp_path):
     # The first case (python-lists) names its topic words: content passes, the lesson's form does not.
     assert m["format_pass_rate[concurrency=1]"]["mean"] == 0 and m["content_pass_rate[concurrency=1]"]["mean"] > 0
     assert "Python lists" in server.bodies[1]["messages"][-1]["content"]
+
+
+def parrot(body: dict) -> Script:
+    """Repeats every user message of the conversation: it recalls whatever the conversation said."""
+    return finished("You said: " + " / ".join(m["content"] for m in body["messages"] if m["role"] == "user"))
+
+
+def goldfish(body: dict) -> Script:
+    """Repeats only the newest user message: it recalls nothing said before."""
+    return finished("You said: " + body["messages"][-1]["content"])
+
+
+def test_chat_under_load_runs_whole_conversations_with_real_replies_and_grades_each_turn(tmp_path):
+    cases = json.loads((Path("harness/workflows/data/chat_cases.json")).read_text())["cases"]
+    turns = [len(c["turns"]) for c in cases[:3]]
+    recalls = sum(1 for c in cases[:3] for t in c["turns"] if t.get("expect"))
+    args = ("bench.workload=chat", "bench.api=chat", f"bench.num_requests={sum(turns[:2]) + 1}",
+            "bench.concurrency=[2]", "bench.rates=[]", "bench.warmup_runs=1")  # fmt: skip
+    with MockServer({"m": parrot}) as server:
+        good = serve_point(tmp_path / "parrot", server, *args)
+        bodies = server.bodies[1:]  # after the warm-up
+    with MockServer({"m": goldfish}) as server:
+        bad = serve_point(tmp_path / "goldfish", server, *args)
+    key = "concurrency=2"
+    # Whole conversations: a level wanting one turn more than two conversations hold runs a third one whole.
+    assert good.metrics[f"pass_rate[{key}]"]["n"] == sum(turns) == len(bodies)
+    assert good.metrics[f"pass_rate[{key}]"]["mean"] == 1.0
+    whole = good.metrics[f"conversation_pass_rate[{key}]"]
+    assert (whole["n"], whole["mean"]) == (3, 1.0)
+    # Content is judged on the turns that must recall something, format on every turn.
+    assert good.metrics[f"content_pass_rate[{key}]"]["n"] == recalls
+    assert bad.metrics[f"format_pass_rate[{key}]"]["mean"] == 1.0
+    assert bad.metrics[f"content_pass_rate[{key}]"]["mean"] == 0.0
+    assert bad.details["levels"][key]["grading"]["failed_checks"] == {"recall": recalls}
+    assert bad.metrics[f"conversation_pass_rate[{key}]"]["mean"] < 1.0
+    # Every turn carries the system prompt (with the level's salt) and the server's real earlier answers.
+    later = [b["messages"] for b in bodies if len(b["messages"]) > 2]
+    assert later and all(m[0]["role"] == "system" and m[0]["content"].startswith("[") for m in later)
+    assert all(m[2]["role"] == "assistant" and m[2]["content"].startswith("You said: ") for m in later)
+
+
+def test_chat_under_load_refuses_canned_client_processes(compose):
+    with pytest.raises(ConfigError, match="real replies"):
+        compose("model=tiny-qwen2", "bench=serve", "bench.workload=chat", "bench.client_workers=2")

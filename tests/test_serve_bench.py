@@ -355,3 +355,16 @@ def test_engine_n_ctx_sets_a_launched_vllms_window_and_server_args_win(compose, 
     assert "--enforce-eager" in window  # the other defaults stay
     assert args("engine.n_ctx=8192", "engine.server_args=[--dtype,float32]") == ["--max-model-len", "8192"]
     assert args("engine.n_ctx=8192", "engine.server_args=[--max-model-len,4096]") == []
+
+
+def test_serve_trials_restart_the_launched_server_and_warm_it_up_again(tmp_path):
+    cfg = load_config(["model=tiny-qwen2", "bench=serve", "bench.target=harness", "bench.trials=2",
+                       "bench.concurrency=[1]", "bench.rates=[]", "bench.num_requests=2", "bench.max_new_tokens=4",
+                       "bench.calibrate=false", "bench.warmup_runs=1"])  # fmt: skip
+    result = run_point(cfg, tmp_path)
+    assert result.status == "ok", result.error
+    (fresh,) = result.details["trials"]["concurrency=1"]["fresh_state"]
+    assert fresh["server"].startswith("restarted in ") and fresh["warmup"] == {"requests": 1, "failed": 0}
+    assert all(result.metrics[f"ttft_ms[concurrency=1,trial={t}]"]["n"] == 2 for t in (1, 2))
+    launches = [line for line in (tmp_path / "server.log").read_text().splitlines() if line.startswith("$ ")]
+    assert len(launches) == 2  # the log is appended to: both starts are in it

@@ -81,7 +81,9 @@ class BenchConfig:
     grade: str = "auto"
     search_steps: int = 6  # levels the max_rate search may run
     search_level_s: float = 20.0  # a search level offers at least this many seconds of load (short bursts are absorbed)
-    trials: int = 1  # each serve level run this many times (a fresh cache salt each), the spread between reported
+    # each serve level or latency case run this many times, each from a fresh state (the launched server restarted,
+    # a new engine, a fresh cache salt); the spread between the trials is reported beside each trial's own
+    trials: int = 1
     search_max_requests: int = 160  # an undecided search level is rerun with twice the requests, up to this many
     saturation_backlog: int | None = 64  # open loop: a level stops when more are in flight (the server fell behind)
     client_workers: int = 1  # client processes sharing the load
@@ -89,7 +91,8 @@ class BenchConfig:
     calibrate: bool = True  # measure the client's ceiling against a local null server (cached per machine)
     scrape_metrics: bool = True  # the server's Prometheus /metrics before and after each level, deltas kept
     gauge_interval_s: float = 0.5  # a known server's gauges (running, waiting, KV cache) sampled this often; 0: off
-    workload: str = "synthetic"  # synthetic (exact lengths) | shared_prefix | search_qa | lesson_pack | multi_turn
+    # synthetic (exact lengths) | shared_prefix | search_qa | lesson_pack | chat | multi_turn | trace | dataset
+    workload: str = "synthetic"
     length_dist: str = "fixed"  # synthetic prompt lengths around prompt_lengths[0]: fixed | uniform | normal
     length_spread: float = 0.25  # uniform: ±spread × length; normal: sd = spread × length
     prefix_tokens: int = 256  # shared_prefix: tokens every prompt starts with
@@ -97,7 +100,9 @@ class BenchConfig:
     # multi_turn: canned (fixed replies of the output length: exact, known lengths) | real (each turn carries the
     # server's actual answers: sessions run turn after turn on one connection)
     replies: str = "canned"
-    think_time_s: float = 0.0  # replies=real: the mean pause between an answer and the next question (exponential)
+    # replies=real (and workload=chat, whose replies are always real): the mean pause between an answer and the
+    # next question (exponential)
+    think_time_s: float = 0.0
     # trace: a production trace replayed at its own times (formats: docs/serving.md, "Replaying traffic")
     trace: str | None = None  # the trace file
     trace_speedup: float = 1.0  # the trace's times are divided by this
@@ -157,38 +162,40 @@ class BenchConfig:
         one_of("bench.cache_salt", self.cache_salt, ("auto", "none"))
         one_of("bench.grade", self.grade, ("auto", "on", "off"))
         one_of("bench.search_target", self.search_target, ("goodput", "correct_goodput"))
-        graded = self.grade != "off" and self.workload in ("search_qa", "lesson_pack", "dataset")
+        graded = self.grade != "off" and self.workload in ("search_qa", "lesson_pack", "chat", "dataset")
         if self.grade == "on" and not graded:
             raise ConfigError(
                 f"bench.grade=on judges answers against a workload's expectations, and bench.workload={self.workload} "
                 "has none.",
-                "use bench.workload=search_qa or lesson_pack, or a dataset whose entries give expected_keywords; or "
-                "bench.grade=auto.",
+                "use bench.workload=search_qa, lesson_pack or chat, or a dataset whose entries give "
+                "expected_keywords; or bench.grade=auto.",
             )
         if self.search_target == "correct_goodput" and not graded:
             raise ConfigError(
                 "bench.search_target=correct_goodput counts answers that passed their grade, and "
                 f"bench.workload={self.workload} with bench.grade={self.grade} grades none.",
-                "use a graded workload (bench.workload=search_qa or lesson_pack, or a dataset with "
+                "use a graded workload (bench.workload=search_qa, lesson_pack or chat, or a dataset with "
                 "expected_keywords), or bench.search_target=goodput.",
             )
         one_of("bench.replies", self.replies, ("canned", "real"))
         check(self.think_time_s >= 0, "bench.think_time_s", self.think_time_s, ">= 0 (seconds)")
-        if (self.replies == "real" or self.think_time_s) and self.workload != "multi_turn":
+        if (self.replies == "real" or self.think_time_s) and self.workload not in ("multi_turn", "chat"):
             raise ConfigError(
                 "bench.replies=real and bench.think_time_s shape multi-turn sessions, and bench.workload is "
                 f"{self.workload}, so they would be ignored.",
-                "add bench.workload=multi_turn, or drop them.",
+                "add bench.workload=multi_turn (or chat), or drop them.",
             )
-        if self.think_time_s and self.replies != "real":
+        real = self.replies == "real" or self.workload == "chat"
+        if self.think_time_s and not real:
             raise ConfigError(
                 "bench.think_time_s pauses between a real answer and the next question; canned replies are sent "
                 "without waiting for an answer.",
                 "add bench.replies=real, or drop bench.think_time_s.",
             )
-        if self.replies == "real" and self.client_workers > 1:
+        if real and self.client_workers > 1:
             raise ConfigError(
-                "bench.replies=real builds each turn from the previous answer in the client that received it; "
+                "real replies (bench.replies=real, bench.workload=chat) build each turn from the previous answer in "
+                "the client that received it; "
                 f"bench.client_workers={self.client_workers} splits a level over processes.",
                 "use bench.client_workers=1 with real replies.",
             )
@@ -250,6 +257,12 @@ class BenchConfig:
         check(self.search_steps >= 2, "bench.search_steps", self.search_steps, "an integer >= 2")
         check(self.search_level_s > 0, "bench.search_level_s", self.search_level_s, "> 0")
         check(self.trials >= 1, "bench.trials", self.trials, "an integer >= 1 (1: each level once)")
+        if self.trials > 1 and self.name not in ("serve", "latency"):
+            raise ConfigError(
+                f"bench.trials={self.trials} repeats a serve level or a latency case from a fresh state, and "
+                f"bench={self.name} has neither, so it would be ignored.",
+                "use bench=serve or bench=latency with bench.trials, or drop it.",
+            )
         check(self.search_max_requests >= 1, "bench.search_max_requests", self.search_max_requests, "an integer >= 1")
         check(
             self.saturation_backlog is None or self.saturation_backlog >= 1,

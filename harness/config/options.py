@@ -36,6 +36,7 @@ WORKLOADS = (
     "shared_prefix",
     "search_qa",
     "lesson_pack",
+    "chat",
     "multi_turn",
     "trace",
     "dataset",

@@ -79,20 +79,18 @@ def load_remote_model(cfg: HarnessConfig, log_dir: Path) -> LoadedModel:
         events.append(f"no client tokenizer ({exc.cause}): token counts come from the server's usage or chunks")
     name = served_name(cfg, plan)
     server: LaunchedServer | None = None
+    relaunch = None
     if plan.launch != "none":
         env = {"HARNESS_CACHE_DIR": str(cfg.cache_path)}
         python = cfg.engine.python if plan.launch == "vllm" else None
-        server = launch(
-            plan.launch,
-            name,
-            log_dir,
-            artifact,
-            python,
-            cfg.engine.server_args + harness_engine_args(cfg.engine, plan.launch),
-            cfg.engine.launch_timeout_s,
-            env,
-            usable_cpus(cfg.engine.cpus, "engine.cpus"),
-        )
+        args = cfg.engine.server_args + harness_engine_args(cfg.engine, plan.launch)
+        cpus = usable_cpus(cfg.engine.cpus, "engine.cpus")
+        timeout_s = cfg.engine.launch_timeout_s
+
+        def relaunch() -> LaunchedServer:
+            return launch(plan.launch, name, log_dir, artifact, python, args, timeout_s, env, cpus)
+
+        server = relaunch()
         base_url = server.base_url
     else:
         assert plan.base_url is not None
@@ -129,9 +127,10 @@ def load_remote_model(cfg: HarnessConfig, log_dir: Path) -> LoadedModel:
         record.update(server.record())
         events.append(f"launched the {server.kind} server in {server.startup_s:.1f} s (log: {server.log_path})")
     quant = {"name": cfg.quant.name, "method": cfg.quant.method, "served_by": plan.launch, "server": record}
+    remote = RemoteModel(endpoint, server, relaunch)
     return LoadedModel(
         name=cfg.model.name,
-        model=RemoteModel(endpoint, server),
+        model=remote,
         tokenizer=tokenizer,
         placement=Placement("server", "as served", f"served over HTTP at {base_url}"),
         source=source,
@@ -146,7 +145,7 @@ def load_remote_model(cfg: HarnessConfig, log_dir: Path) -> LoadedModel:
         footprint_bytes=0,
         events=events,
         provenance={"server": record},
-        close=server.stop if server is not None else None,
+        close=remote.stop if server is not None else None,  # the server running then (trials restart it)
     )
 
 
@@ -178,7 +177,6 @@ class OpenAIEngine(Engine):
         self.name = name
         self.loaded = loaded
         self.remote: RemoteModel = loaded.model
-        self.endpoint = self.remote.endpoint
         self.tokenizer = loaded.tokenizer
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="openai-engine", daemon=True)
@@ -192,6 +190,11 @@ class OpenAIEngine(Engine):
                 close_server()
 
         loaded.close = close
+
+    @property
+    def endpoint(self) -> Endpoint:
+        """The server's, now (a trial's restart moves it to a new port)."""
+        return self.remote.endpoint
 
     async def _open(self) -> Any:
         return new_session(self.endpoint)

@@ -26,16 +26,32 @@ from harness.loadgen.load import Planned, lag_ticker, wait_until
 class SessionPlan:
     users: list[str]  # each turn's user message
     think_s: list[float]  # the wait after each turn's answer before the next question
+    system: str | None = None  # the system message every turn starts with
+    cases: list[int | None] | None = None  # graded load: each turn's expectation index
+
+
+def first_indexes(sessions: list[SessionPlan]) -> list[int]:
+    """The request index of each session's first turn: a level's turns are numbered session after session."""
+    out, n = [], 0
+    for s in sessions:
+        out.append(n)
+        n += len(s.users)
+    return out
+
+
+def turn_cases(sessions: list[SessionPlan]) -> list[int | None]:
+    """Each request index's expectation (graded sessions), in the numbering of `first_indexes`."""
+    return [case for s in sessions for case in (s.cases or [None] * len(s.users))]
 
 
 Build = Callable[[list[dict[str, str]]], Planned]  # the conversation so far -> the request that continues it
 
 
 async def _session(
-    endpoint: Endpoint, number: int, plan: SessionPlan, build: Build, start: float, deadline: float,
+    endpoint: Endpoint, number: int, first: int, plan: SessionPlan, build: Build, start: float, deadline: float,
     records: list[RequestRecord],
 ) -> None:  # fmt: skip
-    history: list[dict[str, str]] = []
+    history: list[dict[str, str]] = [{"role": "system", "content": plan.system}] if plan.system else []
     t_sched = start
     async with new_session(endpoint, connections=1) as http:
         for turn, user in enumerate(plan.users):
@@ -44,7 +60,7 @@ async def _session(
                 return
             history.append({"role": "user", "content": user})
             planned = build(history)
-            record = RequestRecord(number * len(plan.users) + turn, t_sched, planned.max_tokens, planned.prompt_tokens,
+            record = RequestRecord(first + turn, t_sched, planned.max_tokens, planned.prompt_tokens,
                                    forced=planned.forced, session=number, turn=turn)  # fmt: skip
             records.append(record)
             await send(http, endpoint, planned.path, planned.body, record)
@@ -68,6 +84,7 @@ async def run_sessions(
     lags: list[float] = []
     stop = asyncio.Event()
     records: list[RequestRecord] = []
+    firsts = first_indexes(sessions)
     cpu0 = time.process_time()
     t0 = time.perf_counter() + 0.05
     deadline = t0 + duration_s if duration_s else math.inf
@@ -80,12 +97,12 @@ async def run_sessions(
             for i in queue:
                 if time.perf_counter() >= deadline:
                     return
-                await _session(endpoint, i, sessions[i], build, time.perf_counter(), deadline, records)
+                await _session(endpoint, i, firsts[i], sessions[i], build, time.perf_counter(), deadline, records)
 
         await asyncio.gather(*(worker() for _ in range(int(value))))
     else:
         assert offsets is not None
-        await asyncio.gather(*(_session(endpoint, i, s, build, t0 + offsets[i], deadline, records)
+        await asyncio.gather(*(_session(endpoint, i, firsts[i], s, build, t0 + offsets[i], deadline, records)
                                for i, s in enumerate(sessions)))  # fmt: skip
     stop.set()
     await ticker

@@ -3,6 +3,8 @@ launched harness server gets, the name the model is served under, and the server
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from harness.config import EngineConfig, HarnessConfig
@@ -18,6 +20,22 @@ class RemoteModel:
 
     endpoint: Endpoint
     server: LaunchedServer | None = None
+    relaunch: Callable[[], LaunchedServer] | None = None  # starts the launched server again, as it was started
+
+    def restart(self) -> float | None:
+        """Stop the launched server and start it again as it was: a fresh state (no prefix cache, no warmed
+        allocator or compiled graphs). Its seconds to start; None for a server the point did not launch (a running
+        server is not the point's to restart)."""
+        if self.server is None or self.relaunch is None:
+            return None
+        self.server.stop()
+        self.server = self.relaunch()
+        self.endpoint = dataclasses.replace(self.endpoint, base_url=self.server.base_url)
+        return self.server.startup_s
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
 
     def check_alive(self) -> None:
         """A launched server that died fails the point with its log's tail."""

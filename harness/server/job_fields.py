@@ -133,7 +133,7 @@ ALLOWED: dict[str, Allowed] = {
     "bench.gauge_interval_s": Allowed("how often the target's gauges are read during a level (bounded to 60 s)"),
     "bench.workload": Allowed(
         _LOAD + "; trace and dataset replay a file, which a job may not name",
-        values=("synthetic", "shared_prefix", "search_qa", "lesson_pack", "multi_turn"),
+        values=("synthetic", "shared_prefix", "search_qa", "lesson_pack", "chat", "multi_turn"),
     ),
     "bench.cache_salt": Allowed("whether each level's prompts are its own: auto or none"),
     "bench.token_mismatch_limit": Allowed("a fraction above which a level's token-count disagreements are flagged"),

@@ -41,6 +41,14 @@ def judge(replies: list[str], finish_reasons: list[str], turns: list[dict[str, A
     return result
 
 
+def judge_turn(reply: str, finish_reason: str, expect: list[str] | None) -> list[Check]:
+    """One turn's checks, as `judge` makes them for a whole conversation (graded load judges turn by turn)."""
+    found = judge([reply], [finish_reason], [{}])
+    if expect:
+        found.append(checks.keywords(reply, expect, name="recall"))
+    return found
+
+
 class ChatGenerate(Workflow):
     name = "chat"
 

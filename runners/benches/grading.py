@@ -19,7 +19,7 @@ from typing import Any
 from harness.loadgen.figures import check_slo
 from harness.stats import summarize, summarize_proportion
 from harness.workflows import checks
-from harness.workflows.checks import Check, case_passed, passed_on
+from harness.workflows.checks import FORMAT_CHECKS, Check, case_passed, passed_on
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class Expectation:
     case: dict[str, Any]  # search_qa, lesson_pack: the workflow's case (a lesson's with its limits);
     # dataset: {"expected_keywords", "min_keywords"}
     sources: tuple[Any, ...] = ()  # search_qa: the passages the request carried, numbered from 1
-    kind: str = "search_qa"  # search_qa | lesson_pack | keywords
+    kind: str = "search_qa"  # search_qa | lesson_pack | chat_turn ({"expect", "turn", "turns"}) | keywords
 
 
 def judge(expectation: Expectation, text: str, finish_reason: str | None) -> list[Check]:
@@ -39,6 +39,10 @@ def judge(expectation: Expectation, text: str, finish_reason: str | None) -> lis
 
         return judge_search_qa(text, finish_reason or "", expectation.case, list(expectation.sources))
     case = expectation.case
+    if expectation.kind == "chat_turn":
+        from harness.workflows.chat import judge_turn
+
+        return judge_turn(text, finish_reason or "", case.get("expect"))
     if expectation.kind == "lesson_pack":
         from harness.workflows.lesson_pack import judge as judge_lesson
 
@@ -50,6 +54,22 @@ def judge(expectation: Expectation, text: str, finish_reason: str | None) -> lis
         checks.complete(finish_reason or ""),
         checks.keywords(text, case["expected_keywords"], min_found=case.get("min_keywords")),
     ]
+
+
+def _judges_content(expectation: Expectation) -> bool:
+    """Whether the expectation has a gating check of content (one judged on an empty answer shows them all)."""
+    return any(c.gates and c.name not in FORMAT_CHECKS for c in judge(expectation, "", "stop"))
+
+
+def _conversations_passed(conversations: dict[int, list[tuple[dict[str, Any], bool]]]) -> list[bool]:
+    """Per conversation that ended (its last turn answered, or a turn that failed ended it), whether every turn
+    passed: the chat workflow's verdict on a whole conversation. One the level's deadline cut short is not judged."""
+    out = []
+    for turns in conversations.values():
+        ended = any(not passed for _, passed in turns) or any(c["turn"] == c["turns"] - 1 for c, _ in turns)
+        if ended:
+            out.append(all(passed for _, passed in turns))
+    return out
 
 
 @dataclass
@@ -76,6 +96,7 @@ def grade_level(
     grades = Grades()
     flags: dict[str, list[bool]] = {"pass_rate": [], "content_pass_rate": [], "format_pass_rate": []}
     failed_checks: Counter[str] = Counter()
+    conversations: dict[int, list[tuple[dict[str, Any], bool]]] = {}
     examples: dict[str, str] = {}
     for record, _, _ in rows:
         index = cases[record.index] if record.index < len(cases) else None
@@ -88,15 +109,21 @@ def grade_level(
         grades.checks[record.index] = found
         passed = case_passed(found)
         flags["pass_rate"].append(passed)
-        flags["content_pass_rate"].append(passed_on(found, "content") and record.ok)
+        if _judges_content(expectations[index]):  # a chat turn with nothing to recall has no content to judge
+            flags["content_pass_rate"].append(passed_on(found, "content") and record.ok)
         flags["format_pass_rate"].append(passed_on(found, "format"))
+        if record.session is not None:
+            conversations.setdefault(record.session, []).append((expectations[index].case, passed))
         for c in found:
             if c.gates and not c.passed:
                 failed_checks[c.name] += 1
                 examples.setdefault(c.name, f"{expectations[index].case_id}: {c.why}"[:300])
     if not flags["pass_rate"]:
         return {}, {}, grades
-    metrics = {f"{name}[{key}]": summarize_proportion(values) for name, values in flags.items()}
+    metrics = {f"{name}[{key}]": summarize_proportion(values) for name, values in flags.items() if values}
+    whole = _conversations_passed(conversations)
+    if whole:
+        metrics[f"conversation_pass_rate[{key}]"] = summarize_proportion(whole)
     graded = [(r, f) for r, _, f in rows if r.index in grades.checks]
     fast_and_right = [grades.passed(r.index) and f is not None and (not slo or check_slo(slo, f)) for r, f in graded]
     metrics[f"correct_slo_attainment[{key}]"] = summarize_proportion(fast_and_right)

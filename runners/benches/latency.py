@@ -27,6 +27,7 @@ from runners.benches.measure import (
     repeat_until_stable,
     request_headline,
     request_metrics,
+    trial_spread,
 )
 
 # Prompts of bench.prompt_lengths tokens followed by bench.max_new_tokens generated ones: the sweep checks before
@@ -70,50 +71,80 @@ def _measure_case(
     return data, how
 
 
+def _case(
+    ctx: BenchContext,
+    out: BenchOutput,
+    prompt: TokenPrompt,
+    params: GenerationParams,
+    peak: dict[str, Any],
+    labels: dict[str, Any],
+    point_warmup: bool,
+) -> None:
+    """One case (a prompt length, and its trial): warm-up, requests until the stop rule holds, its figures."""
+    bench, loaded = ctx.cfg.bench, ctx.loaded
+    p_len = labels["prompt"]
+    case = ",".join(f"{k}={v}" for k, v in labels.items())
+    warmup = "phase=warmup" if point_warmup else f"warmup[{case}]"  # the point's warm-up is the first case's
+    ctx.mark(f"{warmup}:start")
+    for _ in range(bench.warmup_runs):
+        streamed(ctx.engine, prompt, params)
+    ctx.mark(f"{warmup}:end")
+    ctx.mark(f"{case}:start")
+    data, how = _measure_case(ctx, out, prompt, case, params)
+    ctx.mark(f"{case}:end")
+    if ctx.energy is not None:  # every run produced the forced output length
+        runs = len(data.per_request.get("e2e_s", []))
+        out.metrics.update(phase_figures(ctx.energy, case, runs * params.max_new_tokens))
+    for key, values in data.per_request.items():
+        if values:
+            name, unit, scale = REQUEST_UNITS[key]
+            out.metrics[case_key(name, **labels)] = summarize([v * scale for v in values], unit)
+    if data.itls:
+        out.metrics[case_key("itl_ms", **labels)] = summarize([v * 1e3 for v in data.itls], "ms")
+    decode = out.metrics.get(case_key("decode_tok_s", **labels))
+    if decode:
+        context = p_len + params.max_new_tokens / 2  # mean KV length read while decoding
+        value = mbu(decode["mean"], loaded.footprint_bytes, loaded.kv_bytes_per_position, context, peak["bytes_per_s"])
+        out.metrics[case_key("mbu", **labels)] = summarize([value], "fraction")
+    out.details["cases"][case] = {
+        **how,
+        "primary_metric": bench.primary_metric,
+        "prompt_tokens": p_len,
+        "output_tokens": params.max_new_tokens,
+    }
+    out.details["length_mismatches"] += data.mismatches
+
+
+TRIAL_FIGURES = (("ttft_ms", "p50"), ("tpot_ms", "p50"), ("e2e_ms", "p50"), ("decode_tok_s", "mean"))
+
+
 def run(ctx: BenchContext) -> BenchOutput:
-    bench, loaded, engine = ctx.cfg.bench, ctx.loaded, ctx.engine
+    bench, loaded = ctx.cfg.bench, ctx.loaded
     params = generation_params(bench, ctx.cfg.seed)
     out = BenchOutput()
     peak = peak_bandwidth(loaded.placement.device, ctx.cfg.cache_path)
-    kv_pos = loaded.kv_bytes_per_position
     out.details = {"stop_rule": vars(StopRule.of(bench)), "peak_bandwidth": peak, "cases": {}, "length_mismatches": 0}
     for index, p_len in enumerate(bench.prompt_lengths):
         prompt = exact_prompt(loaded, p_len)
-        case = f"prompt={p_len}"
         if index == 0:  # the point's very first request: module loading, allocator growth, kernel choice
-            cold = streamed(engine, prompt, params)
+            cold = streamed(ctx.engine, prompt, params)
             cold_m = request_metrics(cold.start_ns, cold.token_ns, cold.prompt_tokens)
             for key in ("ttft_s", "e2e_s"):
                 out.metrics[f"cold_start_{REQUEST_UNITS[key][0]}"] = summarize([cold_m[key] * 1e3], "ms")
-        warmup = "phase=warmup" if index == 0 else f"warmup[{case}]"  # the point's warm-up is the first case's
-        ctx.mark(f"{warmup}:start")
-        for _ in range(bench.warmup_runs):
-            streamed(engine, prompt, params)
-        ctx.mark(f"{warmup}:end")
-        ctx.mark(f"{case}:start")
-        data, how = _measure_case(ctx, out, prompt, case, params)
-        ctx.mark(f"{case}:end")
-        if ctx.energy is not None:  # every run produced the forced output length
-            runs = len(data.per_request.get("e2e_s", []))
-            out.metrics.update(phase_figures(ctx.energy, case, runs * params.max_new_tokens))
-        for key, values in data.per_request.items():
-            if values:
-                name, unit, scale = REQUEST_UNITS[key]
-                out.metrics[case_key(name, prompt=p_len)] = summarize([v * scale for v in values], unit)
-        if data.itls:
-            out.metrics[case_key("itl_ms", prompt=p_len)] = summarize([v * 1e3 for v in data.itls], "ms")
-        decode = out.metrics.get(case_key("decode_tok_s", prompt=p_len))
-        if decode:
-            context = p_len + params.max_new_tokens / 2  # mean KV length read while decoding
-            value = mbu(decode["mean"], loaded.footprint_bytes, kv_pos, context, peak["bytes_per_s"])
-            out.metrics[case_key("mbu", prompt=p_len)] = summarize([value], "fraction")
-        out.details["cases"][case] = {
-            **how,
-            "primary_metric": bench.primary_metric,
-            "prompt_tokens": p_len,
-            "output_tokens": params.max_new_tokens,
-        }
-        out.details["length_mismatches"] += data.mismatches
+        if bench.trials == 1:
+            _case(ctx, out, prompt, params, peak, {"prompt": p_len}, point_warmup=index == 0)
+            continue
+        # bench.trials: the case from a fresh engine (and server) state each time, and the spread between trials
+        keys, fresh = [], []
+        for trial in range(1, bench.trials + 1):
+            if trial > 1 or index > 0:
+                fresh.append(ctx.renew_engine())
+            case = {"prompt": p_len, "trial": trial}
+            _case(ctx, out, prompt, params, peak, case, point_warmup=index == 0 and trial == 1)
+            keys.append(",".join(f"{k}={v}" for k, v in case.items()))
+        spread = trial_spread(out.metrics, keys, f"prompt={p_len}", TRIAL_FIGURES)
+        out.details.setdefault("trials", {})[f"prompt={p_len}"] = {"trials": bench.trials, "cases": keys,
+                                                                   "figures": spread, "fresh_state": fresh}  # fmt: skip
     # What the point holds beside how fast it runs, so a speed table compares engines and quantizations on
     # memory too (bench=memory measures growth per prompt and batch).
     out.metrics["weights_mib"] = summarize([loaded.weights_bytes / 2**20], "MiB")

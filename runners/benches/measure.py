@@ -50,6 +50,23 @@ class BenchContext:
         if self.energy is not None:
             self.energy.mark(label)
 
+    def renew_engine(self) -> dict[str, Any]:
+        """A fresh state for a trial (bench.trials): the point's launched server restarted, and a new engine over
+        the loaded weights (the old one's caches, batching manager and compiled state go with it). What was
+        renewed, for the result."""
+        from harness.engines import create_engine
+
+        self.engine.shutdown()
+        restart = getattr(self.loaded.model, "restart", None)
+        renewed: dict[str, Any] = {"engine": "new"}
+        if restart is not None:
+            started = restart()
+            renewed["server"] = (
+                f"restarted in {started:.1f} s" if started is not None else "not restarted: the point did not launch it"
+            )
+        self.engine = create_engine(self.cfg.engine.name, self.loaded, self.cfg)
+        return renewed
+
 
 @dataclass
 class BenchOutput:
@@ -57,6 +74,23 @@ class BenchOutput:
     outputs: list[dict[str, Any]] = field(default_factory=list)
     samples: list[tuple[Any, ...]] = field(default_factory=list)  # rows of SAMPLE_COLUMNS
     details: dict[str, Any] = field(default_factory=dict)
+
+
+def trial_spread(
+    metrics: dict[str, dict[str, Any]], keys: list[str], base: str, figures: tuple[tuple[str, str], ...]
+) -> dict[str, Any]:
+    """bench.trials: per figure (metric, statistic), the trials' values summarised as `<metric>_<stat>_by_trial[base]`
+    (`<metric>_by_trial` for a mean) in `metrics`, whose stdev is the run-to-run noise; returned beside each trial's
+    own ci95 (the request-to-request noise)."""
+    spread: dict[str, Any] = {}
+    for metric, stat in figures:
+        values = [metrics.get(f"{metric}[{k}]", {}).get(stat) for k in keys]
+        if all(v is not None for v in values):
+            name = f"{metric}_{stat}_by_trial" if stat != "mean" else f"{metric}_by_trial"
+            metrics[f"{name}[{base}]"] = summarize(values, metrics[f"{metric}[{keys[0]}]"]["unit"])
+            spread[name] = {"between_trials_stdev": metrics[f"{name}[{base}]"]["stdev"],
+                            "within_trial_ci95": [metrics[f"{metric}[{k}]"].get("ci95") for k in keys]}  # fmt: skip
+    return spread
 
 
 def case_key(metric: str, **case: Any) -> str:

@@ -16,11 +16,11 @@ from harness.errors import ConfigError
 from harness.loadgen.figures import Level, cached_prompt_tokens, level_metrics
 from harness.loadgen.load import arrival_offsets, heap_frozen, run_level, warm_up
 from harness.loadgen.server_metrics import GaugeSampler, changed, scrape, server_figures, which_server
-from harness.loadgen.sessions import run_sessions
+from harness.loadgen.sessions import run_sessions, turn_cases
 from harness.processes import pinned, usable_cpus
 from harness.stats import share_verdict, summarize
 from runners.benches.grading import Grades, grade_level
-from runners.benches.measure import BenchContext, BenchOutput
+from runners.benches.measure import BenchContext, BenchOutput, trial_spread
 from runners.benches.workload import Workload, expected_cached_share, read_sources
 
 if TYPE_CHECKING:
@@ -63,26 +63,45 @@ class _Run:
         return b.num_requests
 
     def trials(self, mode: str, value: float) -> None:
-        """A level run bench.trials times, each with a fresh cache salt (trial=1, 2, ... in its key), and the
-        spread between the trials of each headline figure (`<figure>_by_trial[level]`: its stdev is the run-to-run
-        noise, beside each trial's own ci95, the request-to-request noise)."""
+        """A level run bench.trials times, each from a fresh state: the point's launched server restarted (a running
+        one cannot be) and warmed up again, a fresh cache salt (trial=1, 2, ... in its key); and the spread between
+        the trials of each headline figure (`<figure>_by_trial[level]`: its stdev is the run-to-run noise, beside
+        each trial's own ci95, the request-to-request noise)."""
         n = self.bench.trials
         if n == 1:
             self.level(mode, value)
             return
-        keys = [self.level(mode, value, trial=t)["key"] for t in range(1, n + 1)]
+        keys, fresh = [], []
+        for t in range(1, n + 1):
+            if t > 1:
+                fresh.append(self.renew())
+            keys.append(self.level(mode, value, trial=t)["key"])
         base = keys[0].rsplit(",trial=", 1)[0]
-        spread: dict[str, Any] = {}
-        for metric, stat in TRIAL_FIGURES:
-            values = [self.out.metrics.get(f"{metric}[{k}]", {}).get(stat) for k in keys]
-            if all(v is not None for v in values):
-                unit = self.out.metrics[f"{metric}[{keys[0]}]"]["unit"]
-                name = f"{metric}_{stat}_by_trial" if stat != "mean" else f"{metric}_by_trial"
-                self.out.metrics[f"{name}[{base}]"] = summarize(values, unit)
-                within = [self.out.metrics[f"{metric}[{k}]"].get("ci95") for k in keys]
-                spread[name] = {"between_trials_stdev": self.out.metrics[f"{name}[{base}]"]["stdev"],
-                                "within_trial_ci95": within}  # fmt: skip
-        self.trial_spread[base] = {"trials": n, "levels": keys, "figures": spread}
+        spread = trial_spread(self.out.metrics, keys, base, TRIAL_FIGURES)
+        self.trial_spread[base] = {"trials": n, "levels": keys, "figures": spread, "fresh_state": fresh}
+
+    def renew(self) -> dict[str, Any]:
+        """A trial's fresh state: the server restarted where the point launched it, and warmed up again."""
+        renewed = self.ctx.renew_engine()
+        self.endpoint = self.workload.endpoint = self.ctx.engine.endpoint  # type: ignore[attr-defined]
+        if self.bench.warmup_runs:
+            renewed["warmup"] = self.warm_up()
+        return renewed
+
+    def warm_up(self) -> dict[str, int]:
+        """bench.warmup_runs requests, not measured; refused when every one of them failed."""
+        import asyncio
+
+        warm = asyncio.run(warm_up(self.endpoint, self.workload.plans(self.bench.warmup_runs, 0)))
+        failed = [r for r in warm if not r.ok]
+        if len(failed) == len(warm):
+            from harness.errors import InferenceError
+
+            raise InferenceError(
+                f"every warm-up request failed ({failed[0].status}: {failed[0].error[:400]}).",
+                "check the server (its log beside result.json when launched), the model name and the API key.",
+            )
+        return {"requests": len(warm), "failed": len(failed)}
 
     def level(
         self, mode: str, value: float, searching: bool = False, requests: int = 0, trial: int = 0
@@ -105,7 +124,7 @@ class _Run:
         gauges = GaugeSampler(self.endpoint, server, b.gauge_interval_s if b.scrape_metrics else 0.0)
         try:
             self.ctx.mark(f"{key}:start")
-            plans, level = self._run(mode, value, key, searching, requests)
+            plans, cases, level = self._run(mode, value, key, searching, requests)
             self.ctx.mark(f"{key}:end")
         finally:
             gauges.stop()
@@ -123,7 +142,7 @@ class _Run:
         details["server_metrics_delta"] = changed(before, after)
         for name, (figure, unit) in server_figures(before, after).items():
             self.out.metrics[f"server_{name}[{key}]"] = summarize([figure], unit)
-        grades = self._grade(level, plans, rows, details)
+        grades = self._grade(level, cases, rows, details)
         self._energy(key, grades)
         sampled, series = gauges.figures(level.t0, level.t0 + level.wall_s)
         for name, (values, unit) in sampled.items():
@@ -152,12 +171,16 @@ class _Run:
             self.out.outputs.append({"level": key, "text": rows[0][0].text})
         return summary
 
-    def _run(self, mode: str, value: float, key: str, searching: bool, requests: int) -> tuple[list, Level]:
-        """The level's requests, run: its plans (none for sessions built turn by turn) and what happened."""
+    def _run(
+        self, mode: str, value: float, key: str, searching: bool, requests: int
+    ) -> tuple[list, list[int | None], Level]:
+        """The level's requests, run: its plans (none for sessions built turn by turn), each request's expectation
+        (graded load) and what happened."""
         b = self.bench
         plans: list = []
-        if b.workload == "multi_turn" and b.replies == "real":
-            level = self._sessions(mode, value, key)
+        if b.workload == "chat" or (b.workload == "multi_turn" and b.replies == "real"):
+            cases, level = self._sessions(mode, value, key, searching, requests)
+            return plans, cases, level
         else:
             if mode == "replay":  # a trace's window at its own times (sped up)
                 plans = self.workload.plans(len(self.workload.trace_window()), self.level_index)
@@ -183,15 +206,14 @@ class _Run:
                 b.client_workers,
                 key=key,
             )
-        return plans, level
+        return plans, [p.case for p in plans], level
 
-    def _grade(self, level: Level, plans: list, rows: list, details: dict[str, Any]) -> Grades | None:
+    def _grade(self, level: Level, cases: list[int | None], rows: list, details: dict[str, Any]) -> Grades | None:
         """Graded load: each answer judged by its case's checks; the level's pass rates and correct goodput."""
-        if not self.workload.graded or not plans:
+        if not self.workload.graded or not any(c is not None for c in cases):
             return None
         ends = [r.t_end for r, _, _ in rows if r.t_end]
         span = max(ends) - level.t0 if ends else 0.0
-        cases = [p.case for p in plans]
         metrics, grading, grades = grade_level(rows, self.workload.expectations, cases, self.bench.slo.limits(),
                                                level.key, span)  # fmt: skip
         self.out.metrics.update(metrics)
@@ -211,21 +233,29 @@ class _Run:
             figures[f"joules_per_correct[{key}]"] = summarize([joules["mean"] / correct], "J/answer")
         self.out.metrics.update(figures)
 
-    def _sessions(self, mode: str, value: float, key: str) -> Level:
-        """A level of conversations with the server's real replies (bench.replies=real): num_requests turns in
-        sessions of bench.turns, closed (value sessions at a time) or open (sessions starting at the rate)."""
+    def _sessions(
+        self, mode: str, value: float, key: str, searching: bool, requests: int
+    ) -> tuple[list[int | None], Level]:
+        """A level of conversations with the server's real replies (bench.replies=real, or the chat workflow's):
+        about the level's request count in turns, closed (value sessions at a time) or open (sessions starting at
+        the rate); with each turn's expectation where the sessions are graded."""
         import asyncio
 
         b = self.bench
-        sessions = self.workload.sessions(math.ceil(b.num_requests / b.turns), self.level_index)
+        count = self._count(value if mode == "open" else None, searching, requests)
+        if b.workload == "chat":
+            sessions = self.workload.chat_sessions(count, self.level_index)
+        else:
+            sessions = self.workload.sessions(math.ceil(count / b.turns), self.level_index)
         offsets = None
         if mode == "open":
             seed = self.ctx.cfg.seed + self.level_index
             offsets = arrival_offsets(len(sessions), value, b.arrival, seed, b.burstiness, b.ramp_up_s)
         with heap_frozen():
-            return asyncio.run(
+            level = asyncio.run(
                 run_sessions(self.endpoint, sessions, self.workload.turn, mode, value, offsets, b.duration_s, key)
             )
+        return turn_cases(sessions), level
 
     def _against_ceiling(self, details: dict[str, Any], level: Level) -> None:
         """How close the level came to the client's own ceiling; past half of it the client may have shaped the
@@ -362,20 +392,9 @@ def _run_levels(ctx: BenchContext) -> BenchOutput:
         details["client_ceiling"] = run.ceiling = calibrate(ctx.cfg.cache_path, b.client_workers)
     if b.warmup_runs:
         ctx.progress("serve: warm-up")
-        import asyncio
-
         ctx.mark("phase=warmup:start")
-        warm = asyncio.run(warm_up(run.endpoint, run.workload.plans(b.warmup_runs, 0)))
+        details["warmup"] = run.warm_up()
         ctx.mark("phase=warmup:end")
-        failed = [r for r in warm if not r.ok]
-        details["warmup"] = {"requests": len(warm), "failed": len(failed)}
-        if len(failed) == len(warm):
-            from harness.errors import InferenceError
-
-            raise InferenceError(
-                f"every warm-up request failed ({failed[0].status}: {failed[0].error[:400]}).",
-                "check the server (its log beside result.json when launched), the model name and the API key.",
-            )
     if b.workload == "trace":  # the trace sets the schedule: bench.concurrency and bench.rates are not levels
         run.trials("replay", b.trace_speedup)
     else:

@@ -12,6 +12,9 @@
   (harness.loadgen.sessions), after a think time.
 - trace: a production trace's requests (harness.loadgen.traces) at its own times, each prompt built to the trace's
   token count (blocks that share a hash id share their tokens) and its output length forced.
+- chat: the chat workflow's conversations as sessions with the server's real replies (a recall check is about what
+  the conversation said), each turn graded by the workflow's checks (non-empty, finished, no role leak, the facts it
+  must recall); a level sends at least bench.num_requests turns, whole conversations in case order.
 - lesson_pack: the LessonPack workflow's topics as it sends them, graded by its checks (sections, exercises,
   answers, length, topic words); natural lengths like search_qa's.
 - dataset: real prompts (harness.loadgen.datasets) sampled with the seed, as chat messages; entries with
@@ -70,6 +73,7 @@ class Workload:
     def __init__(self, bench: BenchConfig, loaded: LoadedModel, endpoint: Endpoint, seed: int) -> None:
         self.bench, self.loaded, self.endpoint, self.seed = bench, loaded, endpoint, seed
         self._questions: list[list[dict[str, str]]] | None = None
+        self._conversations: list[dict[str, Any]] | None = None
         self.trace, self.dataset = read_sources(bench)
         self.expectations: list[Expectation] = []  # graded load: what each planned answer is judged against
         self.graded = bench.grade != "off" and self._has_expectations()
@@ -101,7 +105,7 @@ class Workload:
         return out
 
     def _has_expectations(self) -> bool:
-        if self.bench.workload in ("search_qa", "lesson_pack"):
+        if self.bench.workload in ("search_qa", "lesson_pack", "chat"):
             return True
         return self.dataset is not None and any(e.expected_keywords for e in self.dataset.entries)
 
@@ -176,6 +180,8 @@ class Workload:
                                case=q if self.graded else None) for q in chosen]  # fmt: skip
         if b.workload == "dataset":
             return self._dataset_plans(n, rng)
+        if b.workload == "chat":  # whole conversations run as sessions; first turns warm the server up
+            return [self.turn(self._chat_opening(self._chat_cases()[i % len(self._chat_cases())])) for i in range(n)]
         _need_tokenizer(self.loaded, b.workload)
         if b.workload == "trace":
             return [self._trace_plan(r, i) for i, r in enumerate(self.trace_window()[:n])]
@@ -290,6 +296,43 @@ class Workload:
             )
             for s in range(n)
         ]
+
+    def chat_sessions(self, n: int, level_index: int) -> list[SessionPlan]:
+        """Whole conversations of the chat workflow's built-in cases, in case order from the first (every level
+        asks the same ones), until they hold at least n turns; the level's salt leads the system message. Think
+        times as for multi_turn's sessions."""
+        self.start_level(level_index)
+        rng = random.Random(self.seed * 1_000_003 + level_index)
+        cases = self._chat_cases()
+        out: list[SessionPlan] = []
+        turns = 0
+        while turns < n:
+            case = cases[len(out) % len(cases)]
+            users = [t["user"] for t in case["turns"]]
+            expected = [
+                self._expect(Expectation(f"{case['id']}#{t}", {"expect": turn.get("expect"), "turn": t,
+                                                                "turns": len(users)}, kind="chat_turn"))
+                for t, turn in enumerate(case["turns"])
+            ]  # fmt: skip
+            system = self._chat_opening(case)[0]["content"]
+            think = [rng.expovariate(1 / self.bench.think_time_s) if self.bench.think_time_s else 0.0 for _ in users]
+            out.append(SessionPlan(users, think, system, expected))
+            turns += len(users)
+        return out
+
+    def _chat_cases(self) -> list[dict[str, Any]]:
+        from harness.workflows.chat import ChatGenerate
+
+        if self._conversations is None:
+            self._conversations = ChatGenerate(WorkflowConfig(name="chat")).cases
+        return self._conversations
+
+    def _chat_opening(self, case: dict[str, Any]) -> list[dict[str, str]]:
+        """A conversation's system message (with the level's salt) and first question."""
+        from harness.workflows.chat import SYSTEM_PROMPT
+
+        system = {"role": "system", "content": case.get("system", SYSTEM_PROMPT)}
+        return self._salted([system, {"role": "user", "content": case["turns"][0]["user"]}])
 
     def turn(self, history: list[dict[str, str]]) -> Planned:
         """The request that continues a conversation (bench.replies=real)."""
