@@ -1,8 +1,11 @@
-"""`python -m analysis <sweep dir> [<sweep dir> …] [--compare] [--baseline quant=none]`
+"""`python -m analysis <sweep dir> [<sweep dir> …] [--compare [--fail-on EXPR …]] [--baseline quant=none]`
 
 Reads result files only (never an engine), so reports can be made anywhere the folders are copied to.
 Writes summary.csv, summary.md, plots/*.png and report.html into the first folder (or --out); with --compare,
-compare.md and compare.csv of the per-metric deltas between the first folder and each other one.
+compare.md and compare.csv of the per-metric deltas between the first folder and each other one; with
+--fail-on (BASE NEW), gate.md and a JUnit XML file, and exit status 4 when a change is beyond its threshold and
+significant. Exit statuses: 0 done (the gate passed), 1 a file could not be written, 2 bad input (a folder, a
+--fail-on expression, a metric or a baseline of another config), 4 the regression gate failed.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from analysis.gate import GateError
 from analysis.results import SchemaError, load_results
 
 GROUP_KEYS = ("model", "quant", "attention", "engine", "workflow", "bench")
@@ -38,11 +42,20 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="group=option (default quant=none; engine=transformers where the results compare engines)",
     )
-    parser.add_argument("--out", type=Path, help="where to write (default: the first folder)")
+    parser.add_argument("--out", type=Path, help="where to write (default: the first folder; NEW's with --fail-on)")
+    parser.add_argument(
+        "--fail-on",
+        action="append",
+        default=[],
+        metavar="EXPR",
+        help="with --compare BASE NEW: fail (exit 4) when METRIC[CASE].STAT moved the sign's way beyond the "
+        "threshold and significantly, e.g. 'ttft_ms[prompt=128].p50:+5%%' or 'pass_rate:-0.05'",
+    )
+    parser.add_argument("--junit", type=Path, help="the gate's JUnit XML file (default: <out>/gate.junit.xml)")
     args = parser.parse_args(argv)
     try:
         return _run(args)
-    except (SchemaError, FileNotFoundError) as exc:
+    except (SchemaError, FileNotFoundError, GateError) as exc:
         print(f"analysis: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # the results are read; writing the tables, plots or report failed
@@ -65,13 +78,20 @@ def _run(args: argparse.Namespace) -> int:
     for folder in args.folders:
         if not folder.is_dir():
             raise FileNotFoundError(f"{folder} is not a folder of results: give a run or sweep folder under outputs/.")
-    out = args.out or args.folders[0]
+    if args.fail_on and not (args.compare and len(args.folders) == 2):
+        print("analysis: --fail-on gates NEW against BASE: give --compare BASE NEW (two folders).", file=sys.stderr)
+        return 2
+    # A gate writes beside NEW: the stored baseline stays as it was.
+    out = args.out or args.folders[1 if args.fail_on else 0]
     out.mkdir(parents=True, exist_ok=True)
     if args.compare:
         if len(args.folders) < 2:
             print("analysis: --compare needs at least two folders.", file=sys.stderr)
             return 2
-        text = compare([load_results(f) for f in args.folders], [str(f) for f in args.folders], out)
+        sweeps = [load_results(f) for f in args.folders]
+        if args.fail_on:
+            return _gate(args, sweeps, out)
+        text = compare(sweeps, [str(f) for f in args.folders], out)
         print(text)
         return 0
     results = load_results(*args.folders)
@@ -94,6 +114,20 @@ def _run(args: argparse.Namespace) -> int:
         f"  {out / 'summary.csv'}\n  {out / 'summary.md'}\n  {report}"
     )
     return 0
+
+
+def _gate(args: argparse.Namespace, sweeps: list, out: Path) -> int:
+    """--compare BASE NEW --fail-on …: compare.md as usual, then the gate's verdicts (gate.md, JUnit XML)."""
+    from analysis.compare import compare
+    from analysis.gate import GATE_FAILED, judge, parse_rule, write_gate
+
+    rules = [parse_rule(text) for text in args.fail_on]  # every expression checked before anything is written
+    verdicts = judge(rules, *sweeps)
+    compare(sweeps, [str(f) for f in args.folders], out)
+    junit = args.junit or out / "gate.junit.xml"
+    print(write_gate(verdicts, out, junit))
+    print(f"analysis: the gate's JUnit file: {junit}")
+    return GATE_FAILED if any(v.failed for v in verdicts) else 0
 
 
 if __name__ == "__main__":

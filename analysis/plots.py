@@ -623,6 +623,27 @@ FRAME_PLOTS: tuple[Callable[[pd.DataFrame, Path], Path | None], ...] = (
 )
 
 
+def metric_over_runs(rows: list[dict], path: Path) -> Path:
+    """One figure followed across runs (analysis.history rows): a line per point and case, 95% CI error bars."""
+    import datetime
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    series: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        series.setdefault((row["point"], row["metric"]), []).append(row)
+    for (point, metric), points in series.items():
+        times = [datetime.datetime.fromisoformat(p["started_utc"]) for p in points]
+        errors = [p["ci95"] if p["ci95"] is not None and not pd.isna(p["ci95"]) else 0.0 for p in points]
+        ax.errorbar(times, [p["mean"] for p in points], yerr=errors, marker="o", capsize=3, label=f"{point} {metric}")
+    if rows:
+        ax.set_ylabel(f"{rows[0]['metric'].split('[')[0]} ({rows[0]['unit']})")
+        ax.set_title(f"{rows[0]['metric'].split('[')[0]} across runs (mean, 95% CI)")
+    ax.set_xlabel("run started (UTC)")
+    ax.legend(fontsize=7)
+    fig.autofmt_xdate()
+    return _save(fig, path.parent, path.stem)
+
+
 def all_plots(frame: pd.DataFrame, results: list[dict], folder: Path) -> list[Path]:
     """Every plot the results allow. A plot that fails is left out with its cause on stderr: one figure's bug
     must not cost the tables and the other plots of a sweep."""

@@ -188,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("model")
     sub.add_parser("run", help="run a point or a sweep: harness run [-m] group=option … (as python -m harness)")
     sub.add_parser("report", help="tables, plots and report.html of sweep folders (as python -m analysis)")
+    sub.add_parser("runs", help="the sweeps under an outputs folder; --metric M: one figure across them, plotted")
     serve = sub.add_parser("serve", help="an OpenAI-compatible server with model management and benchmark jobs")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     serve.add_argument("--port", type=int, default=8000)
@@ -254,6 +255,10 @@ def main(argv: list[str] | None = None) -> int:
         from analysis.__main__ import main as report_main
 
         return report_main(argv[1:])
+    if argv and argv[0] == "runs":
+        from analysis.history import main as runs_main
+
+        return runs_main(argv[1:])
     args = build_parser().parse_args(argv)
     import transformers
 

@@ -3,6 +3,7 @@ allow-list of thread and device settings only."""
 
 from __future__ import annotations
 
+import datetime
 import importlib.metadata
 import os
 import platform
@@ -123,4 +124,5 @@ def capture_environment() -> dict[str, Any]:
         "packages": _versions(),
         "env": {k: os.environ[k] for k in ENV_ALLOWED if k in os.environ},
         "git_commit": git_commit(),
+        "started_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }

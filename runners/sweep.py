@@ -44,7 +44,12 @@ class RememberSweepDir(Callback):
         last_sweep_dir[:] = [folder]
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
-        """Write the sweep's tables, plots and report.html beside its points (report=false skips it)."""
+        """Write the sweep's tables, plots and report.html beside its points (report=false skips it), and its line
+        in the outputs folder's run index (`harness runs`)."""
+        from analysis.history import record_run
+
+        if last_sweep_dir:
+            record_run(last_sweep_dir[0])
         if config.get("report", True) and last_sweep_dir:
             write_report(last_sweep_dir[0])
 
