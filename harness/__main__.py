@@ -17,10 +17,13 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from harness import progress
 from harness.config import GROUPS, NOT_MEASURED, conf_dir, register_schemas, validate
 from harness.errors import ConfigError, HarnessError, Interrupted, StorageError, format_error
 
 _outcomes: list[tuple[str, str]] = []  # (status, summary line) of each point run in this process
+_LABEL = ("model", "quant", "engine", "bench")  # what the progress display names a point by, with swept fields
+_total: list[int] = [1]  # the points of the command (the pre-check counts them)
 _NO_PRECHECK = ("-h", "--help", "--hydra-help", "--info", "-i", "--shell-completion", "-sc")
 EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
@@ -52,6 +55,9 @@ def _point(cfg: DictConfig) -> None:
     out_dir = Path(hc.runtime.output_dir)
     point = {g: str(hc.runtime.choices.get(g, getattr(validated, g).name)) for g in GROUPS}
     point.update(swept_fields(list(hc.overrides.task)))
+    shown = progress.current[0] if progress.current else None
+    if shown is not None:
+        shown.start_point(" ".join(f"{k}={v}" for k, v in point.items() if k in _LABEL or k in _swept_keys))
     try:
         result, skipped = execute_point(validated, out_dir, point)
     except KeyboardInterrupt as stop:  # the point's result says Interrupted; the sweep stops here
@@ -74,6 +80,8 @@ def _point(cfg: DictConfig) -> None:
     if gate:
         line += "\n  " + gate
     _outcomes.append((_point_status(result, gate), line))
+    if shown is not None:
+        shown.finish_point(result.status, skipped)
     print(line, flush=True)
 
 
@@ -111,7 +119,7 @@ def _precheck(args: list[str]) -> int | None:
     from runners.sweep import check_output_folder, precheck
 
     try:
-        _swept_keys.update(precheck(args, multirun=any(a in ("-m", "--multirun") for a in args)))
+        _swept_keys.update(precheck(args, multirun=any(a in ("-m", "--multirun") for a in args), counted=_total))
         check_output_folder(args)
     except ConfigError as exc:
         print(format_error(exc), file=sys.stderr)
@@ -174,6 +182,8 @@ def main() -> int:
             file=sys.stderr,
         )
 
+    os.environ[progress.ENV] = "lines"  # the points' processes (forked or fresh) report their progress on stdout
+    progress.current[:] = [progress.SweepProgress(_total[0])]
     if _forks_points(args):
         from runners.forkserver import prestart
 
@@ -196,6 +206,8 @@ def main() -> int:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        progress.current[0].close()
+        progress.current.clear()
 
     if not _outcomes and last_sweep_dir:  # a launcher ran the points in other processes: read what they left
         from runners.benches.e2e import below_gate

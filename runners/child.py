@@ -4,7 +4,9 @@ validated config, apply the memory limit, run the point, exit 0 when it is ok.""
 from __future__ import annotations
 
 import json
+import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,8 @@ from typing import Any
 from harness.config import HarnessConfig
 from harness.errors import Interrupted, format_error, is_storage_error, storage_error
 from harness.processes import die_with_parent
+from harness.progress import ENV as PROGRESS_ENV
+from harness.progress import PointReporter, line_sink
 from harness.result import write_result
 from runners.records import FAULT_LOG, POINT_FILE
 
@@ -65,8 +69,11 @@ def main(out_dir: Path) -> int:
     t0 = time.perf_counter()
     # From the process's birth to here: interpreter start and the imports of torch, transformers and the harness.
     startup_s = time.time() - psutil.Process().create_time()
+    # Started by a sweep that shows progress: report it on stdout, which the sweep reads (harness.progress).
+    progress = PointReporter(line_sink(sys.stdout)) if os.environ.get(PROGRESS_ENV) == "lines" else None
     try:
-        result = run_point(cfg, out_dir, spec["point"], attempt=spec["attempt"], digest=spec["config_digest"])
+        result = run_point(cfg, out_dir, spec["point"], attempt=spec["attempt"], digest=spec["config_digest"],
+                           progress=progress)  # fmt: skip
         result.timings["startup_s"] = startup_s
         result.timings["process_s"] = time.perf_counter() - t0
         write_result(out_dir, result)

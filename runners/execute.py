@@ -19,6 +19,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from harness import progress
 from harness.config import HarnessConfig
 from harness.errors import is_storage_error, storage_error
 from harness.result import Result, write_result
@@ -35,7 +36,14 @@ from runners.records import (
 
 
 def _forward(stream, sink, tail: collections.deque) -> None:
+    """The point process's output to the sweep's: its progress lines to the sweep's display (dropped where there
+    is none), everything else as it came."""
     for line in iter(stream.readline, ""):
+        state = progress.parse(line)
+        if state is not None:
+            if progress.current:
+                progress.current[0].update(state)
+            continue
         sink.write(line)
         sink.flush()
         tail.append(line)

@@ -8,7 +8,6 @@ traceback; it never escapes as an exception, so a sweep goes on to its next poin
 from __future__ import annotations
 
 import contextlib
-import sys
 import time
 import traceback
 from dataclasses import asdict
@@ -25,6 +24,7 @@ from harness.errors import (
     out_of_memory,
     storage_error,
 )
+from harness.progress import PointReporter, reporter_for_this_process
 from harness.result import Result, check_writable, write_result
 from harness.stats import summarize
 from runners.benches import bench_check, exact_length_prompts, headline, resolve_bench
@@ -32,25 +32,6 @@ from runners.records import interrupted_result
 
 if TYPE_CHECKING:
     from harness.workflows import Workflow
-
-
-class _Progress:
-    """One status line on stderr, rewritten in place, where stderr is a terminal."""
-
-    def __init__(self, label: str) -> None:
-        self.label = label
-        self.t0 = time.perf_counter()
-        self.tty = sys.stderr.isatty()
-
-    def __call__(self, message: str) -> None:
-        if self.tty:
-            sys.stderr.write(f"\r\033[K[{self.label} {time.perf_counter() - self.t0:5.0f} s] {message}")
-            sys.stderr.flush()
-
-    def done(self) -> None:
-        if self.tty:
-            sys.stderr.write("\r\033[K")
-            sys.stderr.flush()
 
 
 def check_point(cfg: HarnessConfig) -> None:
@@ -110,7 +91,12 @@ def _as_error(exc: BaseException) -> HarnessError | None:
 
 
 def run_point(
-    cfg: HarnessConfig, out_dir: Path, point: dict[str, str] | None = None, attempt: str = "", digest: str = ""
+    cfg: HarnessConfig,
+    out_dir: Path,
+    point: dict[str, str] | None = None,
+    attempt: str = "",
+    digest: str = "",
+    progress: PointReporter | None = None,
 ) -> Result:
     from harness.energy import open_meter
     from harness.engines import create_engine, load_for_engine
@@ -139,6 +125,8 @@ def run_point(
         workflow = preflight(cfg)
         meter = open_meter(cfg.energy, cfg.energy_idle_s)  # its idle baseline before anything loads
         mark = meter.mark if meter is not None else (lambda label: None)
+        progress = progress or reporter_for_this_process()
+        progress.phase("load")
         mark("phase=load:start")
         with MemoryMonitor() as load_memory:
             loaded = load_for_engine(cfg, out_dir)
@@ -152,9 +140,9 @@ def run_point(
         result.resolved["engine"] = engine.describe()
         mark("phase=load:end")
         t_measure = time.perf_counter()
-        progress = _Progress(f"{point.get('model')} {point.get('quant')} {cfg.bench.name}")
         ctx = BenchContext(cfg, engine, loaded, load_memory.summary(), progress, out_dir, workflow, meter)
         mark("phase=measure:start")
+        progress.phase("measure")
         with MemoryMonitor(interval_s=None) as run_memory:  # no sampling thread while timing
             output = bench(ctx)
         mark("phase=measure:end")

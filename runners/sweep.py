@@ -128,10 +128,10 @@ def _preset_sweep(overrides: list[str]) -> list[str]:
     return [f"{key}={value}" for key, value in params.items()]
 
 
-def precheck(args: list[str], multirun: bool) -> set[str]:
+def precheck(args: list[str], multirun: bool, counted: list[int] | None = None) -> set[str]:
     """Check a command line before Hydra runs anything: every override parses and names a group option or a known
-    field, and every point of the sweep composes, validates and passes check_point. Returns the keys it sweeps;
-    raises ConfigError."""
+    field, and every point of the sweep composes, validates and passes check_point. Returns the keys it sweeps
+    (and puts the number of points in `counted`); raises ConfigError."""
     from runners.point import check_point  # imported here: the sweep's parent process stays free of torch
 
     overrides = [a for a in args if not a.startswith("-") and ("=" in a or a.startswith("~"))]
@@ -149,6 +149,8 @@ def precheck(args: list[str], multirun: bool) -> set[str]:
         sweeps += [o for o in map(parse, preset) if o.is_sweep_override()]
         overrides = preset + overrides
     points = expand(overrides)
+    if counted is not None:
+        counted[:] = [len(points)]
     for point in points:
         validated, _ = compose_point(point)
         check_fields_apply(point, validated)

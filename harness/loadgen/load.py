@@ -86,6 +86,11 @@ async def wait_until(t: float) -> None:
         await asyncio.sleep(0)
 
 
+# The records of the level running in this process, for a progress display to count from another thread (sent,
+# finished); the load loop only publishes the list, it never waits for a reader.
+running_level: list[list[RequestRecord]] = []
+
+
 async def lag_ticker(lags: list[float], stop: asyncio.Event) -> None:
     while not stop.is_set():
         t = time.perf_counter()
@@ -121,6 +126,7 @@ async def run_closed(
     lags: list[float] = []
     stop = asyncio.Event()
     records: list[RequestRecord] = []
+    running_level[:] = [records]
     cursor = iter(range(len(plans)))
     cpu0 = time.process_time()
     start = t0 if t0 is not None else time.perf_counter()
@@ -160,6 +166,7 @@ async def run_open(
     lags: list[float] = []
     stop = asyncio.Event()
     records = [_record(i, plan, 0.0) for i, plan in enumerate(plans)]
+    running_level[:] = [records]
     cap = asyncio.Semaphore(max_concurrency) if max_concurrency else None
     in_flight = 0
     saturated: list[str] = []

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from harness.loadgen.client import Endpoint, RequestRecord, new_session, send
 from harness.loadgen.figures import Level
-from harness.loadgen.load import Planned, lag_ticker, wait_until
+from harness.loadgen.load import Planned, lag_ticker, running_level, wait_until
 
 
 @dataclass
@@ -84,6 +84,7 @@ async def run_sessions(
     lags: list[float] = []
     stop = asyncio.Event()
     records: list[RequestRecord] = []
+    running_level[:] = [records]
     firsts = first_indexes(sessions)
     cpu0 = time.process_time()
     t0 = time.perf_counter() + 0.05

@@ -50,7 +50,8 @@ def run(ctx: BenchContext) -> BenchOutput:
     sink = records_path.open("w", encoding="utf-8") if records_path else None
     try:
         for n, case in enumerate(workflow.cases):
-            ctx.progress(f"{workflow.name} case {n + 1}/{len(workflow.cases)} ({case['id']})")
+            passed = sum(r.passed for r in results)
+            ctx.progress(f"{workflow.name} case {n + 1}/{len(workflow.cases)} ({case['id']}), {passed} of {n} passed")
             try:
                 result = workflow.run_case(case, ctx.engine, ctx.loaded, params)
             except OutOfMemoryError:

@@ -52,7 +52,6 @@ def _measure_case(
 
     def one_request() -> float:
         request = len(data.per_request["e2e_s"])
-        ctx.progress(f"latency {case}: request {request + 1}")
         g = streamed(ctx.engine, prompt, params)
         m = request_metrics(g.start_ns, g.token_ns, g.prompt_tokens)
         if g.output_tokens != params.max_new_tokens:
@@ -67,7 +66,7 @@ def _measure_case(
         data.itls.extend(itl_s(g.token_ns, g.first_chunk_tokens))
         return m.get(primary, m["e2e_s"])
 
-    _, how = repeat_until_stable(StopRule.of(bench), one_request)
+    _, how = repeat_until_stable(StopRule.of(bench), one_request, ctx.progress, f"latency {case}: ")
     return data, how
 
 

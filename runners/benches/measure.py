@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from harness.config import BenchConfig, HarnessConfig
 from harness.engines import Engine, GenerationParams
+from harness.progress import PointReporter
 from harness.stats import request_latency, summarize
 from harness.workflows import Workflow
 
@@ -41,14 +42,19 @@ class BenchContext:
     engine: Engine
     loaded: LoadedModel
     load_memory: dict[str, Any]
-    progress: Callable[[str], None] = lambda message: None
+    progress: PointReporter = field(default_factory=lambda: PointReporter(None))  # what the point is doing
     out_dir: Path | None = None  # the point's folder, for benches that write files of their own (cases.jsonl)
     workflow: Workflow | None = None  # bench=e2e: the workflow, its cases checked before the model loaded
     energy: EnergyMeter | None = None  # marks `<key>:start` / `<key>:end` spans (phase=warmup, a serve level)
 
     def mark(self, label: str) -> None:
+        """A span's start or end (`phase=warmup:start`): for the energy meter, and the progress display's phase."""
         if self.energy is not None:
             self.energy.mark(label)
+        if label == "phase=warmup:start":
+            self.progress.phase("warm-up")
+        elif label in ("phase=warmup:end", "phase=measure:start"):
+            self.progress.phase("measure")
 
     def renew_engine(self) -> dict[str, Any]:
         """A fresh state for a trial (bench.trials): the point's launched server restarted, and a new engine over
@@ -131,12 +137,20 @@ class StopRule:
         return None
 
 
-def repeat_until_stable(rule: StopRule, run: Callable[[], float]) -> tuple[list[float], dict[str, Any]]:
-    """Call run() (returns the primary metric) until the rule says stop; report how and why it stopped."""
+def repeat_until_stable(
+    rule: StopRule, run: Callable[[], float], progress: Callable[[str], None] | None = None, what: str = ""
+) -> tuple[list[float], dict[str, Any]]:
+    """Call run() (returns the primary metric) until the rule says stop; report how and why it stopped. `progress`
+    hears, after each run, the runs done and the interval's half-width against its target."""
     values: list[float] = []
     t0 = time.perf_counter()
     while True:
         values.append(run())
+        if progress is not None:
+            rel = rule.relative_ci(values)
+            now = f"±{rel:.1%}" if rel is not None else "±?"
+            progress(f"{what}{len(values)} runs (at most {rule.max_runs}), CI {now} of the mean, target "
+                     f"±{rule.target_rel_ci:.0%}")  # fmt: skip
         reason = rule.reason_to_stop(values, time.perf_counter() - t0)
         if reason:
             rel = rule.relative_ci(values)

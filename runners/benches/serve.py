@@ -8,7 +8,10 @@ chunk is in samples.csv; the client's own limits are checked per level (details.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from harness.energy import phase_figures
@@ -38,6 +41,40 @@ TRIAL_FIGURES = (
     ("pass_rate", "mean"),
 )
 CEILING_SHARE = 0.5  # a level past this share of the client's calibrated chunks/s is flagged client-bound
+
+
+@contextlib.contextmanager
+def watching(progress: Any, what: str, every_s: float = 1.0) -> Iterator[None]:
+    """While a level runs, its requests sent and finished, told to `progress` every `every_s` from a thread of its
+    own (it counts the level's records; the load loop never waits for it). Client processes
+    (bench.client_workers > 1) keep their records: their levels are reported as running."""
+    from harness.loadgen import load
+
+    if getattr(progress, "sink", True) is None:  # nobody is listening: no thread beside the load loop
+        yield
+        return
+    stop = threading.Event()
+    load.running_level.clear()
+
+    def tell() -> None:
+        progress(f"{what}: starting")
+        while not stop.wait(every_s):
+            records = load.running_level[0] if load.running_level else None
+            if records is None:
+                progress(f"{what}: running")
+                continue
+            sent = sum(1 for r in list(records) if r.t_send)
+            finished = sum(1 for r in list(records) if r.t_end)
+            progress(f"{what}: {sent} sent, {finished} finished")
+
+    thread = threading.Thread(target=tell, name="harness-level-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        load.running_level.clear()
 
 
 class _Run:
@@ -117,14 +154,14 @@ class _Run:
         if key in self.levels:  # the earlier, shorter run's figures and samples give way to the longer one's
             self.out.metrics = {k: v for k, v in self.out.metrics.items() if not k.endswith(f"[{key}]")}
             self.out.samples[:] = [row for row in self.out.samples if row[1] != key]
-        self.ctx.progress(f"serve {key}")
         self.level_index += 1
         before = scrape(self.endpoint) if b.scrape_metrics else None
         server = which_server(before) if before else None
         gauges = GaugeSampler(self.endpoint, server, b.gauge_interval_s if b.scrape_metrics else 0.0)
         try:
             self.ctx.mark(f"{key}:start")
-            plans, cases, level = self._run(mode, value, key, searching, requests)
+            with watching(self.ctx.progress, f"serve {key}"):
+                plans, cases, level = self._run(mode, value, key, searching, requests)
             self.ctx.mark(f"{key}:end")
         finally:
             gauges.stop()

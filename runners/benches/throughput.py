@@ -63,7 +63,7 @@ def run(ctx: BenchContext) -> BenchOutput:
         out.samples.append(("throughput", "single", len(out.samples), "", "e2e_ms", seconds * 1e3, "ms"))
         return g.output_tokens / seconds
 
-    values, how_single = repeat_until_stable(rule, single)
+    values, how_single = repeat_until_stable(rule, single, ctx.progress, "throughput single: ")
     out.metrics["single_output_tok_s"] = summarize(values, "tok/s")
     add_mbu("single_mbu", "single_output_tok_s", 1)
 
@@ -78,7 +78,6 @@ def run(ctx: BenchContext) -> BenchOutput:
         latencies: list[float] = []
 
         def one_batch(prompts=prompts, batch=batch, latencies=latencies) -> float:
-            ctx.progress(f"throughput batch={batch}: run {len(latencies) + 1}")
             results = engine.batch(prompts, params)
             seconds = (results[0].end_ns - results[0].start_ns) / 1e9
             latencies.append(seconds)
@@ -87,7 +86,7 @@ def run(ctx: BenchContext) -> BenchOutput:
             )
             return seconds
 
-        _, how = repeat_until_stable(rule, one_batch)
+        _, how = repeat_until_stable(rule, one_batch, ctx.progress, f"throughput batch={batch}: ")
         tokens = batch * n_out
         out.metrics[case_key("batch_latency_ms", batch=batch)] = summarize([s * 1e3 for s in latencies], "ms")
         out.metrics[case_key("output_tok_s", batch=batch)] = summarize([tokens / s for s in latencies], "tok/s")
