@@ -80,9 +80,27 @@ def _point(cfg: DictConfig) -> None:
     if gate:
         line += "\n  " + gate
     _outcomes.append((_point_status(result, gate), line))
+    if validated.tracking == "mlflow":
+        _track(validated, result, out_dir, hc)
     if shown is not None:
         shown.finish_point(result.status, skipped)
     print(line, flush=True)
+
+
+def _track(cfg, result, out_dir: Path, hc) -> None:
+    """The finished point to MLflow, from this (the sweep's) process; its result says whether it was logged."""
+    from hydra.types import RunMode
+
+    from analysis.history import outputs_root
+    from harness.result import write_result
+    from harness.tracking import track_point
+
+    sweep = Path(str(hc.sweep.dir)) if hc.mode == RunMode.MULTIRUN else out_dir.parent
+    record = track_point(out_dir, cfg.tracking_uri, sweep, outputs_root(sweep))
+    result.details["tracking"] = record
+    write_result(out_dir, result)
+    if not record["logged"]:
+        print(f"  not logged to MLflow: {record['why']}", flush=True)
 
 
 def swept_fields(task_overrides: list[str]) -> dict[str, str]:
@@ -208,6 +226,11 @@ def main() -> int:
             signal.signal(s, handler)
         progress.current[0].close()
         progress.current.clear()
+    from harness.tracking import finish_sweep
+
+    message = finish_sweep()  # a single run's (a sweep's was said when its report was written)
+    if message:
+        print(message)
 
     if not _outcomes and last_sweep_dir:  # a launcher ran the points in other processes: read what they left
         from runners.benches.e2e import below_gate

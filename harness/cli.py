@@ -189,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("run", help="run a point or a sweep: harness run [-m] group=option … (as python -m harness)")
     sub.add_parser("report", help="tables, plots and report.html of sweep folders (as python -m analysis)")
     sub.add_parser("runs", help="the sweeps under an outputs folder; --metric M: one figure across them, plotted")
+    sub.add_parser("track", help="log a sweep's points to MLflow (those not logged yet): the retry after a failure")
     serve = sub.add_parser("serve", help="an OpenAI-compatible server with model management and benchmark jobs")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     serve.add_argument("--port", type=int, default=8000)
@@ -259,6 +260,10 @@ def main(argv: list[str] | None = None) -> int:
         from analysis.history import main as runs_main
 
         return runs_main(argv[1:])
+    if argv and argv[0] == "track":
+        from harness.tracking import main as track_main
+
+        return track_main(argv[1:])
     args = build_parser().parse_args(argv)
     import transformers
 

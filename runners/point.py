@@ -44,6 +44,10 @@ def check_point(cfg: HarnessConfig) -> None:
     resolve_bench(cfg.bench.name)
     bench_check(cfg.bench.name, cfg)
     check_energy(cfg.energy)
+    if cfg.tracking == "mlflow":
+        from harness.tracking import require_mlflow
+
+        require_mlflow(import_it=False)
     if cfg.model.path:
         try:
             source_of_path(cfg.model.path)

@@ -52,6 +52,8 @@ OPTIONAL_PARTS = {
     "onnx": lambda: _module("onnxruntime_genai"),
     "schemathesis": lambda: _module("schemathesis"),
     "chromium": lambda: any(shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome")),
+    "mlflow": lambda: _module("mlflow"),
+    "otel": lambda: _module("opentelemetry.sdk") and _module("opentelemetry.exporter.otlp.proto.http"),
 }
 
 

@@ -208,6 +208,24 @@ class WorkflowConfig:
 
 
 @dataclass
+class TelemetryConfig:
+    """OpenTelemetry: each point's trace (a span per serve level and per request) sent over OTLP/HTTP to
+    otlp_endpoint after the point has finished (harness.tracing), so exporting never disturbs a measurement."""
+
+    otlp_endpoint: str | None = None  # http(s)://host:port of an OTLP/HTTP receiver (traces go to /v1/traces)
+    service_name: str = "harness"
+
+    def __post_init__(self) -> None:
+        if self.otlp_endpoint is not None:
+            check(
+                bool(re.fullmatch(r"https?://[^\s/]+(/\S*)?", self.otlp_endpoint)),
+                "telemetry.otlp_endpoint",
+                self.otlp_endpoint,
+                "an http(s)://host:port URL of an OTLP/HTTP receiver, or null",
+            )
+
+
+@dataclass
 class ValidationConfig:
     """A release gate: the run exits non-zero when a bench=e2e point's pass rate is below min_pass_rate."""
 

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 GROUPS = ("model", "quant", "attention", "engine", "workflow", "bench")
 # Top-level fields that change how a point runs or is shown, not what it measures: kept out of the config digest,
 # the sweep id, the folder name and a point's identity.
-NOT_MEASURED = ("print_text", "isolation", "force", "report", "validation")
+NOT_MEASURED = ("print_text", "isolation", "force", "report", "validation", "tracking", "tracking_uri", "telemetry")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 SOURCES = ("auto", "path", "hub", "gguf", "random")
 CHAT_FORMATS = ("auto", "template", "chatml", "plain")

@@ -17,6 +17,7 @@ from harness.config.groups import (
     CostConfig,
     ModelConfig,
     QuantConfig,
+    TelemetryConfig,
     ValidationConfig,
     WorkflowConfig,
 )
@@ -34,6 +35,12 @@ class HarnessConfig:
     bench: BenchConfig = field(default_factory=BenchConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     cost: CostConfig = field(default_factory=CostConfig)
+    # Where finished points are also sent (never part of a point's identity): mlflow logs each point as a run in an
+    # experiment named after the sweep folder (harness.tracking; the optional extra `tracking`), at tracking_uri
+    # (an http(s) MLflow server or a folder; null: MLFLOW_TRACKING_URI, else outputs/mlruns)
+    tracking: str = "none"  # none | mlflow
+    tracking_uri: str | None = None
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     # auto: joules per phase and level where a hardware counter can be read (NVML, amdsmi, RAPL), and why not
     # where none can | on: a point without a counter is refused | off: no energy figures, no telemetry
     energy: str = "auto"
@@ -52,6 +59,7 @@ class HarnessConfig:
         self.cache_dir = os.path.expanduser(os.environ.get("HARNESS_CACHE_DIR") or self.cache_dir)
         one_of("isolation", self.isolation, ("process", "spawn", "inline"))
         one_of("energy", self.energy, ("auto", "on", "off"))
+        one_of("tracking", self.tracking, ("none", "mlflow"))
         check(0 <= self.energy_idle_s <= 60, "energy_idle_s", self.energy_idle_s, "seconds in [0, 60]")
         if self.point_memory_limit_mb is not None:
             check(self.point_memory_limit_mb >= 64, "point_memory_limit_mb", self.point_memory_limit_mb, ">= 64")
