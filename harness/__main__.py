@@ -80,7 +80,7 @@ def _point(cfg: DictConfig) -> None:
     if gate:
         line += "\n  " + gate
     _outcomes.append((_point_status(result, gate), line))
-    if validated.tracking == "mlflow":
+    if validated.tracking == "mlflow" or validated.telemetry.otlp_endpoint:
         _track(validated, result, out_dir, hc)
     if shown is not None:
         shown.finish_point(result.status, skipped)
@@ -88,19 +88,30 @@ def _point(cfg: DictConfig) -> None:
 
 
 def _track(cfg, result, out_dir: Path, hc) -> None:
-    """The finished point to MLflow, from this (the sweep's) process; its result says whether it was logged."""
+    """The finished point to MLflow and its trace over OTLP, from this (the sweep's) process, after the point (never
+    beside a measurement); its result says whether each was sent, and why not."""
     from hydra.types import RunMode
 
     from analysis.history import outputs_root
     from harness.result import write_result
-    from harness.tracking import track_point
 
     sweep = Path(str(hc.sweep.dir)) if hc.mode == RunMode.MULTIRUN else out_dir.parent
-    record = track_point(out_dir, cfg.tracking_uri, sweep, outputs_root(sweep))
-    result.details["tracking"] = record
+    if cfg.tracking == "mlflow":
+        from harness.tracking import track_point
+
+        record = track_point(out_dir, cfg.tracking_uri, sweep, outputs_root(sweep))
+        result.details["tracking"] = record
+        if not record["logged"]:
+            print(f"  not logged to MLflow: {record['why']}", flush=True)
+    if cfg.telemetry.otlp_endpoint:
+        from harness.tracing import export_point
+
+        write_result(out_dir, result)  # the trace is built from the files as they stand
+        exported = export_point(out_dir, cfg.telemetry.otlp_endpoint, cfg.telemetry.service_name)
+        result.details["telemetry"] = exported
+        if not exported["exported"]:
+            print(f"  trace not exported: {exported['why']}", flush=True)
     write_result(out_dir, result)
-    if not record["logged"]:
-        print(f"  not logged to MLflow: {record['why']}", flush=True)
 
 
 def swept_fields(task_overrides: list[str]) -> dict[str, str]:
@@ -226,11 +237,11 @@ def main() -> int:
             signal.signal(s, handler)
         progress.current[0].close()
         progress.current.clear()
-    from harness.tracking import finish_sweep
+    from harness import tracing, tracking
 
-    message = finish_sweep()  # a single run's (a sweep's was said when its report was written)
-    if message:
-        print(message)
+    for message in (tracking.finish_sweep(), tracing.finish_sweep(None)):  # a single run's (a sweep's were said)
+        if message:
+            print(message)
 
     if not _outcomes and last_sweep_dir:  # a launcher ran the points in other processes: read what they left
         from runners.benches.e2e import below_gate

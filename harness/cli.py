@@ -134,7 +134,7 @@ def serve_settings(args: argparse.Namespace):
 
     # `harness serve`'s options named as the settings' fields (and as the transformers engine's) carry over as they are.
     same = ("host", "port", "capacity", "memory_budget_mb", "max_tokens_limit", "max_body_bytes", "allow_remote_code",
-            "jobs_dir", "job_max_seconds", "job_max_runs", "allow_downloads")  # fmt: skip
+            "jobs_dir", "job_max_seconds", "job_max_runs", "allow_downloads", "otlp_endpoint")  # fmt: skip
     engine_options = ("threads", "cache", "compile", "batching", "max_batch_requests")
     return ServerSettings(
         **{name: getattr(args, name) for name in same},
@@ -190,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("report", help="tables, plots and report.html of sweep folders (as python -m analysis)")
     sub.add_parser("runs", help="the sweeps under an outputs folder; --metric M: one figure across them, plotted")
     sub.add_parser("track", help="log a sweep's points to MLflow (those not logged yet): the retry after a failure")
+    sub.add_parser("trace", help="send a sweep's points' traces to an OTLP receiver (--otlp-endpoint)")
     serve = sub.add_parser("serve", help="an OpenAI-compatible server with model management and benchmark jobs")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     serve.add_argument("--port", type=int, default=8000)
@@ -242,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--cache", choices=("dynamic", "static"), default="dynamic", help="the KV cache of generate")
     serve.add_argument("--compile", action="store_true", help="torch.compile the decode step (needs --cache static)")
     serve.add_argument("--threads", type=int, default=None, help="torch's CPU threads (default: torch's choice)")
+    serve.add_argument("--otlp-endpoint", default=None, help="an OTLP/HTTP receiver (http://host:4318) that gets a "
+                       "span per answered request (pip install -e '.[telemetry]')")  # fmt: skip
     return parser
 
 
@@ -264,6 +267,10 @@ def main(argv: list[str] | None = None) -> int:
         from harness.tracking import main as track_main
 
         return track_main(argv[1:])
+    if argv and argv[0] == "trace":
+        from harness.tracing import main as trace_main
+
+        return trace_main(argv[1:])
     args = build_parser().parse_args(argv)
     import transformers
 

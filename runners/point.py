@@ -48,6 +48,10 @@ def check_point(cfg: HarnessConfig) -> None:
         from harness.tracking import require_mlflow
 
         require_mlflow(import_it=False)
+    if cfg.telemetry.otlp_endpoint:
+        from harness.tracing import require_otel
+
+        require_otel()
     if cfg.model.path:
         try:
             source_of_path(cfg.model.path)
@@ -144,7 +148,10 @@ def run_point(
         result.resolved["engine"] = engine.describe()
         mark("phase=load:end")
         t_measure = time.perf_counter()
-        ctx = BenchContext(cfg, engine, loaded, load_memory.summary(), progress, out_dir, workflow, meter)
+        # The point's clock: perf_counter readings (in samples.csv, relative to this zero) become wall-clock times.
+        clock_perf_s, clock_unix_s = time.perf_counter(), time.time()
+        ctx = BenchContext(cfg, engine, loaded, load_memory.summary(), progress, out_dir, workflow, meter,
+                           clock_perf_s)  # fmt: skip
         mark("phase=measure:start")
         progress.phase("measure")
         with MemoryMonitor(interval_s=None) as run_memory:  # no sampling thread while timing
@@ -153,6 +160,7 @@ def run_point(
         progress.done()
         result.timings["measure_s"] = time.perf_counter() - t_measure
         result.metrics, result.outputs, result.details = output.metrics, output.outputs, output.details
+        result.details["clock"] = {"unix_s": clock_unix_s, "started_unix_s": clock_unix_s - (clock_perf_s - t_start)}
         _energy_and_cost(cfg, result, meter, out_dir, t_start)
         if engine.compiles_in_requests:
             result.details["compiles_in_requests"] = engine.compiles_in_requests

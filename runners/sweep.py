@@ -47,15 +47,16 @@ class RememberSweepDir(Callback):
         """Write the sweep's tables, plots and report.html beside its points (report=false skips it), and its line
         in the outputs folder's run index (`harness runs`)."""
         from analysis.history import record_run
-        from harness.tracking import finish_sweep
+        from harness import tracing, tracking
 
         if last_sweep_dir:
             record_run(last_sweep_dir[0])
         if config.get("report", True) and last_sweep_dir:
             write_report(last_sweep_dir[0])
-        message = finish_sweep()  # the report joins the sweep's MLflow runs; a retry command where some were not
-        if message:
-            print(message)
+        # The report joins the sweep's MLflow runs; a retry command where points were not logged or exported.
+        for message in (tracking.finish_sweep(), tracing.finish_sweep(last_sweep_dir[0] if last_sweep_dir else None)):
+            if message:
+                print(message)
 
 
 def write_report(folder: Path) -> int:

@@ -154,6 +154,11 @@ class Server:
             targets=settings.job_targets,
         )
         self.metrics = ServerMetrics()
+        self.tracer = None
+        if settings.otlp_endpoint:
+            from harness.tracing import ServerTracer
+
+            self.tracer = ServerTracer(settings.otlp_endpoint)
 
     def spec(self, name: str) -> ModelSpec:
         try:
@@ -260,6 +265,8 @@ def create_app(settings: ServerSettings | None = None, manager: ModelManager | N
         yield
         await asyncio.to_thread(server.jobs.shutdown)  # stops the jobs' process groups, marks them interrupted
         await asyncio.to_thread(server.worker.stop)
+        if server.tracer is not None:
+            await asyncio.to_thread(server.tracer.shutdown)  # the last batch of spans goes out
 
     app = FastAPI(
         title="harness",
@@ -421,6 +428,11 @@ async def _generate(server: Server, request: Request, endpoint: str, body: Any, 
         if done.ttft_s is not None:
             m.ttft.labels(body.model).observe(done.ttft_s)
         m.latency.labels(body.model, endpoint).observe(time.perf_counter() - t0)
+        if server.tracer is not None:
+            now = time.time()
+            server.tracer.request("chat" if chat else "text_completion", body.model, now - (time.perf_counter() - t0),
+                                  now, g.prompt_tokens, g.output_tokens, done.ttft_s,
+                                  FINISH.get(g.finish_reason, "stop"), params.max_new_tokens)  # fmt: skip
         return {
             "prompt_tokens": g.prompt_tokens,
             "completion_tokens": g.output_tokens,

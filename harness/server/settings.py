@@ -87,6 +87,8 @@ class ServerSettings:
     # How the transformers engine runs every served model (batching=continuous lets concurrent requests share the
     # decode; cache/compile/threads as in conf/engine/transformers.yaml).
     engine: EngineConfig = field(default_factory=EngineConfig)
+    # An OTLP/HTTP receiver (http://host:4318) that gets a span per answered request (harness.tracing).
+    otlp_endpoint: str | None = None
 
     def __post_init__(self) -> None:
         if self.token is None:
@@ -107,6 +109,9 @@ class ServerSettings:
         for ok, name, rule in checks:
             if not ok:
                 raise ConfigError(f"server setting {name}={getattr(self, name)!r} must be {rule}.", f"fix --{name}.")
+        if self.otlp_endpoint is not None and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", self.otlp_endpoint):
+            raise ConfigError(f"--otlp-endpoint {self.otlp_endpoint!r} is not an http(s)://host:port URL.",
+                              "give the OTLP/HTTP receiver's URL, e.g. http://127.0.0.1:4318.")  # fmt: skip
         for folder in self.model_dirs:
             if not Path(folder).expanduser().is_dir():
                 raise ConfigError(f"--model-dir {folder} is not a folder.", "give a folder of model checkpoints.")

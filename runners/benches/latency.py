@@ -61,6 +61,9 @@ def _measure_case(
                 data.per_request[key].append(m[key])
                 out.samples.append(("latency", case, request, "", name, m[key] * scale, unit))
         out.samples.append(("latency", case, request, "", "output_tokens", g.output_tokens, "tokens"))
+        out.samples.append(("latency", case, request, "", "prompt_tokens", g.prompt_tokens, "tokens"))
+        # When it started on the point's clock (result.details.clock): what a trace of the point is built from.
+        out.samples.append(("latency", case, request, "", "t_start_s", g.start_ns / 1e9 - ctx.clock_perf_s, "s"))
         for i, t in enumerate(g.token_ns):
             out.samples.append(("latency", case, request, i, "token_t_ms", (t - g.start_ns) / 1e6, "ms"))
         data.itls.extend(itl_s(g.token_ns, g.first_chunk_tokens))

@@ -46,6 +46,7 @@ class BenchContext:
     out_dir: Path | None = None  # the point's folder, for benches that write files of their own (cases.jsonl)
     workflow: Workflow | None = None  # bench=e2e: the workflow, its cases checked before the model loaded
     energy: EnergyMeter | None = None  # marks `<key>:start` / `<key>:end` spans (phase=warmup, a serve level)
+    clock_perf_s: float = 0.0  # the perf_counter reading of the point's clock zero (result.details.clock)
 
     def mark(self, label: str) -> None:
         """A span's start or end (`phase=warmup:start`): for the energy meter, and the progress display's phase."""

@@ -187,6 +187,8 @@ class _Run:
         if series:
             details["server_gauges"] = series
         self._against_ceiling(details, level)
+        # Where the level sits on the point's clock (details.clock): its requests' times in samples.csv are from t0.
+        details["t0_s"], details["wall_s"] = level.t0 - self.ctx.clock_perf_s, level.wall_s
         self._samples(level, rows, grades)
         target = "correct_slo_attainment" if b.search_target == "correct_goodput" else "slo_attainment"
         attained = self.out.metrics.get(f"{target}[{key}]", {})
@@ -332,6 +334,9 @@ class _Run:
             if figures.tpot_ms is not None:
                 put("tpot_ms", figures.tpot_ms, "ms")
             put("output_tokens", float(counted.n_out), counted.source)
+            prompt = (record.usage or {}).get("prompt_tokens") or record.prompt_tokens
+            if isinstance(prompt, int):
+                put("prompt_tokens", float(prompt), "usage" if record.usage else "client")
             if figures.ttft_answer_ms is not None and counted.reasoning_tokens:
                 put("ttft_answer_ms", figures.ttft_answer_ms, "ms")
                 put("reasoning_tokens", float(counted.reasoning_tokens), counted.reasoning_source or "")
