@@ -24,7 +24,9 @@ def significant(a_mean: float, a_ci: float | None, b_mean: float, b_ci: float | 
     return a_mean + a_ci < b_mean - b_ci or b_mean + b_ci < a_mean - a_ci
 
 
-def compare(sweeps: list[list[dict[str, Any]]], names: list[str], out: Path) -> str:
+def compare_frame(sweeps: list[list[dict[str, Any]]], names: list[str]) -> pd.DataFrame:
+    """Every metric of every point matched between the first sweep and each other one: both values, the change in
+    percent and whether it is significant (empty when no point matches)."""
     base = tidy(sweeps[0])
     base = base[base["status"] == "ok"]
     frames = []
@@ -36,11 +38,18 @@ def compare(sweeps: list[list[dict[str, Any]]], names: list[str], out: Path) -> 
         frames.append(merged)
     merged = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     if merged.empty:
+        return merged
+    merged["delta_pct"] = 100 * (merged["mean_b"] - merged["mean_a"]) / merged["mean_a"].where(merged["mean_a"] != 0)
+    merged["significant"] = [significant(r.mean_a, r.ci95_a, r.mean_b, r.ci95_b) for r in merged.itertuples()]
+    return merged
+
+
+def compare(sweeps: list[list[dict[str, Any]]], names: list[str], out: Path) -> str:
+    merged = compare_frame(sweeps, names)
+    if merged.empty:
         text = "No matching points (same model, quant, attention, engine, workflow, bench, metric and case).\n"
         write_text_atomic(out / "compare.md", text)
         return text
-    merged["delta_pct"] = 100 * (merged["mean_b"] - merged["mean_a"]) / merged["mean_a"].where(merged["mean_a"] != 0)
-    merged["significant"] = [significant(r.mean_a, r.ci95_a, r.mean_b, r.ci95_b) for r in merged.itertuples()]
     columns = [*KEYS, "unit_a", "mean_a", "ci95_a", "mean_b", "ci95_b", "delta_pct", "significant", "against"]
     write_text_atomic(out / "compare.csv", merged[columns].to_csv(index=False))
     lines = [

@@ -121,16 +121,25 @@ def _run_folders(root: Path) -> list[Path]:
     return sorted(sweeps | singles)
 
 
+def _newest_result(folder: Path) -> float:
+    times = [p.stat().st_mtime for p in folder.rglob("result.json")]
+    return max(times, default=0.0)
+
+
 def list_runs(root: Path) -> list[dict[str, Any]]:
     """Every run under `root`, oldest first: the index, with the sweeps it lacks added from the folders and the
     ones whose folder is gone dropped (the index is rewritten when that changed anything)."""
     indexed = {r["folder"]: r for r in _read_index(root)}
-    present = {}
+    index_time = (root / INDEX).stat().st_mtime if (root / INDEX).is_file() else 0.0
+    present, stale = {}, False
     for folder in _run_folders(root):
         key = str(folder.resolve().relative_to(root.resolve()))
-        present[key] = indexed.get(key) or describe_run(folder, root)
+        line = indexed.get(key)
+        if line is None or _newest_result(folder) > index_time:  # new, or a point finished since (a running sweep)
+            line, stale = describe_run(folder, root), True
+        present[key] = line
     runs = [r for r in present.values() if r is not None]
-    if set(indexed) != {r["folder"] for r in runs}:
+    if stale or set(indexed) != {r["folder"] for r in runs}:
         with contextlib.suppress(OSError):  # a read-only outputs folder is listed all the same
             _write_index(root, runs)
     return sorted(runs, key=lambda r: (r.get("started_utc", ""), r["folder"]))

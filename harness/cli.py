@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from harness.config import EngineConfig, ModelConfig, group_options
@@ -150,6 +152,31 @@ def serve_settings(args: argparse.Namespace):
     )
 
 
+def cmd_dashboard(argv: list[str]) -> int:
+    """`harness dashboard [FOLDER] [--host H] [--port P]`: the dashboard alone over an outputs folder."""
+    import uvicorn
+
+    from harness.processes import TOKEN_ENV
+    from harness.server.dashboard import create_dashboard_app
+
+    parser = argparse.ArgumentParser(prog="harness dashboard", description="The live dashboard of an outputs folder.")
+    parser.add_argument("folder", nargs="?", type=Path, default=Path("outputs"), help="default: outputs")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    parser.add_argument("--port", type=int, default=8050)
+    args = parser.parse_args(argv)
+    if not args.folder.is_dir():
+        print(f"harness dashboard: {args.folder} is not a folder; give the outputs folder sweeps write to.",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    token = os.environ.get(TOKEN_ENV) or None
+    if not token and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: serving {args.folder} on {args.host} with no token (set {TOKEN_ENV} to require one).",
+              file=sys.stderr)  # fmt: skip
+    print(f"dashboard of {args.folder} on http://{args.host}:{args.port}/dashboard/", file=sys.stderr)
+    uvicorn.run(create_dashboard_app(args.folder, token), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the OpenAI-compatible server until Ctrl-C."""
     import uvicorn
@@ -191,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("runs", help="the sweeps under an outputs folder; --metric M: one figure across them, plotted")
     sub.add_parser("track", help="log a sweep's points to MLflow (those not logged yet): the retry after a failure")
     sub.add_parser("trace", help="send a sweep's points' traces to an OTLP receiver (--otlp-endpoint)")
+    sub.add_parser("dashboard", help="the live dashboard of an outputs folder, read-only, no model loaded")
     serve = sub.add_parser("serve", help="an OpenAI-compatible server with model management and benchmark jobs")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     serve.add_argument("--port", type=int, default=8000)
@@ -267,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         from harness.tracking import main as track_main
 
         return track_main(argv[1:])
+    if argv and argv[0] == "dashboard":
+        return cmd_dashboard(argv[1:])
     if argv and argv[0] == "trace":
         from harness.tracing import main as trace_main
 

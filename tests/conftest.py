@@ -36,6 +36,9 @@ needs_smollm2 = pytest.mark.skipif(
 )
 
 
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
 def _module(name: str) -> bool:
     try:
         return importlib.util.find_spec(name) is not None

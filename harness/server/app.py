@@ -27,6 +27,7 @@ from harness.engines.base import GenerationParams
 from harness.errors import ConfigError, HarnessError, InferenceError
 from harness.models.manager import ModelManager, ModelSpec
 from harness.prompts import Prompt, TokenPrompt
+from harness.server import dashboard
 from harness.server.jobs import FINISHED, JobLimits, JobRunner
 from harness.server.metrics import CONTENT_TYPE, ServerMetrics
 from harness.server.registry import ModelRegistry, UnknownModel
@@ -57,8 +58,9 @@ def _harness_error(exc: BaseException) -> APIError:
     return APIError(500, f"internal error: {type(exc).__name__}: {exc}", kind="server_error")
 
 
-class _Gate:
-    """Pure ASGI: body size limit (413), bearer token (401), and a count of every answer by route and code."""
+class Gate:
+    """Pure ASGI: body size limit (413), bearer token (401; the dashboard's paths also take its cookie, and its page
+    answers 401 with a form that asks for the token), and a count of every answer by route and code."""
 
     def __init__(self, app: Any, settings: ServerSettings, metrics: ServerMetrics) -> None:
         self.app, self.settings, self.metrics = app, settings, metrics
@@ -90,11 +92,24 @@ class _Gate:
     async def _handle(self, scope: Any, receive: Any, send: Any) -> None:
         headers = dict(scope.get("headers") or [])
         token = self.settings.token
-        if token and scope["path"] not in OPEN_PATHS:
+        path = scope["path"]
+        if token and path not in OPEN_PATHS and path != dashboard.PREFIX + "/login":
             given = headers.get(b"authorization", b"").decode("latin-1")
             scheme, _, value = given.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+            bearer = scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode())
+            on_dashboard = path == dashboard.PREFIX or path.startswith(dashboard.PREFIX + "/")
+            cookie = headers.get(b"cookie", b"").decode("latin-1")
+            if not bearer and not (on_dashboard and cookie and dashboard.cookie_ok(cookie, token)):
                 why = "no bearer token was sent" if not given else "the bearer token is wrong"
+                if path in (dashboard.PREFIX, dashboard.PREFIX + "/"):  # a browser: the form that asks for it
+                    page = dashboard.login_page("This server needs its token.")
+                    start = [
+                        (b"content-type", b"text/html; charset=utf-8"),
+                        (b"content-length", str(len(page)).encode()),
+                    ]
+                    await send({"type": "http.response.start", "status": 401, "headers": start})
+                    await send({"type": "http.response.body", "body": page})
+                    return
                 await self._reply(
                     send,
                     401,
@@ -275,7 +290,7 @@ def create_app(settings: ServerSettings | None = None, manager: ModelManager | N
         lifespan=lifespan,
     )
     app.state.server = server
-    app.add_middleware(_Gate, settings=settings, metrics=server.metrics)
+    app.add_middleware(Gate, settings=settings, metrics=server.metrics)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -367,6 +382,16 @@ def create_app(settings: ServerSettings | None = None, manager: ModelManager | N
         job = await asyncio.to_thread(server.jobs.cancel, job_id)
         assert job is not None
         return job.describe(with_result=False)
+
+    # -- the dashboard: the outputs folder's sweeps and this server's jobs -------------------------------------
+    from pathlib import Path
+
+    root = Path(settings.dashboard_dir or Path(settings.jobs_dir).parent)
+    app.include_router(dashboard.router(root, lambda: [j.describe(with_result=False) for j in server.jobs.all()]))
+
+    @app.post(dashboard.PREFIX + "/login", include_in_schema=False)
+    async def dashboard_login(request: Request) -> Response:
+        return await dashboard.login(request, settings.token)
 
     # -- operations ----------------------------------------------------------------------------------------
     @app.get("/health")

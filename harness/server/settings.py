@@ -79,6 +79,7 @@ class ServerSettings:
     allow_downloads: bool = False
     cache_dir: str = "~/.cache/harness"
     jobs_dir: str = "outputs/api-jobs"
+    dashboard_dir: str | None = None  # the outputs folder /dashboard shows; None: the jobs folder's parent
     max_parallel_jobs: int = 1  # benchmark jobs run one at a time by default: parallel timings disturb each other
     job_max_seconds: float = 3600.0  # a job's wall time; past it its process group is killed
     job_max_runs: int = 200  # bench.max_runs, warm-up runs and requests per concurrency level of a job
