@@ -77,3 +77,31 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
     elif device == "mps":
         torch.mps.synchronize()
+
+
+def gpu_count() -> tuple[int, str]:
+    """The NVIDIA GPUs this machine has, and how they were counted: this torch's CUDA view, else nvidia-smi (a
+    server in an environment of its own may see GPUs a CPU build of torch here does not)."""
+    if torch.cuda.is_available():
+        return torch.cuda.device_count(), "torch.cuda.device_count()"
+    import shutil
+    import subprocess
+
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return 0, "no CUDA device in torch and no nvidia-smi"
+    try:
+        listed = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0, "nvidia-smi -L did not answer"
+    return sum(1 for line in listed.splitlines() if line.startswith("GPU ")), "nvidia-smi -L"
+
+
+def check_parallel_devices(needed: int, what: str, fix: str) -> None:
+    """ConfigError before a point runs when it needs more GPUs than the machine has."""
+    have, counted = gpu_count()
+    if have < needed:
+        raise ConfigError(
+            f"{what} needs {needed} GPUs, and this machine has {have} ({counted}).",
+            fix,
+        )

@@ -73,6 +73,10 @@ def snapshot() -> dict[str, Any]:
         nvml = nvml_process_bytes()
         if nvml is not None:
             snap["nvml_process_bytes"] = nvml
+        if torch.cuda.device_count() > 1:  # a model spread over GPUs (model.device_map): each device's own peak
+            snap["cuda_max_allocated_bytes_per_device"] = {
+                f"cuda:{i}": torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())
+            }
     return snap
 
 

@@ -14,7 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from harness.config import GROUPS, HTTP_ENGINES, HarnessConfig
+from harness.config import GROUPS, HTTP_ENGINES, PARALLEL_LAUNCHES, HarnessConfig
 from harness.errors import (
     ConfigError,
     HarnessError,
@@ -32,6 +32,30 @@ from runners.records import interrupted_result
 
 if TYPE_CHECKING:
     from harness.workflows import Workflow
+
+
+def _check_devices(cfg: HarnessConfig) -> None:
+    """A point that splits its model over GPUs is refused here, before anything loads, on a machine with fewer."""
+    from harness.device import check_parallel_devices
+
+    engine = cfg.engine
+    world = engine.tensor_parallel * engine.pipeline_parallel
+    if world > 1 and cfg.server_launch() in PARALLEL_LAUNCHES:
+        check_parallel_devices(
+            world,
+            f"engine.tensor_parallel={engine.tensor_parallel} x engine.pipeline_parallel={engine.pipeline_parallel} "
+            f"(a launched {cfg.server_launch()} server)",
+            "run the point where that many GPUs are visible, or lower the parallel sizes (1 x 1 runs on one).",
+        )
+    if cfg.model.device_map is not None:
+        if engine.name != "transformers":
+            raise ConfigError(
+                f"model.device_map={cfg.model.device_map} places a transformers model over GPUs, and "
+                f"engine={engine.name} loads the model its own way.",
+                "drop model.device_map, or use engine=transformers (vLLM: engine.tensor_parallel).",
+            )
+        check_parallel_devices(2, f"model.device_map={cfg.model.device_map} (the layers spread over GPUs)",
+                               "run it where at least 2 GPUs are visible, or drop model.device_map.")  # fmt: skip
 
 
 def check_point(cfg: HarnessConfig) -> None:
@@ -52,6 +76,7 @@ def check_point(cfg: HarnessConfig) -> None:
         from harness.tracing import require_otel
 
         require_otel()
+    _check_devices(cfg)
     if cfg.model.path:
         try:
             source_of_path(cfg.model.path)

@@ -52,6 +52,16 @@ def check_vllm_python(python: str | None) -> None:
         )
 
 
+def check_env_python(what: str, variable: str, python: str | None) -> None:
+    """A server that lives in a Python environment of its own needs that environment's python."""
+    if not (python or os.environ.get(variable)):
+        raise ConfigError(
+            f"{what} runs in its own Python environment, and neither engine.python nor {variable} names that "
+            "environment's python.",
+            f"set engine.python=<venv>/bin/python or export {variable} (docs/scaling.md has the install steps).",
+        )
+
+
 def check_key_env(field_name: str, name: str | None) -> None:
     """The variable must exist: a key that is missing would turn every request into a 401."""
     if name is None:

