@@ -145,11 +145,12 @@ def _precheck(args: list[str]) -> int | None:
     """Exit status 2 when the command line holds a mistake, None when it may run."""
     if any(a in _NO_PRECHECK for a in args):
         return None
-    from runners.sweep import check_output_folder, precheck
+    from runners.sweep import check_launcher, check_output_folder, precheck
 
     try:
         _swept_keys.update(precheck(args, multirun=any(a in ("-m", "--multirun") for a in args), counted=_total))
         check_output_folder(args)
+        check_launcher(args)
     except ConfigError as exc:
         print(format_error(exc), file=sys.stderr)
         return 2

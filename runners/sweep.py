@@ -80,6 +80,37 @@ def output_folder(args: list[str]) -> Path:
     return Path("outputs") / ("multirun" if multirun else "runs")
 
 
+def check_launcher(args: list[str]) -> None:
+    """hydra/launcher=ray: the extra is installed, and a cluster address given answers (ray.init would wait for
+    minutes on one that does not)."""
+    if not any(a == "hydra/launcher=ray" for a in args):
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None or importlib.util.find_spec("hydra_plugins.hydra_ray_launcher") is None:
+        raise ConfigError(
+            "hydra/launcher=ray runs the points as Ray tasks, and Ray or hydra-ray-launcher is not installed here.",
+            "pip install -e '.[ray]'.",
+        )
+    given = [a.split("=", 1)[1] for a in args if a.lstrip("+").startswith("hydra.launcher.ray.init.address=")]
+    address = given[-1] if given else None
+    if not address or address in ("null", "auto", "local"):
+        return
+    import socket
+    import urllib.parse
+
+    parsed = urllib.parse.urlparse(address if "://" in address else f"ray://{address}")
+    try:
+        with socket.create_connection((parsed.hostname or "", parsed.port or 10001), timeout=3):
+            return
+    except OSError as exc:
+        raise ConfigError(
+            f"hydra.launcher.ray.init.address={address}: nothing answers there ({exc}).",
+            "start the cluster's head (ray start --head) or give its address (ray://head:10001, or host:6379 from "
+            "a node of the cluster); leave the address out to start a local Ray instance.",
+        ) from None
+
+
 def check_output_folder(args: list[str]) -> None:
     """ConfigError before any point runs when the run's output folder cannot be written."""
     from harness.result import check_writable

@@ -57,6 +57,7 @@ OPTIONAL_PARTS = {
     "chromium": lambda: any(shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome")),
     "mlflow": lambda: _module("mlflow"),
     "otel": lambda: _module("opentelemetry.sdk") and _module("opentelemetry.exporter.otlp.proto.http"),
+    "ray": lambda: _module("ray") and _module("hydra_plugins.hydra_ray_launcher"),
 }
 
 

@@ -32,7 +32,7 @@ def test_every_option_composes_and_validates(compose, group, option):
     if group == "quant":  # a quantization composes with an engine that runs it
         method = OmegaConf.load(conf_dir() / "quant" / f"{option}.yaml").method
         extra = [f"engine={QUANT_ENGINES[method][0]}"] if method != "none" else []
-    if (group, option) == ("engine", "vllm"):  # vLLM lives in its own environment, named by engine.python
+    if (group, option) in (("engine", "vllm"), ("engine", "deepspeed")):  # servers in environments of their own
         extra = [f"engine.python={sys.executable}"]
     cfg = compose(f"{group}={option}", *extra)
     assert isinstance(cfg, HarnessConfig)

@@ -113,6 +113,7 @@ def sweep_view(root: Path, relative: str) -> dict[str, Any]:
         except (OSError, ValueError):
             continue
         if isinstance(data, dict) and isinstance(data.get("point"), dict):
+            data["path"] = str(path)  # where two points share a label, their folders tell them apart
             results.append(data)
             folders.append(path.parent)
     labels = point_labels(results) if results else []
