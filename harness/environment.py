@@ -124,5 +124,6 @@ def capture_environment() -> dict[str, Any]:
         "packages": _versions(),
         "env": {k: os.environ[k] for k in ENV_ALLOWED if k in os.environ},
         "git_commit": git_commit(),
+        "niceness": os.getpriority(os.PRIO_PROCESS, 0),  # a niced point (a Ray worker's 15) is slow under load
         "started_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }

@@ -77,6 +77,15 @@ def check_point(cfg: HarnessConfig) -> None:
 
         require_otel()
     _check_devices(cfg)
+    if cfg.bench.client_hosts > 1:
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            raise ConfigError(
+                f"bench.client_hosts={cfg.bench.client_hosts} sends the load from Ray actors, and Ray is not "
+                "installed here.",
+                "pip install -e '.[ray]', or bench.client_hosts=1.",
+            )
     if cfg.model.path:
         try:
             source_of_path(cfg.model.path)

@@ -61,6 +61,8 @@ class PointsOnRay(RayLauncher):
         init = self.ray_cfg.init
         with open_dict(init):
             init.setdefault("object_store_memory", 78_643_200)  # a small store: points pass no large objects
+            if not init.get("address"):  # a local instance: its workers (and the points they start) not niced
+                init.setdefault("_system_config", {"worker_niceness": 0})
         start_ray(init)
         explicit = OmegaConf.to_container(self.ray_cfg.remote, resolve=True) or {}
         assert isinstance(explicit, dict)

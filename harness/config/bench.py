@@ -87,6 +87,10 @@ class BenchConfig:
     search_max_requests: int = 160  # an undecided search level is rerun with twice the requests, up to this many
     saturation_backlog: int | None = 64  # open loop: a level stops when more are in flight (the server fell behind)
     client_workers: int = 1  # client processes sharing the load
+    # Ray actors sharing the load (the `ray` extra), spread over the cluster's nodes, each clock measured against
+    # this process's; ray_address: the cluster (ray://head:10001), null: a local instance for the point
+    client_hosts: int = 1
+    ray_address: str | None = None
     client_cpus: list[int] | None = None  # the load client runs on these CPUs only (Linux); None: every CPU
     calibrate: bool = True  # measure the client's ceiling against a local null server (cached per machine)
     scrape_metrics: bool = True  # the server's Prometheus /metrics before and after each level, deltas kept
@@ -192,6 +196,12 @@ class BenchConfig:
                 "without waiting for an answer.",
                 "add bench.replies=real, or drop bench.think_time_s.",
             )
+        if real and self.client_hosts > 1:
+            raise ConfigError(
+                "real replies (bench.replies=real, bench.workload=chat) build each turn from the previous answer in "
+                f"the client that received it; bench.client_hosts={self.client_hosts} splits a level over Ray actors.",
+                "use bench.client_hosts=1 with real replies.",
+            )
         if real and self.client_workers > 1:
             raise ConfigError(
                 "real replies (bench.replies=real, bench.workload=chat) build each turn from the previous answer in "
@@ -271,6 +281,19 @@ class BenchConfig:
             "null or an integer >= 1",
         )
         check(1 <= self.client_workers <= 64, "bench.client_workers", self.client_workers, "between 1 and 64")
+        check(1 <= self.client_hosts <= 256, "bench.client_hosts", self.client_hosts, "between 1 and 256")
+        if self.client_hosts > 1 and self.client_workers > 1:
+            raise ConfigError(
+                f"bench.client_hosts={self.client_hosts} and bench.client_workers={self.client_workers} both split a "
+                "level's load; the actors are the workers.",
+                "give one of them.",
+            )
+        if self.ray_address is not None and self.client_hosts == 1:
+            raise ConfigError(
+                "bench.ray_address names the Ray cluster the load actors run on, and bench.client_hosts is 1 (no "
+                "actors), so it would be ignored.",
+                "add bench.client_hosts=N, or drop bench.ray_address.",
+            )
         check(self.length_spread >= 0, "bench.length_spread", self.length_spread, ">= 0")
         check(self.prefix_tokens >= 1, "bench.prefix_tokens", self.prefix_tokens, "an integer >= 1")
         check(self.turns >= 1, "bench.turns", self.turns, "an integer >= 1")

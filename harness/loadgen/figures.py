@@ -249,6 +249,7 @@ class Level:
     wall_s: float = 0.0
     stopped_early: str | None = None  # why the level ended before its schedule did (saturation)
     schedule: list[float] = field(default_factory=list)  # open loop: the precomputed offsets, seconds
+    actors: dict[str, Any] | None = None  # bench.client_hosts: each Ray actor's clock offset and lateness
 
 
 # Client self-check thresholds: past any of them the client, not the server, may have limited the figures.
@@ -470,6 +471,11 @@ def client_check(level: Level, chunks: int) -> dict[str, Any]:
         reasons.append(f"send lateness p99 {out['lateness_p99_ms']:.1f} ms > {LATENESS_P99_MS:g} ms")
     if cpu_share > CLIENT_CPU_SHARE:
         reasons.append(f"the client used {cpu_share:.0%} of a core (> {CLIENT_CPU_SHARE:.0%})")
+    if level.actors:
+        out["actors"] = level.actors["actors"]
+        if level.actors["behind"]:
+            reasons.append(f"client actor(s) {level.actors['behind']} fell behind their schedule (their own send "
+                           f"lateness p99 above {LATENESS_P99_MS:g} ms)")  # fmt: skip
     out["client_bound"] = bool(reasons)
     out["reasons"] = reasons
     return out

@@ -283,11 +283,14 @@ def run_level(
     backlog_limit: int | None = None,
     workers: int = 1,
     key: str | None = None,
+    hosts: int = 1,
+    ray_address: str | None = None,
 ) -> Level:
-    """One level, on this process or spread over `workers` client processes that share one start time."""
+    """One level, on this process, spread over `workers` client processes, or over `hosts` Ray actors
+    (harness.loadgen.ray_clients), all sharing one start time."""
     key = key or (f"concurrency={int(value)}" if mode == "closed" else f"rate={value:g}")
     offsets = list(offsets or [])
-    if workers <= 1:
+    if workers <= 1 and hosts <= 1:
         import aiohttp  # noqa: F401 - its first import takes about 0.1 s: before the start time is fixed, not after
 
         with heap_frozen():  # before the start time is fixed: the collection itself takes a while
@@ -302,33 +305,44 @@ def run_level(
     import multiprocessing
 
     # Workers start first (spawned: a fresh interpreter imports only this module), then all wait for one t0.
-    t0 = time.perf_counter() + 2.0 + 0.5 * workers
+    parts = hosts if hosts > 1 else workers
+    t0 = time.perf_counter() + 2.0 + 0.5 * parts
     shares = []
-    for w in range(workers):
-        idx = list(range(w, len(plans), workers))
+    for w in range(parts):
+        idx = list(range(w, len(plans), parts))
         share = [plans[i] for i in idx]
         if mode == "closed":
-            count = int(value) // workers + (1 if w < int(value) % workers else 0)
+            count = int(value) // parts + (1 if w < int(value) % parts else 0)
             if count == 0:
                 continue
             shares.append((idx, LevelPlan(endpoint, share, mode, count, [], duration_s, ramp_up_s, None, None, t0)))
         else:
-            cap = max(1, max_concurrency // workers) if max_concurrency else None
-            backlog = max(1, backlog_limit // workers) if backlog_limit else None
+            cap = max(1, max_concurrency // parts) if max_concurrency else None
+            backlog = max(1, backlog_limit // parts) if backlog_limit else None
             share_offsets = [offsets[i] for i in idx]
             shares.append(
                 (idx, LevelPlan(endpoint, share, mode, value, share_offsets, duration_s, 0.0, cap, backlog, t0))
             )
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(len(shares), mp_context=context) as pool:
-        outcomes = list(pool.map(_run_share, [s for _, s in shares]))
+    actors = None
+    if hosts > 1:  # Ray actors: each measured against this clock; records come back on it, in the level's numbering
+        from harness.loadgen.ray_clients import run_on_actors
+
+        outcomes, actors = run_on_actors(shares, hosts, ray_address)
+        t0 = actors["t0"]
+    else:
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(len(shares), mp_context=context) as pool:
+            outcomes = list(pool.map(_run_share, [s for _, s in shares]))
+        for (idx, _), (recs, *_) in zip(shares, outcomes, strict=True):
+            for r in recs:
+                r.index = idx[r.index]  # back to the level's numbering
     records, lags, cpu, wall, stopped = [], [], 0.0, 0.0, None
-    for (idx, _), (recs, lag, c, w, s) in zip(shares, outcomes, strict=True):
-        for r in recs:
-            r.index = idx[r.index]  # back to the level's numbering
+    for recs, lag, c, w, s in outcomes:
         records += recs
         lags += lag
         cpu += c
         wall = max(wall, w)
         stopped = stopped or s
-    return Level(key, mode, value, sorted(records, key=lambda r: r.index), t0, lags, cpu, wall, stopped, offsets)
+    return Level(
+        key, mode, value, sorted(records, key=lambda r: r.index), t0, lags, cpu, wall, stopped, offsets, actors
+    )

@@ -77,19 +77,24 @@ def _finite(value: Any) -> Any:
 
 def _inside(root: Path, relative: str) -> Path:
     """A path under root, or 404 (`..`, absolute paths and links out of the folder included)."""
-    target = (root / relative).resolve()
-    if not target.is_relative_to(root.resolve()) or not target.exists():
+    try:
+        target = (root / relative).resolve()
+        inside = target.is_relative_to(root.resolve()) and target.exists()
+    except (ValueError, OSError):  # a NUL byte, a name too long: no such file either
+        inside = False
+    if not inside:
         raise HTTPException(404, "no such file in the outputs folder")
     return target
 
 
 def _point(result: dict[str, Any], folder: Path, root: Path) -> dict[str, Any]:
+    given = result.get("metrics")
     metrics = {
-        key: {k: _finite(stat.get(k)) for k in ("mean", "ci95", "unit", "n", "p50", "p99")}
-        for key, stat in (result.get("metrics") or {}).items()
+        str(key): {k: _finite(stat.get(k)) for k in ("mean", "ci95", "unit", "n", "p50", "p99")}
+        for key, stat in (given.items() if isinstance(given, dict) else [])
         if isinstance(stat, dict) and isinstance(stat.get("mean"), int | float)
     }
-    error = result.get("error") or {}
+    error = result.get("error") if isinstance(result.get("error"), dict) else {}
     return {
         "folder": str(folder.relative_to(root)),
         "status": result.get("status"),
@@ -137,9 +142,9 @@ def compare_view(root: Path, a: str, b: str) -> dict[str, Any]:
 
     try:
         sweeps = [load_results(_inside(root, a)), load_results(_inside(root, b))]
-    except (SchemaError, FileNotFoundError) as exc:
-        raise HTTPException(404, str(exc)) from None
-    frame = compare_frame(sweeps, [a, b])
+        frame = compare_frame(sweeps, [a, b])
+    except (SchemaError, FileNotFoundError, KeyError, ValueError, TypeError) as exc:
+        raise HTTPException(404, f"nothing to compare: {exc}") from None
     rows = []
     for r in frame.itertuples() if not frame.empty else []:
         rows.append({

@@ -182,6 +182,8 @@ REFUSED: dict[str, str] = {
     "engine.python": "names an executable",
     "engine.server_args": "a command line for a program this machine starts",
     "engine.cpus": "pins a server to CPUs of the machine, which the operator shares out, not a job",
+    "bench.client_hosts": "starts a Ray instance on this machine or uses a cluster, which the operator chooses",
+    "bench.ray_address": "names an address this machine would connect to",
     "engine.tensor_parallel": "takes several GPUs of the machine, which the operator shares out, not a job",
     "engine.pipeline_parallel": "takes several GPUs of the machine, which the operator shares out, not a job",
     "model.device_map": "spreads a model over every GPU of the machine, which the operator shares out",

@@ -121,8 +121,8 @@ class _Run:
         """A trial's fresh state: the server restarted where the point launched it, and warmed up again."""
         renewed = self.ctx.renew_engine()
         self.endpoint = self.workload.endpoint = self.ctx.engine.endpoint  # type: ignore[attr-defined]
-        if self.bench.warmup_runs:
-            renewed["warmup"] = self.warm_up()
+        if self.bench.warmup_runs and str(renewed.get("server", "")).startswith("restarted"):
+            renewed["warmup"] = self.warm_up()  # a server that kept running is still warm
         return renewed
 
     def warm_up(self) -> dict[str, int]:
@@ -244,6 +244,8 @@ class _Run:
                 b.saturation_backlog if mode == "open" else None,
                 b.client_workers,
                 key=key,
+                hosts=b.client_hosts,
+                ray_address=b.ray_address,
             )
         return plans, [p.case for p in plans], level
 
@@ -431,7 +433,8 @@ def _run_levels(ctx: BenchContext) -> BenchOutput:
         from harness.loadgen.null_server import calibrate
 
         ctx.progress("serve: calibrating the client against a null server")
-        details["client_ceiling"] = run.ceiling = calibrate(ctx.cfg.cache_path, b.client_workers)
+        # Ray actors on one host are calibrated as as many client processes (their ceiling on other hosts is theirs)
+        details["client_ceiling"] = run.ceiling = calibrate(ctx.cfg.cache_path, max(b.client_workers, b.client_hosts))
     if b.warmup_runs:
         ctx.progress("serve: warm-up")
         ctx.mark("phase=warmup:start")

@@ -1,0 +1,93 @@
+"""bench.client_hosts: a level's load from Ray actors (a local Ray instance here), each on its share of one
+absolute schedule from one start time, its clock measured against the driver's and its records brought back onto
+the driver's clock; the figures agree with the single-process client's on the same server and load."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from harness.loadgen.client import Endpoint, probe
+from harness.loadgen.launch import free_port
+from harness.loadgen.load import Planned, arrival_offsets, run_level
+
+pytest.importorskip("ray", reason="the ray extra is not installed (pip install -e '.[ray]')")
+
+
+@pytest.fixture(scope="module")
+def null_server():
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "harness.loadgen.null_server", "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    endpoint = Endpoint(f"http://127.0.0.1:{port}/v1", "null", "completions", request_timeout_s=60)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            probe(endpoint)
+            break
+        except Exception:
+            assert proc.poll() is None and time.monotonic() < deadline, "the null server did not start"
+            time.sleep(0.1)
+    yield endpoint
+    proc.terminate()
+    proc.wait(10)
+
+
+def test_two_ray_actors_send_one_schedule_on_the_drivers_clock_and_agree_with_one_process(null_server):
+    body = {"model": "null", "prompt": "x", "max_tokens": 16, "stream": True}
+    plans = [Planned("/completions", body, 16)] * 60
+    offsets = arrival_offsets(len(plans), 30.0, "poisson", seed=3)
+    one = run_level(null_server, plans, "open", 30.0, offsets)
+    two = run_level(null_server, plans, "open", 30.0, offsets, hosts=2)
+    for level in (one, two):
+        assert [r.index for r in level.records] == list(range(60)) and all(r.ok for r in level.records)
+        # Each request went at its own place in the one schedule, on the driver's clock.
+        assert all(abs(r.t_sched - level.t0 - o) < 1e-6 for r, o in zip(level.records, offsets, strict=True))
+        assert all(r.t_send >= r.t_sched - 1e-3 and r.t_end > r.t_send for r in level.records)
+    actors = two.actors["actors"]
+    assert [a["requests"] for a in actors] == [30, 30] and two.actors["behind"] == []
+    # One host: every actor's perf_counter reads the same monotonic clock, so the offsets are zero within the
+    # uncertainty the measurement gives itself.
+    assert all(abs(a["clock_offset_ms"]) <= a["clock_uncertainty_ms"] + 0.5 for a in actors)
+    late = sorted((r.t_send - r.t_sched) * 1e3 for r in two.records)
+    assert late[int(0.99 * len(late))] < 10.0
+    span = [max(r.t_end for r in lv.records) - lv.t0 for lv in (one, two)]
+    assert span[1] == pytest.approx(span[0], rel=0.15)  # the same schedule served: the same span within noise
+
+
+def test_serve_with_two_ray_client_actors_against_harness_serve_agrees_with_one_client(tmp_path):
+    from harness.config import load_config
+    from runners import run_point
+
+    def point(folder: str, *extra: str):
+        cfg = load_config(["model=tiny-qwen2", "bench=serve", "bench.target=harness", "bench.concurrency=[2]",
+                           "bench.rates=[]", "bench.num_requests=8", "bench.max_new_tokens=8",
+                           "bench.calibrate=false", *extra])  # fmt: skip
+        result = run_point(cfg, tmp_path / folder)
+        assert result.status == "ok", result.error
+        return result
+
+    one, two = point("one"), point("two", "bench.client_hosts=2")
+    client = two.details["levels"]["concurrency=2"]["client"]
+    assert len(client["actors"]) == 2 and sum(a["requests"] for a in client["actors"]) == 8
+    assert two.metrics["ttft_ms[concurrency=2]"]["n"] == one.metrics["ttft_ms[concurrency=2]"]["n"] == 8
+    ratio = two.metrics["tpot_ms[concurrency=2]"]["p50"] / one.metrics["tpot_ms[concurrency=2]"]["p50"]
+    assert 0.5 < ratio < 2.0, ratio  # the same server and load: per-token pace within this VM's noise
+    with open(tmp_path / "two" / "samples.csv") as fh:
+        assert sum(1 for line in fh if ",t_sched_s," in line) == 8
+    assert json.loads((tmp_path / "two" / "result.json").read_text())["config"]["bench"]["client_hosts"] == 2
+
+
+def test_client_hosts_are_refused_with_real_replies_with_client_workers_and_an_unused_address(compose):
+    from harness.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="real replies"):
+        compose("model=tiny-qwen2", "bench=serve", "bench.workload=chat", "bench.client_hosts=2")
+    with pytest.raises(ConfigError, match="the actors are the workers"):
+        compose("model=tiny-qwen2", "bench=serve", "bench.client_hosts=2", "bench.client_workers=2")
+    with pytest.raises(ConfigError, match="bench.ray_address"):
+        compose("model=tiny-qwen2", "bench=serve", "bench.ray_address=ray://head:10001")
