@@ -92,6 +92,13 @@ def check_launcher(args: list[str]) -> None:
             "hydra/launcher=ray runs the points as Ray tasks, and Ray or hydra-ray-launcher is not installed here.",
             "pip install -e '.[ray]'.",
         )
+    unknown = [a for a in args if a.startswith(("hydra.launcher.ray.init.", "hydra.launcher.ray.remote."))
+               and not a.startswith("hydra.launcher.ray.init.address=")]  # fmt: skip
+    if unknown:
+        raise ConfigError(
+            f"{unknown[0]} sets a Ray option the launcher's schema does not list, so Hydra would refuse it.",
+            f"add a + in front: +{unknown[0]}.",
+        )
     given = [a.split("=", 1)[1] for a in args if a.lstrip("+").startswith("hydra.launcher.ray.init.address=")]
     address = given[-1] if given else None
     if not address or address in ("null", "auto", "local"):

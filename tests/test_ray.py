@@ -65,6 +65,12 @@ def test_a_cluster_address_where_nothing_answers_is_refused_at_once(tmp_path):
     assert time.monotonic() - t0 < 60 and "Traceback" not in done.stderr
 
 
+def test_a_ray_option_without_its_plus_is_refused_with_the_fix(tmp_path):
+    done = run_harness(tmp_path, "-m", "hydra/launcher=ray", "model=tiny-qwen2", "hydra.launcher.ray.init.num_cpus=2")
+    assert done.returncode == 2 and "+hydra.launcher.ray.init.num_cpus=2" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_each_point_asks_for_the_gpus_and_cpus_it_needs(compose, monkeypatch):
     monkeypatch.setenv("HARNESS_VLLM_PYTHON", sys.executable)
 

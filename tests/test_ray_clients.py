@@ -91,3 +91,24 @@ def test_client_hosts_are_refused_with_real_replies_with_client_workers_and_an_u
         compose("model=tiny-qwen2", "bench=serve", "bench.client_hosts=2", "bench.client_workers=2")
     with pytest.raises(ConfigError, match="bench.ray_address"):
         compose("model=tiny-qwen2", "bench=serve", "bench.ray_address=ray://head:10001")
+
+
+def test_an_actor_lost_mid_level_fails_the_level_with_the_cause_and_stops_ray(null_server, monkeypatch):
+    import ray
+
+    from harness.errors import InferenceError
+
+    real_get, lists = ray.get, []
+
+    def get(refs, *args, **kwargs):  # the level's outcomes (the second list fetched) never come: an actor died
+        if isinstance(refs, list):
+            lists.append(refs)
+            if len(lists) == 2:
+                raise ray.exceptions.RayActorError()
+        return real_get(refs, *args, **kwargs)
+
+    monkeypatch.setattr(ray, "get", get)
+    body = {"model": "null", "prompt": "x", "max_tokens": 4, "stream": True}
+    with pytest.raises(InferenceError, match="a client actor of this level died"):
+        run_level(null_server, [Planned("/completions", body, 4)] * 4, "closed", 2, hosts=2)
+    assert not ray.is_initialized()  # the local instance started for the level is gone

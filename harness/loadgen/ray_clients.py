@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-from harness.errors import ConfigError
+from harness.errors import ConfigError, InferenceError
 from harness.loadgen.client import RequestRecord
 from harness.loadgen.figures import LATENESS_P99_MS
 
@@ -115,7 +115,14 @@ def run_on_actors(shares: list[tuple[list[int], Any]], hosts: int, address: str 
         t0 = time.perf_counter() + START_AHEAD_S
         pending = [a.run.remote(replace(plan, t0=t0 + c.offset_s)) for a, (_, plan), c in zip(actors, shares, clocks,
                                                                                              strict=True)]  # fmt: skip
-        outcomes = ray.get(pending)
+        try:
+            outcomes = ray.get(pending)
+        except ray.exceptions.RayError as exc:  # an actor (or its node) died mid-level: the level has no figures
+            cause = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            raise InferenceError(
+                f"a client actor of this level died before the level ended ({type(exc).__name__}: {cause}).",
+                "check the Ray cluster's nodes (ray status) and rerun; the points that finished are kept.",
+            ) from None
     finally:
         for actor in actors:
             ray.kill(actor)
