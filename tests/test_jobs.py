@@ -563,7 +563,9 @@ def test_a_job_may_set_this_sessions_measurement_fields_and_not_the_machine_pinn
     assert (cfg.bench.trials, cfg.cost.currency, cfg.energy, cfg.bench.grade) == (2, "EUR", "off", "on")
     assert_only_allowed_changes(cfg, point)
     refused = ("engine.cpus=[0]", "bench.client_cpus=[0]", "cost={per_hour:1}", "tracking=mlflow",
-               "tracking_uri=http://10.0.0.1:5000", "telemetry.otlp_endpoint=http://10.0.0.1:4318")  # fmt: skip
+               "tracking_uri=http://10.0.0.1:5000", "telemetry.otlp_endpoint=http://10.0.0.1:4318",
+               "engine.tensor_parallel=2", "engine.pipeline_parallel=2", "model.device_map=auto",
+               "bench.client_hosts=2", "bench.ray_address=ray://10.0.0.1:10001")  # fmt: skip
     for field in refused:
         with pytest.raises(ConfigError, match="not allowed over HTTP"):
             check_overrides([field])

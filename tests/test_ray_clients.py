@@ -5,36 +5,19 @@ the driver's clock; the figures agree with the single-process client's on the sa
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import time
 
 import pytest
 
-from harness.loadgen.client import Endpoint, probe
-from harness.loadgen.launch import free_port
 from harness.loadgen.load import Planned, arrival_offsets, run_level
+from harness.loadgen.null_server import running_null_server
 
 pytest.importorskip("ray", reason="the ray extra is not installed (pip install -e '.[ray]')")
 
 
 @pytest.fixture(scope="module")
-def null_server():
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "harness.loadgen.null_server", "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-    endpoint = Endpoint(f"http://127.0.0.1:{port}/v1", "null", "completions", request_timeout_s=60)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            probe(endpoint)
-            break
-        except Exception:
-            assert proc.poll() is None and time.monotonic() < deadline, "the null server did not start"
-            time.sleep(0.1)
-    yield endpoint
-    proc.terminate()
-    proc.wait(10)
+def null_server(tmp_path_factory):
+    with running_null_server(tmp_path_factory.mktemp("null") / "null-server.log") as endpoint:
+        yield endpoint
 
 
 def test_two_ray_actors_send_one_schedule_on_the_drivers_clock_and_agree_with_one_process(null_server):

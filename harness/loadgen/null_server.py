@@ -14,6 +14,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,25 +54,14 @@ def make_app() -> Any:
     return app
 
 
-def calibrate(cache_dir: Path, workers: int = 1) -> dict[str, Any]:
-    """The client's ceiling against the null server in another process (cached per machine and worker count)."""
-    import importlib.metadata
-
+@contextlib.contextmanager
+def running_null_server(log: Path) -> Iterator[Any]:
+    """The null server in a process of its own, answering; its Endpoint. Stopped on leaving."""
     from harness.loadgen.client import Endpoint, probe
     from harness.loadgen.launch import free_port, log_tail
-    from harness.loadgen.load import Planned, run_level
 
-    key = f"{platform.node()}|{importlib.metadata.version('aiohttp')}|workers={workers}"
-    store = cache_dir / "client-ceiling.json"
-    try:
-        known = json.loads(store.read_text())
-    except (OSError, ValueError):
-        known = {}
-    if key in known:
-        return {**known[key], "cached": True}
     port = free_port()
-    log = cache_dir / "null-server.log"
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "wb") as out:
         server = subprocess.Popen(
             [sys.executable, "-m", "harness.loadgen.null_server", "--port", str(port)],
@@ -90,12 +80,30 @@ def calibrate(cache_dir: Path, workers: int = 1) -> dict[str, Any]:
                 if server.poll() is not None or time.perf_counter() > deadline:
                     raise RuntimeError(f"the null server did not start: {log_tail(log)}") from None
                 time.sleep(0.1)
-        body = {"model": "null", "prompt": "x", "max_tokens": CALIBRATION_TOKENS, "stream": True}
-        plans = [Planned("/completions", body, CALIBRATION_TOKENS)] * CALIBRATION_REQUESTS
-        level = run_level(endpoint, plans, "closed", CALIBRATION_CONCURRENCY, workers=workers)
+        yield endpoint
     finally:
         server.terminate()
         server.wait(10)
+
+
+def calibrate(cache_dir: Path, workers: int = 1) -> dict[str, Any]:
+    """The client's ceiling against the null server in another process (cached per machine and worker count)."""
+    import importlib.metadata
+
+    from harness.loadgen.load import Planned, run_level
+
+    key = f"{platform.node()}|{importlib.metadata.version('aiohttp')}|workers={workers}"
+    store = cache_dir / "client-ceiling.json"
+    try:
+        known = json.loads(store.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key in known:
+        return {**known[key], "cached": True}
+    with running_null_server(cache_dir / "null-server.log") as endpoint:
+        body = {"model": "null", "prompt": "x", "max_tokens": CALIBRATION_TOKENS, "stream": True}
+        plans = [Planned("/completions", body, CALIBRATION_TOKENS)] * CALIBRATION_REQUESTS
+        level = run_level(endpoint, plans, "closed", CALIBRATION_CONCURRENCY, workers=workers)
     ok = [r for r in level.records if r.ok]
     span = max(r.t_end for r in ok) - level.t0
     chunks = sum(len(r.chunks) for r in ok)
