@@ -5,19 +5,22 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from harness import parallel
 from harness.config import HarnessConfig
 from harness.errors import Interrupted, format_error, is_storage_error, storage_error
 from harness.processes import die_with_parent
 from harness.progress import ENV as PROGRESS_ENV
 from harness.progress import PointReporter, line_sink
-from harness.result import write_result
-from runners.records import FAULT_LOG, POINT_FILE
+from harness.result import write_json_atomic, write_result
+from runners.records import FAULT_LOG, POINT_FILE, rank_file
 
 
 def _stop_on_signals() -> None:
@@ -71,12 +74,20 @@ def main(out_dir: Path) -> int:
     startup_s = time.time() - psutil.Process().create_time()
     # Started by a sweep that shows progress: report it on stdout, which the sweep reads (harness.progress).
     progress = PointReporter(line_sink(sys.stdout)) if os.environ.get(PROGRESS_ENV) == "lines" else None
+    rank = parallel.rank()
+    # A model split over ranks: each runs the whole point; rank 0 writes the point's files, the others theirs apart
+    # (their result as rank-<n>.json, which names the cause when a rank fails first).
+    own_dir = out_dir if rank == 0 else Path(tempfile.mkdtemp(prefix=f"harness-rank{rank}-"))
     try:
-        result = run_point(cfg, out_dir, spec["point"], attempt=spec["attempt"], digest=spec["config_digest"],
-                           progress=progress)  # fmt: skip
+        result = run_point(cfg, own_dir, spec["point"], attempt=spec["attempt"], digest=spec["config_digest"],
+                           progress=progress if rank == 0 else None)  # fmt: skip
         result.timings["startup_s"] = startup_s
         result.timings["process_s"] = time.perf_counter() - t0
-        write_result(out_dir, result)
+        if rank == 0:
+            write_result(out_dir, result)
+        else:
+            write_json_atomic(out_dir / rank_file(rank), result.to_dict())
+        parallel.leave()
     except KeyboardInterrupt as exc:  # run_point has written the Interrupted result
         return 128 + getattr(exc, "signum", signal.SIGINT)
     except OSError as exc:
@@ -85,6 +96,11 @@ def main(out_dir: Path) -> int:
         error = storage_error(exc, "the point's result", str(out_dir), how_to_move="hydra.sweep.dir=<folder>")
         print(format_error(error))
         return 1
+    finally:
+        if own_dir != out_dir:  # another rank's traceback is kept beside its result
+            if (own_dir / "error.log").is_file():
+                shutil.copyfile(own_dir / "error.log", out_dir / rank_file(rank).replace(".json", "-error.log"))
+            shutil.rmtree(own_dir, ignore_errors=True)
     faulthandler.disable()
     fault_log.close()
     (out_dir / FAULT_LOG).unlink(missing_ok=True)

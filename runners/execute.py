@@ -22,14 +22,17 @@ from typing import Any
 from harness import progress
 from harness.config import HarnessConfig
 from harness.errors import is_storage_error, storage_error
+from harness.processes import dies_with_this_process
 from harness.result import Result, write_result
 from runners.records import (
     FAULT_LOG,
+    RANK_FILES,
     attempt_result,
     config_digest,
     crash_result,
     finished_ok,
     interrupted_result,
+    load_result,
     set_aside_unreadable,
     write_point_file,
 )
@@ -81,21 +84,26 @@ def start_point(
     pipe by default, or an open file). `env` replaces this process's environment (a server's job gets a clean
     one); the command line's points keep it whole."""
     write_point_file(cfg, out_dir, point, attempt, digest)
+    ranks = cfg.ranks()
+    # A model split over ranks: torch's distributed launch starts one `-m runners` process per rank (each its own
+    # session, stopped by the launch when it is signalled, or when this process dies).
+    launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"] if ranks > 1 else []
     return subprocess.Popen(
-        [sys.executable, "-m", "runners", str(out_dir)],
+        [sys.executable, *launch, "-m", "runners", str(out_dir)],
         stdout=stdout,
         stderr=subprocess.STDOUT,
         text=True,
         bufsize=1,
         env={**os.environ} if env is None else env,
         start_new_session=True,
+        preexec_fn=dies_with_this_process(signal.SIGTERM) if ranks > 1 else None,
     )
 
 
 def _point_process(cfg: HarnessConfig, out_dir: Path, point: dict[str, str], attempt: str, digest: str) -> Any:
     """isolation=process: forked from the sweep's fork server (torch already imported); isolation=spawn, or a
     server that cannot start: a fresh interpreter."""
-    if cfg.isolation == "process":
+    if cfg.isolation == "process" and cfg.ranks() == 1:
         from runners.forkserver import fork_server
 
         server = fork_server()
@@ -112,6 +120,33 @@ def _clear_previous_attempt(out_dir: Path) -> None:
     """A redone point must not keep the logs of the attempt before it."""
     for name in ("error.log", FAULT_LOG):
         (out_dir / name).unlink(missing_ok=True)
+    for path in out_dir.glob("rank-*"):  # the other ranks' results and logs
+        path.unlink(missing_ok=True)
+
+
+def _blame_rank(out_dir: Path, result: Result, attempt: str) -> Result:
+    """A model split over ranks whose point failed: when another rank failed first, its error is the point's cause
+    (rank 0 then only saw its peer go: a lost connection in a collective call, or the launch's stop)."""
+    own = result.error or {}
+    if result.status == "ok":
+        return result
+    stopped = own.get("type") in ("Interrupted", "PointCrashed")
+    own_file = out_dir / "result.json"
+    own_time = float("inf") if stopped or not own_file.is_file() else own_file.stat().st_mtime_ns
+    others = sorted(out_dir.glob(RANK_FILES), key=lambda p: p.stat().st_mtime_ns)
+    for path in others:
+        other = load_result(path.parent, path.name)
+        error = (other.error or {}) if other is not None and other.attempt == attempt else {}
+        if not error or error.get("type") == "Interrupted" or error.get("message") == own.get("message"):
+            continue
+        if path.stat().st_mtime_ns <= own_time:
+            rank = path.stem.partition("-")[2]
+            then = f" (rank 0 then: {own.get('type')}: {own.get('message')})" if not stopped else ""
+            hint = str(error.get("hint", "")).replace("error.log", path.name.replace(".json", "-error.log"))
+            result.error = {**error, "message": f"rank {rank} failed first: {error.get('message')}{then}",
+                            "hint": hint}  # fmt: skip
+        break
+    return result
 
 
 def execute_point(cfg: HarnessConfig, out_dir: Path, point: dict[str, str]) -> tuple[Result, bool]:
@@ -160,5 +195,8 @@ def _execute(cfg: HarnessConfig, out_dir: Path, point: dict[str, str]) -> tuple[
     result = attempt_result(out_dir, attempt)
     if result is None:
         result = crash_result(cfg, point, out_dir, returncode, list(tail), attempt, digest)
-        write_result(out_dir, result)
+    elif cfg.ranks() == 1:
+        return result, False
+    result = _blame_rank(out_dir, result, attempt)
+    write_result(out_dir, result)
     return result, False

@@ -14,6 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from harness import parallel
 from harness.config import GROUPS, HTTP_ENGINES, PARALLEL_LAUNCHES, HarnessConfig
 from harness.errors import (
     ConfigError,
@@ -47,6 +48,8 @@ def _check_devices(cfg: HarnessConfig) -> None:
             f"(a launched {cfg.server_launch()} server)",
             "run the point where that many GPUs are visible, or lower the parallel sizes (1 x 1 runs on one).",
         )
+    if cfg.ranks() > 1:
+        _check_rank_devices(cfg)
     if cfg.model.device_map is not None:
         if engine.name != "transformers":
             raise ConfigError(
@@ -56,6 +59,21 @@ def _check_devices(cfg: HarnessConfig) -> None:
             )
         check_parallel_devices(2, f"model.device_map={cfg.model.device_map} (the layers spread over GPUs)",
                                "run it where at least 2 GPUs are visible, or drop model.device_map.")  # fmt: skip
+
+
+def _check_rank_devices(cfg: HarnessConfig) -> None:
+    """A transformers model split over ranks takes one GPU per rank where the machine has GPUs (transformers binds
+    the accelerator it finds); without any, the ranks are CPU processes over gloo."""
+    from harness.device import check_parallel_devices, gpu_count
+
+    size, device = cfg.ranks(), cfg.model.device
+    if device.startswith("cuda") or (device == "auto" and gpu_count()[0] > 0):
+        check_parallel_devices(
+            size,
+            f"engine.tensor_parallel={size} (a transformers model split over one GPU per rank)",
+            "run the point where that many GPUs are visible, or lower engine.tensor_parallel (without any GPU, the "
+            "ranks are CPU processes).",
+        )
 
 
 def check_point(cfg: HarnessConfig) -> None:
@@ -207,6 +225,8 @@ def run_point(
         if cfg.workflow.name != "none" and cfg.bench.name != "e2e":
             result.details["note"] = f"workflow={cfg.workflow.name} is run only by bench=e2e; this bench ignored it."
         result.memory = {"load": ctx.load_memory, "run": run_memory.summary()}
+        if cfg.ranks() > 1:  # a model split over ranks: each rank's own process (and device), in rank order
+            result.memory["ranks"] = parallel.gather(dict(result.memory))
         if output.samples:
             write_samples(out_dir / "samples.csv", output.samples)
     except Exception as exc:

@@ -4,7 +4,8 @@ Hydra Ray launcher (hydra-ray-launcher; the `ray` extra).
 conf/hydra/launcher/ray.yaml points Hydra at `PointsOnRay`, the plugin's launcher with one change: the resources
 of each task come from its point, not one request for the whole sweep. A point asks for the GPUs its model is
 split over (engine.tensor_parallel x engine.pipeline_parallel on a launched vLLM or DeepSpeed-MII; 2 for
-model.device_map; 1 for a model placed on CUDA, or with model.device=auto where the cluster has GPUs), the CPUs it
+model.device_map; 1 for a model placed on CUDA, or with model.device=auto where the cluster has GPUs, times
+engine.tensor_parallel for a transformers model split over ranks), the CPUs it
 is pinned to (engine.cpus; else `hydra.launcher.ray.remote.num_cpus`, by default a whole node's: points side by
 side would disturb each other's timings) and, with point_memory_limit_mb, that memory. What
 `hydra.launcher.ray.remote` sets explicitly wins. A point no node can hold fails at once, with the counts.
@@ -40,7 +41,8 @@ def point_resources(point: DictConfig, cluster_gpus: float, default_cpus: float)
     elif model.get("device_map"):
         gpus = 2
     elif str(model.get("device", "auto")).startswith("cuda") or (model.get("device") == "auto" and cluster_gpus):
-        gpus = 1
+        # a transformers model split over ranks takes one GPU per rank
+        gpus = int(engine.get("tensor_parallel", 1)) if engine.name == "transformers" else 1
     else:
         gpus = 0
     cpus = float(len(engine.cpus)) if engine.get("cpus") else default_cpus

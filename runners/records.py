@@ -18,6 +18,16 @@ from harness.result import Result, write_json_atomic
 
 POINT_FILE = "point.json"
 FAULT_LOG = "faulthandler.log"
+
+
+def rank_file(rank: int) -> str:
+    """The result of a rank other than 0 of a model split over ranks, beside the point's result.json."""
+    return f"rank-{rank}.json"
+
+
+RANK_FILES = "rank-*.json"
+
+
 _SIGNAL_HINTS = {
     "SIGKILL": "a kill the process could not catch; on Linux most often the OOM killer (see `dmesg`): give the "
     "point more memory, a smaller model or batch, or a quantized model",
@@ -34,11 +44,11 @@ def config_digest(cfg: HarnessConfig) -> str:
     return spec_digest(data)
 
 
-def load_result(out_dir: Path) -> Result | None:
-    """The result in out_dir; None when there is none, or it is not a result this version reads (any shape of
-    corrupt or foreign JSON)."""
+def load_result(out_dir: Path, name: str = "result.json") -> Result | None:
+    """The result in out_dir (or its file `name`); None when there is none, or it is not a result this version reads
+    (any shape of corrupt or foreign JSON)."""
     try:
-        data = json.loads((out_dir / "result.json").read_text())
+        data = json.loads((out_dir / name).read_text())
     except (OSError, ValueError):
         return None
     try:

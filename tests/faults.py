@@ -38,3 +38,13 @@ def kill_server(ctx):
     from runners.benches import smoke
 
     return smoke.run(ctx)
+
+
+def fail_on_rank_1(ctx):
+    """A model split over ranks: rank 1 fails while rank 0 waits for it in a collective call (as a rank that runs
+    out of memory mid-generation leaves the others)."""
+    from harness import parallel
+
+    if parallel.rank() == 1:
+        raise ValueError("rank 1 gave up on purpose")
+    parallel.gather("rank 0 waits here")

@@ -83,4 +83,6 @@ def test_each_point_asks_for_the_gpus_and_cpus_it_needs(compose, monkeypatch):
     assert needs() == {"num_gpus": 1, "num_cpus": 8.0}  # device auto on a cluster with GPUs
     assert needs(gpus=0)["num_gpus"] == 0 and needs("model.device=cpu")["num_gpus"] == 0
     assert needs("engine=vllm", "engine.cpus=[0,1]")["num_cpus"] == 2.0
+    assert needs("engine.tensor_parallel=2", "bench=latency")["num_gpus"] == 2  # transformers: a GPU per rank
+    assert needs("engine.tensor_parallel=2", "bench=latency", gpus=0)["num_gpus"] == 0  # ranks on CPUs
     assert needs("point_memory_limit_mb=4096")["memory"] == 4096 * 2**20

@@ -38,8 +38,10 @@ class EngineConfig:
     served_model: str | None = None  # the model name the server knows; None = the entry's (with :quant)
     api: str = "chat"  # chat | completions: the endpoint chat messages go to (token-id prompts use completions)
     python: str | None = None  # vllm, deepspeed: that environment's python (or HARNESS_VLLM_PYTHON, HARNESS_MII_PYTHON)
-    # vllm, deepspeed: the model split over GPUs: tensor parallel (each layer's matrices across GPUs) and pipeline
-    # parallel (vllm: the layers in stages); the point needs their product in GPUs and is refused up front without
+    # The model split over devices: tensor parallel (each layer's matrices across ranks) and pipeline parallel (vllm:
+    # the layers in stages). vllm, deepspeed: GPUs of the launched server, refused up front without their product.
+    # transformers: tensor parallel only, as many ranks started by torch's distributed launch (one GPU each, or
+    # CPU processes over gloo where no GPU is visible).
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
     server_args: list[str] = field(default_factory=list)  # extra command-line arguments of a launched server
@@ -90,13 +92,14 @@ class EngineConfig:
                 "parallelism only.",
                 "use engine.tensor_parallel with engine=deepspeed, or engine=vllm for pipeline parallelism.",
             )
-        if (self.tensor_parallel > 1 or self.pipeline_parallel > 1) and self.launch not in PARALLEL_LAUNCHES:
+        if self.name == "transformers":
+            self._check_transformers_parallel()
+        elif (self.tensor_parallel > 1 or self.pipeline_parallel > 1) and self.launch not in PARALLEL_LAUNCHES:
             raise ConfigError(
                 f"engine.tensor_parallel={self.tensor_parallel}, engine.pipeline_parallel={self.pipeline_parallel} "
-                f"split a model over GPUs in a launched vLLM or DeepSpeed-MII server, and engine={self.name} with "
-                f"launch={self.launch} has none to split.",
-                "use engine=vllm or engine=deepspeed; for transformers across GPUs, model.device_map=auto "
-                "(its layers placed over the GPUs in turn).",
+                f"split a model over GPUs in a launched vLLM or DeepSpeed-MII server, or over ranks of "
+                f"engine=transformers, and engine={self.name} with launch={self.launch} has none to split.",
+                "use engine=vllm, engine=deepspeed or engine=transformers.",
             )
         if self.name in HTTP_ENGINES and self.launch == "none" and not self.base_url:
             raise ConfigError(
@@ -108,6 +111,28 @@ class EngineConfig:
             check_vllm_python(self.python)
         if self.launch == "mii":
             check_env_python("DeepSpeed-MII", "HARNESS_MII_PYTHON", self.python)
+
+    def _check_transformers_parallel(self) -> None:
+        """transformers splits a model by tensor parallelism over ranks of torch's distributed launch; the decode
+        paths that keep state of their own (a compiled step, a static cache, continuous batching's manager) were
+        not built for sharded weights and are refused with it."""
+        if self.pipeline_parallel > 1:
+            raise ConfigError(
+                f"engine.pipeline_parallel={self.pipeline_parallel}: engine=transformers splits a model by tensor "
+                "parallelism only (engine.tensor_parallel).",
+                "use engine.tensor_parallel, or engine=vllm for pipeline parallelism (or model.device_map=auto, "
+                "which places the layers over GPUs in turn).",
+            )
+        if self.tensor_parallel == 1:
+            return
+        special = [f"engine.{k}={getattr(self, k)}" for k, plain in (("cache", "dynamic"), ("compile", False),
+                   ("batching", "none")) if getattr(self, k) != plain]  # fmt: skip
+        if special:
+            raise ConfigError(
+                f"engine.tensor_parallel={self.tensor_parallel} with {', '.join(special)}: tensor parallel "
+                "transformers runs the plain generate path (dynamic cache, no compile, one request at a time).",
+                "drop those options, or engine.tensor_parallel=1 (for batched serving over GPUs: engine=vllm).",
+            )
 
     def _check_transformers_options(self) -> None:
         one_of("engine.cache", self.cache, ("dynamic", "static"))

@@ -34,6 +34,9 @@ LAUNCHES = ("none", "harness", "llamacpp_server", "vllm", "mii")  # engine.launc
 SERVE_TARGETS = ("engine", "url", "harness", "llamacpp_server", "vllm", "mii")
 # The launches that split one model over several GPUs (engine.tensor_parallel, engine.pipeline_parallel).
 PARALLEL_LAUNCHES = ("vllm", "mii")
+# The benches a transformers model split over ranks runs: each rank repeats the same fixed work, so their collective
+# calls stay in step (a bench that stops on time, or answers requests as they come, would let ranks part).
+TENSOR_PARALLEL_BENCHES = ("smoke", "latency", "throughput", "memory", "quality")
 WORKLOADS = (
     "synthetic",
     "shared_prefix",

@@ -21,7 +21,7 @@ from harness.config.groups import (
     ValidationConfig,
     WorkflowConfig,
 )
-from harness.config.options import HTTP_ENGINES, QUANT_ENGINES, QUANT_HINT, QUANT_LAUNCHES
+from harness.config.options import HTTP_ENGINES, QUANT_ENGINES, QUANT_HINT, QUANT_LAUNCHES, TENSOR_PARALLEL_BENCHES
 from harness.errors import ConfigError
 
 
@@ -64,6 +64,7 @@ class HarnessConfig:
         if self.point_memory_limit_mb is not None:
             check(self.point_memory_limit_mb >= 64, "point_memory_limit_mb", self.point_memory_limit_mb, ">= 64")
         self._check_engine_fits()
+        self._check_ranks_fit()
 
     def _check_engine_fits(self) -> None:
         """Quantization, attention and dtype choices that only some engines run are refused before any work."""
@@ -137,6 +138,45 @@ class HarnessConfig:
             raise ConfigError(
                 f"quant={self.quant.name} (method {method}) is not run by a launched {launch} server.",
                 f"use a launch that runs it ({', '.join(QUANT_LAUNCHES.get(method, ())) or 'none'}), or quant=none.",
+            )
+
+    def ranks(self) -> int:
+        """The processes the point runs in: engine.tensor_parallel ranks for a transformers model split over them
+        (started by torch's distributed launch), else 1."""
+        in_process = self.engine.name == "transformers" and self.server_launch() is None
+        return self.engine.tensor_parallel if in_process else 1
+
+    def _check_ranks_fit(self) -> None:
+        """A model split over ranks runs where every rank can repeat the same calls in step: the in-process benches
+        with a fixed amount of work, a plain unquantized model, a process of its own."""
+        tp = self.engine.tensor_parallel
+        if self.engine.name != "transformers" or tp == 1:
+            return
+        if self.bench.name not in TENSOR_PARALLEL_BENCHES and ":" not in self.bench.name:  # a user's bench: theirs
+            raise ConfigError(
+                f"engine.tensor_parallel={tp} with bench={self.bench.name}: a transformers model split over ranks is "
+                f"measured by bench={'|'.join(TENSOR_PARALLEL_BENCHES)}, where every rank runs the same requests in "
+                "step.",
+                "use one of those benches; to load a split model with many requests at once, bench=serve with "
+                "bench.target=vllm and engine.tensor_parallel there.",
+            )
+        if self.server_launch() is not None:
+            raise ConfigError(
+                f"engine.tensor_parallel={tp} splits the model in this point's processes, and the point drives a "
+                "server.",
+                "drop the server target, or give the server its own parallel flags.",
+            )
+        why = None
+        if self.quant.method != "none":
+            why = f"quant={self.quant.name}: transformers' tensor-parallel plans shard plain weights"
+        elif self.model.device_map is not None:
+            why = f"model.device_map={self.model.device_map}: a model is either split by layers or by tensors"
+        elif self.isolation == "inline":
+            why = "isolation=inline: the ranks are processes of their own"
+        if why is not None:
+            raise ConfigError(
+                f"engine.tensor_parallel={tp} does not combine with {why}.",
+                "drop one of the two.",
             )
 
     def server_launch(self) -> str | None:

@@ -483,7 +483,7 @@ class TransformersEngine(Engine):
 def load(cfg: HarnessConfig, log_dir: Path | None = None) -> LoadedModel:
     from harness.models import load_model
 
-    return load_model(cfg.model, cfg.quant, cfg.attention, cfg.cache_path, cfg.seed)
+    return load_model(cfg.model, cfg.quant, cfg.attention, cfg.cache_path, cfg.seed, cfg.ranks())
 
 
 def create(loaded: LoadedModel, cfg: HarnessConfig | None, name: str = "transformers") -> TransformersEngine:

@@ -24,6 +24,7 @@ from harness.models.gguf import materialize_gguf
 from harness.models.random_weights import build_random_checkpoint
 from harness.models.sources import Source, context_window_of, hub_cache_dir, resolve_source, split_parts
 from harness.models.split_gguf import join_parts
+from harness.models.tensor_parallel import check_split, from_pretrained_args, placement_of_rank, split_summary
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class LoadedModel:
     events: list[str] = field(default_factory=list)  # what happened on the way (built caches, fallbacks)
     provenance: dict[str, Any] = field(default_factory=dict)
     close: Any = None  # releases an engine's native model (llama.cpp frees its buffers explicitly)
+    parallel: dict[str, Any] | None = None  # a model split over ranks: the plan, each rank's device and weights
 
     def resolved(self) -> dict[str, Any]:
         """The `resolved` block of result.json."""
@@ -77,6 +79,7 @@ class LoadedModel:
             "footprint_bytes": self.footprint_bytes,
             "events": list(self.events),
             "provenance": self.provenance,
+            **({"parallel": self.parallel} if self.parallel else {}),
         }
 
     def release(self) -> None:
@@ -197,18 +200,27 @@ def device_map_summary(model: Any) -> dict[str, Any]:
 
 
 def _from_pretrained(
-    checkpoint: str, cfg: ModelConfig, source: Source, placement: Placement, attention: AttentionChoice, quant_config
+    checkpoint: str,
+    cfg: ModelConfig,
+    source: Source,
+    placement: Placement,
+    attention: AttentionChoice,
+    quant_config,
+    tensor_parallel: int = 1,
 ):
     import torch
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {
         "dtype": placement.torch_dtype,
-        "device_map": cfg.device_map or {"": placement.device},  # device_map: accelerate spreads it over the GPUs
         "trust_remote_code": cfg.trust_remote_code,
         "revision": cfg.revision,
         "local_files_only": source.local_files_only,
     }
+    if tensor_parallel > 1:  # each rank loads its shards where transformers binds it
+        kwargs.update(from_pretrained_args(tensor_parallel))
+    else:  # device_map: accelerate spreads it over the GPUs
+        kwargs["device_map"] = cfg.device_map or {"": placement.device}
     if attention.implementation is not None:
         kwargs["attn_implementation"] = attention.implementation
     if quant_config is not None:
@@ -289,11 +301,15 @@ def _load_once(
     seed: int,
     placement: Placement,
     events: list[str],
+    tensor_parallel: int = 1,
 ) -> LoadedModel:
     t0 = time.perf_counter()
     source = resolve_source(cfg)
     checkpoint, provenance = checkpoint_for(source, cfg, cache_dir, seed, events)
     config = _read_config(checkpoint, cfg, source)
+    if tensor_parallel > 1:
+        check_split(config, tensor_parallel, cfg.name)
+        placement = placement_of_rank(placement)
     attention = choose_attention(attention_cfg, model_class_for(config), placement)
     tokenizer = load_tokenizer(checkpoint, cfg, source)
     effective_chat_format(cfg, tokenizer)  # refuses template without one before the weights load
@@ -315,10 +331,11 @@ def _load_once(
         source = replace(source, local_files_only=True)
         quant_config = quantization.quantization_config(quant, placement, tokenizer, prequantized=True)
         prequantized = True
-    model = _from_pretrained(checkpoint, cfg, source, placement, attention, quant_config)
+    model = _from_pretrained(checkpoint, cfg, source, placement, attention, quant_config, tensor_parallel)
     model.eval()
     if cfg.device_map:
         provenance["device_map"] = device_map_summary(model)
+    split = split_summary(model, tensor_parallel) if tensor_parallel > 1 else None
     try:
         footprint = int(model.get_memory_footprint())
     except Exception:
@@ -345,6 +362,7 @@ def _load_once(
         kv_bytes_per_position=kv_bytes_per_position(model.config, model.dtype.itemsize),
         events=events,
         provenance=provenance,
+        parallel=split,
     )
 
 
@@ -354,8 +372,10 @@ def load_model(
     attention: AttentionConfig | None = None,
     cache_dir: Path | str = "~/.cache/harness",
     seed: int = 0,
+    tensor_parallel: int = 1,
 ) -> LoadedModel:
-    """Load a model as asked; a CUDA out-of-memory retries on CPU when cfg.fallback_to_cpu (recorded)."""
+    """Load a model as asked; a CUDA out-of-memory retries on CPU when cfg.fallback_to_cpu (recorded), unless the
+    model is split over ranks (tensor_parallel > 1: this process holds its rank's shards)."""
     import torch
 
     quant = quant or QuantConfig()
@@ -364,12 +384,12 @@ def load_model(
     placement = resolve_placement(cfg.device, cfg.dtype)
     events: list[str] = []
     try:
-        return _load_once(cfg, quant, attention, cache, seed, placement, events)
+        return _load_once(cfg, quant, attention, cache, seed, placement, events, tensor_parallel)
     except torch.OutOfMemoryError as exc:
         gc.collect()
         if placement.device.startswith("cuda"):
             torch.cuda.empty_cache()
-        if placement.device.startswith("cuda") and cfg.fallback_to_cpu:
+        if placement.device.startswith("cuda") and cfg.fallback_to_cpu and tensor_parallel == 1:
             dtype, why = resolve_dtype(cfg.dtype, "cpu")
             cpu = Placement("cpu", dtype, f"{why} (after CUDA out-of-memory)")
             events.append(

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from harness import parallel
 from harness.config import BenchConfig, HarnessConfig
 from harness.engines import Engine, GenerationParams
 from harness.progress import PointReporter
@@ -152,7 +153,8 @@ def repeat_until_stable(
             now = f"±{rel:.1%}" if rel is not None else "±?"
             progress(f"{what}{len(values)} runs (at most {rule.max_runs}), CI {now} of the mean, target "
                      f"±{rule.target_rel_ci:.0%}")  # fmt: skip
-        reason = rule.reason_to_stop(values, time.perf_counter() - t0)
+        # A model split over ranks: rank 0's clock decides for all, so every rank runs the same number of requests.
+        reason = parallel.rank0_decides(rule.reason_to_stop(values, time.perf_counter() - t0))
         if reason:
             rel = rule.relative_ci(values)
             return values, {
