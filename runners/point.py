@@ -8,6 +8,7 @@ traceback; it never escapes as an exception, so a sweep goes on to its next poin
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 import traceback
 from dataclasses import asdict
@@ -38,16 +39,25 @@ if TYPE_CHECKING:
 def _check_devices(cfg: HarnessConfig) -> None:
     """A point that splits its model over GPUs is refused here, before anything loads, on a machine with fewer."""
     from harness.device import check_parallel_devices
+    from harness.loadgen.launch import PYTHON_ENV, is_vllm_cpu_build
+    from harness.processes import usable_cpus
 
     engine = cfg.engine
     world = engine.tensor_parallel * engine.pipeline_parallel
-    if world > 1 and cfg.server_launch() in PARALLEL_LAUNCHES:
-        check_parallel_devices(
-            world,
-            f"engine.tensor_parallel={engine.tensor_parallel} x engine.pipeline_parallel={engine.pipeline_parallel} "
-            f"(a launched {cfg.server_launch()} server)",
-            "run the point where that many GPUs are visible, or lower the parallel sizes (1 x 1 runs on one).",
-        )
+    what = f"engine.tensor_parallel={engine.tensor_parallel} x engine.pipeline_parallel={engine.pipeline_parallel}"
+    launch = cfg.server_launch()
+    if world > 1 and launch == "vllm" and is_vllm_cpu_build(engine.python or os.environ.get(PYTHON_ENV["vllm"])):
+        cpus = usable_cpus(engine.cpus, "engine.cpus") or os.sched_getaffinity(0)
+        if world > len(cpus):
+            raise ConfigError(
+                f"{what} on vLLM's CPU build runs a worker per rank on CPUs of its own, and {len(cpus)} CPU(s) "
+                "are there to share out.",
+                "lower the parallel sizes, or give the server more CPUs (engine.cpus).",
+            )
+    elif world > 1 and launch in PARALLEL_LAUNCHES:
+        check_parallel_devices(world, f"{what} (a launched {launch} server)",
+                               "run the point where that many GPUs are visible, or lower the parallel sizes "
+                               "(1 x 1 runs on one).")  # fmt: skip
     if cfg.ranks() > 1:
         _check_rank_devices(cfg)
     if cfg.model.device_map is not None:

