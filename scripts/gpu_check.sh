@@ -3,7 +3,8 @@
 #   base       dtype auto, bitsandbytes 8/4-bit on CUDA, eager/sdpa/flash2 attention, random-weight
 #              Qwen2.5-0.5B, CUDA memory figures, torch.compile with a static cache, continuous batching, vLLM
 #              (where HARNESS_VLLM_PYTHON names its environment), NVML energy (joules per token over an idle
-#              baseline, telemetry), and the gpu-marked tests;
+#              baseline, telemetry), a model split over GPUs (transformers tensor parallel, device_map; with one
+#              GPU, their refusal), and the gpu-marked tests;
 #   workflows  bench=quality (token NLL in bf16 and under bitsandbytes), bench=e2e, and the server, workflow and
 #              e2e tests on CUDA (server: fastapi, uvicorn, openai; workflows: rank-bm25, markdown-it-py).
 # Needs torch with CUDA, transformers, accelerate, hydra-core, bitsandbytes, psutil (pytest for the tests).
@@ -50,6 +51,17 @@ if [[ " $sections " == *" base "* ]]; then
     run vllm model=qwen model.random_weights=true engine=vllm bench=latency bench.min_seconds=1 bench.max_runs=15
   else
     echo "== vllm: skipped: HARNESS_VLLM_PYTHON names no vLLM environment (pip install vllm in a venv of its own)"
+  fi
+  # A model split over GPUs: transformers tensor parallel (a rank per GPU over NCCL) and device_map need 2 or more.
+  gpus=$(python -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+  if [ "$gpus" -ge 2 ]; then
+    run split model=tiny-llama bench=quality,latency engine.tensor_parallel=1,2 bench.min_seconds=1 bench.max_runs=15
+    run device_map model=qwen model.random_weights=true model.device_map=auto bench=latency bench.min_seconds=1 \
+        bench.max_runs=15
+  else
+    echo "== split: $gpus GPU(s), and a split needs 2: the refusal, with the count"
+    python -m harness model=tiny-llama bench=latency engine.tensor_parallel=2 2>&1 | grep -E "needs 2 GPUs" \
+      || status=1
   fi
   # NVML's energy counter (nvidia-ml-py: carry its wheel if the image lacks it): energy=on refuses to run without it.
   run energy model=qwen model.random_weights=true bench=latency energy=on energy_idle_s=3 bench.min_seconds=2 \

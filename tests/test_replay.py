@@ -270,10 +270,11 @@ def test_a_schedule_is_kept_by_the_client_when_the_server_is_instant():
 
 
 def check_schedule_is_kept():
-    """Sends at the trace's times, straight through run_level, to an instant server in a process of its own: its
-    first 12 requests (1.4 s, pairs 25 us apart): nine in ten within 2 ms; and its first 30 at 2x speed across a
-    14 s lull: half within 1 ms. None past the self-check's 10 ms. (The outliers, 2.6-7.8 ms here, are the sends
-    right after the level's first connection is opened and after the lull; the note of 2026-11-30 has them.)"""
+    """Sends at the trace's times, straight through run_level, to an instant server in a process of its own: the
+    trace's first 12 requests (1.4 s, pairs 25 us apart) and its first 30 at 2x speed across a 14 s lull, every send
+    within 2 ms of its time. The client keeps that on an idle machine (0.3-1.6 ms at worst over runs of this
+    check); a machine busy with other work can take the CPU from it for milliseconds, which no client can undo, so
+    the pair of levels is measured up to three times and must keep the schedule whole once."""
     import os
     import signal
     import subprocess
@@ -284,22 +285,22 @@ def check_schedule_is_kept():
     runs = {"start": [r.t for r in trace.window(0.0, None, 12)], "lull": [r.t / 2 for r in trace.window(0.0, None, 30)]}
     server = subprocess.Popen([sys.executable, str(Path(__file__).parent / "instant_server.py")],
                               stdout=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
-    late: dict[str, list[float]] = {}
+    attempts: list[dict[str, float]] = []
     try:
         port = int(server.stdout.readline())  # type: ignore[union-attr]
         endpoint = Endpoint(f"http://127.0.0.1:{port}/v1", "m", api="completions")
-        for name, offsets in runs.items():
-            plan = Planned("/completions", {"model": "m", "prompt": [1, 2], "stream": True, "max_tokens": 1}, 1)
-            level = run_level(endpoint, [plan] * len(offsets), "open", 1.0, offsets, key=name)
-            assert all(r.ok for r in level.records) and len(level.records) == len(offsets)
-            late[name] = sorted((r.t_send - r.t_sched) * 1e3 for r in level.records)
+        plan = Planned("/completions", {"model": "m", "prompt": [1, 2], "stream": True, "max_tokens": 1}, 1)
+        while len(attempts) < 3 and not (attempts and max(attempts[-1].values()) < 2.0):
+            worst: dict[str, float] = {}
+            for name, offsets in runs.items():
+                level = run_level(endpoint, [plan] * len(offsets), "open", 1.0, offsets, key=name)
+                assert all(r.ok for r in level.records) and len(level.records) == len(offsets)
+                worst[name] = max((r.t_send - r.t_sched) * 1e3 for r in level.records)
+            attempts.append(worst)
     finally:
         os.killpg(server.pid, signal.SIGKILL)
         server.wait(10)
-    start, lull = late["start"], late["lull"]
-    assert start[int(0.9 * (len(start) - 1))] < 2.0 and start[-1] < 10.0, start[-3:]
-    # Across the lull: half the sends within 1 ms, none past the self-check's 10 ms (the outliers: the note).
-    assert lull[len(lull) // 2] < 1.0 and lull[-1] < 10.0, lull[-4:]
+    assert max(attempts[-1].values()) < 2.0, f"the latest send (ms) in each attempt: {attempts}"
 
 
 def test_server_counters_become_named_figures_and_missing_ones_stay_absent():
