@@ -183,3 +183,26 @@ def test_a_model_split_over_two_workers_of_vllms_cpu_build(tmp_path):
     assert "--tensor-parallel-size 2" in " ".join(result["resolved"]["quantization"]["server"]["command"])
     log = (tmp_path / "outputs/vllm-split/server.log").read_text()
     assert "local_rank=1, core ids=" in log
+
+
+def test_a_rank_asks_transformers_for_the_architectures_own_plan_on_the_device_it_binds():
+    from harness.device import Placement
+    from harness.models.tensor_parallel import from_pretrained_args, placement_of_rank
+
+    args = from_pretrained_args(2)  # newer transformers take a DistributedConfig, older ones tp_plan/tp_size
+    if "distributed_config" in args:
+        assert args["distributed_config"].tp_size == 2 and args["distributed_config"].tp_plan is None
+    else:
+        assert args == {"tp_plan": "auto", "tp_size": 2}
+    cpu = Placement("cpu", "float32", "auto: float32 on CPU")
+    assert placement_of_rank(cpu) == cpu  # no GPU here: the rank is a CPU process
+    with pytest.raises(ConfigError, match="over CPU processes only"):
+        placement_of_rank(Placement("mps", "float16", "asked for"))
+
+
+def test_one_process_is_its_own_rank_0():
+    from harness import parallel
+
+    assert (parallel.rank(), parallel.world_size(), parallel.backend()) == (0, 1, None)
+    assert parallel.rank0_decides("stop") == "stop" and parallel.gather(3) == [3]
+    parallel.leave()  # nothing to close
