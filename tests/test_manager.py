@@ -139,11 +139,11 @@ def test_cuda_oom_during_load_retries_on_cpu_when_asked(monkeypatch, tmp_path):
     attempts = []
     real = loader._load_once
 
-    def fake_once(cfg, quant, attention, cache, seed, placement, events):
+    def fake_once(cfg, quant, attention, cache, seed, placement, events, tensor_parallel=1):
         attempts.append(placement.device)
         if placement.device == "cuda":
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        return real(cfg, quant, attention, cache, seed, placement, events)
+        return real(cfg, quant, attention, cache, seed, placement, events, tensor_parallel)
 
     monkeypatch.setattr(loader, "_load_once", fake_once)
     monkeypatch.setattr(loader, "resolve_placement", lambda d, t: Placement("cuda", "bfloat16", "test"))
