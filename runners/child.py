@@ -20,7 +20,7 @@ from harness.processes import die_with_parent
 from harness.progress import ENV as PROGRESS_ENV
 from harness.progress import PointReporter, line_sink
 from harness.result import write_json_atomic, write_result
-from runners.records import FAULT_LOG, POINT_FILE, rank_file
+from runners.records import FAULT_LOG, POINT_FILE, rank_file, rank_log
 
 
 def _stop_on_signals() -> None:
@@ -99,7 +99,7 @@ def main(out_dir: Path) -> int:
     finally:
         if own_dir != out_dir:  # another rank's traceback is kept beside its result
             if (own_dir / "error.log").is_file():
-                shutil.copyfile(own_dir / "error.log", out_dir / rank_file(rank).replace(".json", "-error.log"))
+                shutil.copyfile(own_dir / "error.log", out_dir / rank_log(rank))
             shutil.rmtree(own_dir, ignore_errors=True)
     faulthandler.disable()
     fault_log.close()

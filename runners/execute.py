@@ -33,6 +33,7 @@ from runners.records import (
     finished_ok,
     interrupted_result,
     load_result,
+    rank_log,
     set_aside_unreadable,
     write_point_file,
 )
@@ -128,23 +129,19 @@ def _blame_rank(out_dir: Path, result: Result, attempt: str) -> Result:
     """A model split over ranks whose point failed: when another rank failed first, its error is the point's cause
     (rank 0 then only saw its peer go: a lost connection in a collective call, or the launch's stop)."""
     own = result.error or {}
-    if result.status == "ok":
-        return result
     stopped = own.get("type") in ("Interrupted", "PointCrashed")
     own_file = out_dir / "result.json"
     own_time = float("inf") if stopped or not own_file.is_file() else own_file.stat().st_mtime_ns
-    others = sorted(out_dir.glob(RANK_FILES), key=lambda p: p.stat().st_mtime_ns)
-    for path in others:
+    for path in sorted(out_dir.glob(RANK_FILES), key=lambda p: p.stat().st_mtime_ns):
         other = load_result(path.parent, path.name)
         error = (other.error or {}) if other is not None and other.attempt == attempt else {}
         if not error or error.get("type") == "Interrupted" or error.get("message") == own.get("message"):
             continue
         if path.stat().st_mtime_ns <= own_time:
-            rank = path.stem.partition("-")[2]
+            rank = int(path.stem.partition("-")[2])
             then = f" (rank 0 then: {own.get('type')}: {own.get('message')})" if not stopped else ""
-            hint = str(error.get("hint", "")).replace("error.log", path.name.replace(".json", "-error.log"))
             result.error = {**error, "message": f"rank {rank} failed first: {error.get('message')}{then}",
-                            "hint": hint}  # fmt: skip
+                            "hint": str(error.get("hint", "")).replace("error.log", rank_log(rank))}  # fmt: skip
         break
     return result
 
@@ -193,10 +190,11 @@ def _execute(cfg: HarnessConfig, out_dir: Path, point: dict[str, str]) -> tuple[
     finally:
         reader.join(timeout=5)
     result = attempt_result(out_dir, attempt)
+    written = result is not None
     if result is None:
         result = crash_result(cfg, point, out_dir, returncode, list(tail), attempt, digest)
-    elif cfg.ranks() == 1:
-        return result, False
-    result = _blame_rank(out_dir, result, attempt)
-    write_result(out_dir, result)
+    if cfg.ranks() > 1 and result.status != "ok":
+        result, written = _blame_rank(out_dir, result, attempt), False
+    if not written:
+        write_result(out_dir, result)
     return result, False

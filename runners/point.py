@@ -39,14 +39,14 @@ if TYPE_CHECKING:
 def _check_devices(cfg: HarnessConfig) -> None:
     """A point that splits its model over GPUs is refused here, before anything loads, on a machine with fewer."""
     from harness.device import check_parallel_devices
-    from harness.loadgen.launch import PYTHON_ENV, is_vllm_cpu_build
+    from harness.loadgen.launch import is_vllm_cpu_build
     from harness.processes import usable_cpus
 
     engine = cfg.engine
     world = engine.tensor_parallel * engine.pipeline_parallel
     what = f"engine.tensor_parallel={engine.tensor_parallel} x engine.pipeline_parallel={engine.pipeline_parallel}"
     launch = cfg.server_launch()
-    if world > 1 and launch == "vllm" and is_vllm_cpu_build(engine.python or os.environ.get(PYTHON_ENV["vllm"])):
+    if world > 1 and launch == "vllm" and is_vllm_cpu_build(engine.python):
         cpus = usable_cpus(engine.cpus, "engine.cpus") or os.sched_getaffinity(0)
         if world > len(cpus):
             raise ConfigError(

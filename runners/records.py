@@ -25,6 +25,11 @@ def rank_file(rank: int) -> str:
     return f"rank-{rank}.json"
 
 
+def rank_log(rank: int) -> str:
+    """That rank's error.log, kept beside its result when it failed."""
+    return f"rank-{rank}-error.log"
+
+
 RANK_FILES = "rank-*.json"
 
 

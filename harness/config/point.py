@@ -143,8 +143,7 @@ class HarnessConfig:
     def ranks(self) -> int:
         """The processes the point runs in: engine.tensor_parallel ranks for a transformers model split over them
         (started by torch's distributed launch), else 1."""
-        in_process = self.engine.name == "transformers" and self.server_launch() is None
-        return self.engine.tensor_parallel if in_process else 1
+        return self.engine.tensor_parallel if self.engine.name == "transformers" else 1
 
     def _check_ranks_fit(self) -> None:
         """A model split over ranks runs where every rank can repeat the same calls in step: the in-process benches
@@ -159,12 +158,6 @@ class HarnessConfig:
                 "step.",
                 "use one of those benches; to load a split model with many requests at once, bench=serve with "
                 "bench.target=vllm and engine.tensor_parallel there.",
-            )
-        if self.server_launch() is not None:
-            raise ConfigError(
-                f"engine.tensor_parallel={tp} splits the model in this point's processes, and the point drives a "
-                "server.",
-                "drop the server target, or give the server its own parallel flags.",
             )
         why = None
         if self.quant.method != "none":

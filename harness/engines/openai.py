@@ -34,7 +34,7 @@ from harness.engines.base import (
 from harness.errors import ConfigError, HarnessError, InferenceError
 from harness.loadgen.client import Endpoint, RequestRecord, new_session, probe, request_body, send
 from harness.loadgen.figures import RunningTokenCount, rescale, token_times
-from harness.loadgen.launch import PYTHON_ENV, LaunchedServer, cpu_binding, is_vllm_cpu_build, launch
+from harness.loadgen.launch import LaunchedServer, cpu_binding, is_vllm_cpu_build, launch
 from harness.loadgen.target import RemoteModel, harness_engine_args, served_name, server_plan
 from harness.models.attention import AttentionChoice
 from harness.models.loader import LoadedModel, checkpoint_for, effective_chat_format, gguf_file_for, load_tokenizer
@@ -64,13 +64,11 @@ def _local_model(cfg: HarnessConfig, need: str, events: list[str]) -> tuple[Any,
     return load_tokenizer(checkpoint, model, source), checkpoint, source
 
 
-def _cpu_rank_binding(cfg: HarnessConfig, launch: str, python: str | None, cpus: set[int] | None) -> str | None:
-    """The CPUs of each worker of vLLM's CPU build when the model is split over ranks (unless the user set the
-    binding in the environment); None otherwise."""
+def _cpu_rank_binding(cfg: HarnessConfig, cpus: set[int] | None) -> str | None:
+    """The CPUs of each worker of vLLM's CPU build when the model is split over ranks, unless the user set the
+    binding in the environment (None then, and for one rank)."""
     ranks = cfg.engine.tensor_parallel * cfg.engine.pipeline_parallel
-    if launch != "vllm" or ranks == 1 or os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
-        return None
-    if not is_vllm_cpu_build(python or os.environ.get(PYTHON_ENV["vllm"])):
+    if ranks == 1 or os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
         return None
     return cpu_binding(cpus or os.sched_getaffinity(0), ranks)
 
@@ -94,13 +92,15 @@ def load_remote_model(cfg: HarnessConfig, log_dir: Path) -> LoadedModel:
         name = str(artifact)  # MII's server lists its model by the path it was given
     server: LaunchedServer | None = None
     relaunch = None
+    binding = None
+    cpu_build = plan.launch == "vllm" and is_vllm_cpu_build(cfg.engine.python)
     if plan.launch != "none":
         env = {"HARNESS_CACHE_DIR": str(cfg.cache_path)}
         python = cfg.engine.python if plan.launch in ("vllm", "mii") else None
         args = cfg.engine.server_args + harness_engine_args(cfg.engine, plan.launch)
         cpus = usable_cpus(cfg.engine.cpus, "engine.cpus")
         timeout_s = cfg.engine.launch_timeout_s
-        binding = _cpu_rank_binding(cfg, plan.launch, python, cpus)
+        binding = _cpu_rank_binding(cfg, cpus) if cpu_build else None
         if binding:
             env["VLLM_CPU_OMP_THREADS_BIND"] = binding
 
@@ -143,7 +143,7 @@ def load_remote_model(cfg: HarnessConfig, log_dir: Path) -> LoadedModel:
     if plan.launch in PARALLEL_LAUNCHES:  # the model split over GPUs: recorded with the world size it needs
         tp, pp = cfg.engine.tensor_parallel, cfg.engine.pipeline_parallel
         record["parallel"] = {"tensor_parallel": tp, "pipeline_parallel": pp, "world_size": tp * pp}
-        if plan.launch == "vllm" and is_vllm_cpu_build(cfg.engine.python or os.environ.get(PYTHON_ENV["vllm"])):
+        if cpu_build:
             record["parallel"]["devices"] = "cpu (vLLM's CPU build: a worker process per rank)"
             if binding:
                 record["parallel"]["cpu_binding"] = binding

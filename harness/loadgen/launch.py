@@ -40,12 +40,20 @@ PARENT_DEATH_SIGNAL = {"vllm": signal.SIGTERM, "mii": signal.SIGTERM}
 PYTHON_ENV = {"vllm": "HARNESS_VLLM_PYTHON", "mii": "HARNESS_MII_PYTHON"}
 
 
+def server_python(kind: str, given: str | None) -> str | None:
+    """The python of the environment a vllm or mii server runs from: engine.python, else its variable."""
+    return given or os.environ.get(PYTHON_ENV[kind])
+
+
+def is_vllm_cpu_build(given: str | None) -> bool:
+    """Whether the vLLM of engine.python (`given`, else HARNESS_VLLM_PYTHON) is its CPU build (the vllm-cpu
+    distribution): it splits a model over CPU worker processes, not over GPUs."""
+    python = server_python("vllm", given)
+    return bool(python) and _has_vllm_cpu(python)
+
+
 @functools.lru_cache(maxsize=8)
-def is_vllm_cpu_build(python: str | None) -> bool:
-    """Whether the vLLM at `python` is its CPU build (the vllm-cpu distribution): it splits a model over CPU worker
-    processes, not over GPUs."""
-    if not python:
-        return False
+def _has_vllm_cpu(python: str) -> bool:
     try:
         found = subprocess.run([python, "-c", "import importlib.metadata as m; m.version('vllm-cpu')"],
                                capture_output=True, timeout=60)  # fmt: skip
@@ -137,7 +145,7 @@ def _command(kind: str, port: int, model: str, artifact: str | None, python: str
             *args,
         ]
     if kind == "mii":  # DeepSpeed-MII's OpenAI server lists the model by the path it loaded
-        exe = python or os.environ.get(PYTHON_ENV["mii"])
+        exe = server_python("mii", python)
         if not exe:
             raise ConfigError(
                 "engine=deepspeed needs the Python of an environment where DeepSpeed-MII is installed; none was given.",
@@ -145,7 +153,7 @@ def _command(kind: str, port: int, model: str, artifact: str | None, python: str
             )
         return [exe, "-m", "mii.entrypoints.openai_api_server", "--model", str(artifact), *host, *args]
     if kind == "vllm":
-        exe = python or os.environ.get("HARNESS_VLLM_PYTHON")
+        exe = server_python("vllm", python)
         if not exe:
             raise ConfigError(
                 "engine=vllm needs the Python of an environment where vLLM is installed; none was given.",
